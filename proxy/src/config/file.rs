@@ -1,0 +1,332 @@
+//! Config step 1 (parse): the shapes of `palisade.yaml`, exactly as written by operators.
+//!
+//! Every struct denies unknown keys so a typo is an error with its line and column, never a
+//! silently ignored setting. Value types that can be wrong on their own (durations, sizes,
+//! socket addresses, HTTP methods) reject bad input while parsing, so `serde-saphyr` reports
+//! the exact location. Cross-field checks (unknown upstream names, duplicates) happen in
+//! [`super::validate`], which uses the [`Spanned`] locations kept here.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use serde_saphyr::Spanned;
+
+/// The whole `palisade.yaml` file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Addresses the proxy listens on for client traffic.
+    #[serde(default)]
+    pub listeners: Vec<ListenerConfig>,
+    /// The admin listener (`/healthz`, `/readyz`, `/metrics`).
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Accept HTTP/2 over cleartext (prior knowledge) on the client listeners, besides HTTP/1.1.
+    #[serde(default)]
+    pub h2c: bool,
+    /// Worker threads; 0 or absent means one per core.
+    #[serde(default)]
+    pub threads: Option<usize>,
+    /// Log format and level.
+    #[serde(default)]
+    pub logging: LoggingConfig,
+    /// Client and upstream timeouts.
+    #[serde(default)]
+    pub timeouts: TimeoutsConfig,
+    /// Request body inspection defaults (routes may override).
+    #[serde(default)]
+    pub body: BodyConfig,
+    /// Named upstream groups.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// Routes, matched by host and longest path prefix.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// One client-facing listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// `IP:port` to bind, e.g. `127.0.0.1:8080` or `[::1]:8080`.
+    pub address: SocketAddr,
+}
+
+/// Admin listener settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `IP:port` of the admin listener; keep it on loopback or a private network.
+    #[serde(default = "default_admin_address")]
+    pub address: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            address: default_admin_address(),
+        }
+    }
+}
+
+fn default_admin_address() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+
+/// Logging settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingConfig {
+    /// `text` (default) or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `palisade=debug`; `RUST_LOG` overrides it.
+    #[serde(default)]
+    pub level: Option<String>,
+}
+
+/// Log line format.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Timeouts; every value is a duration like `500ms`, `5s`, `2m`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsConfig {
+    /// Max wait for the next bytes from the client (headers or body).
+    pub client_read: Option<HumanDuration>,
+    /// Max wait for the client to accept response bytes.
+    pub client_write: Option<HumanDuration>,
+    /// How long an idle client keep-alive connection is kept.
+    pub client_keepalive: Option<HumanDuration>,
+    /// Max time to establish a TCP connection to an upstream.
+    pub upstream_connect: Option<HumanDuration>,
+    /// Max wait for the next bytes from the upstream; expiry answers 504.
+    pub upstream_read: Option<HumanDuration>,
+    /// Max wait for the upstream to accept request bytes.
+    pub upstream_write: Option<HumanDuration>,
+    /// How long an idle pooled upstream connection is kept.
+    pub upstream_idle: Option<HumanDuration>,
+}
+
+/// Body inspection settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BodyConfig {
+    /// How many body bytes are buffered for inspection (at most 64KiB, see `config::validate`).
+    pub inspect_limit: Option<HumanSize>,
+    /// What to do with a body larger than `inspect_limit`.
+    pub oversize: Option<OversizePolicy>,
+}
+
+/// What happens to a request whose body exceeds the inspection limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OversizePolicy {
+    /// Reject with 413 before reading the body.
+    Block,
+    /// Forward the request; inspect what could be buffered (or only headers).
+    Continue,
+}
+
+/// A named group of upstream servers.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `host:port` of each server (IP literal or a name resolved at load time).
+    #[serde(default)]
+    pub targets: Vec<Spanned<String>>,
+    /// Use the built-in demo backend (a JSON echo on an ephemeral loopback port) instead of
+    /// `targets`.
+    #[serde(default)]
+    pub demo: Option<Spanned<bool>>,
+    /// Value of the `Host` header sent upstream; default: the client's.
+    #[serde(default)]
+    pub host_header: Option<String>,
+    /// Active health checking.
+    #[serde(default)]
+    pub health_check: Option<HealthCheckConfig>,
+    /// Passive health: eject a server after consecutive connection failures.
+    #[serde(default)]
+    pub passive: Option<PassiveHealthConfig>,
+}
+
+/// Active health check of every target of an upstream.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    /// `tcp` (connect only) or `http` (GET `path`, expect 2xx).
+    #[serde(default)]
+    pub kind: HealthCheckKind,
+    /// Path for `http` checks.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Time between checks (default 5s).
+    #[serde(default)]
+    pub interval: Option<HumanDuration>,
+    /// Consecutive successes to mark a target up (default 1).
+    #[serde(default)]
+    pub healthy_after: Option<usize>,
+    /// Consecutive failures to mark a target down (default 1).
+    #[serde(default)]
+    pub unhealthy_after: Option<usize>,
+}
+
+/// Active health check protocol.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthCheckKind {
+    /// TCP connect.
+    #[default]
+    Tcp,
+    /// HTTP GET expecting a 2xx.
+    Http,
+}
+
+/// Passive health: connection failures seen by real requests.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveHealthConfig {
+    /// Consecutive connection failures before the target is ejected (default 3).
+    #[serde(default)]
+    pub failures: Option<u32>,
+    /// How long an ejected target is skipped (default 10s).
+    #[serde(default)]
+    pub ejection: Option<HumanDuration>,
+}
+
+/// One route: which requests it takes, where they go, and the security policy applied.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Unique name, used in logs and metric labels.
+    pub name: Spanned<String>,
+    /// Host to match: exact (`api.example.com`) or wildcard (`*.example.com`); absent = any.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Path prefix to match (default `/`); the longest matching prefix wins.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// Name of the upstream group requests are sent to.
+    pub upstream: Spanned<String>,
+    /// Security policy for this route.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+}
+
+/// A route's security policy (later stages add their sections here).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Only these methods are accepted; others get 405.
+    #[serde(default)]
+    pub methods: Option<Vec<Method>>,
+    /// Block every request of the route (e.g. an internal path).
+    #[serde(default)]
+    pub deny: Option<DenyConfig>,
+    /// Body inspection overrides for this route.
+    #[serde(default)]
+    pub body: Option<BodyConfig>,
+}
+
+/// A route-wide block.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenyConfig {
+    /// HTTP status to answer (default 403).
+    #[serde(default)]
+    pub status: Option<StatusCode>,
+    /// Reason in the JSON error body, logs and metrics (default `route_denied`).
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// A duration written like `250ms`, `5s`, `1m 30s`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid duration {s:?} ({e}); write it like `500ms`, `5s` or `2m`"
+                ))
+            })
+    }
+}
+
+/// A byte size written like `64KiB`, `8 KB`, `1MiB` or a plain number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanSize(pub u64);
+
+impl<'de> Deserialize<'de> for HumanSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(n) => Ok(HumanSize(n)),
+            Raw::Text(s) => s
+                .parse::<bytesize::ByteSize>()
+                .map(|b| HumanSize(b.as_u64()))
+                .map_err(|e| {
+                    serde::de::Error::custom(format!(
+                        "invalid size {s:?} ({e}); write it like `65536`, `64KiB` or `1MiB`"
+                    ))
+                }),
+        }
+    }
+}
+
+/// An HTTP method name, validated and upper-cased.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Method(pub http::Method);
+
+impl<'de> Deserialize<'de> for Method {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let upper = s.to_ascii_uppercase();
+        http::Method::from_bytes(upper.as_bytes())
+            .map(Method)
+            .map_err(|_| serde::de::Error::custom(format!("invalid HTTP method {s:?}")))
+    }
+}
+
+/// An HTTP status code in 100..=599.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusCode(pub u16);
+
+impl<'de> Deserialize<'de> for StatusCode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = u16::deserialize(d)?;
+        if (100..=599).contains(&n) {
+            Ok(StatusCode(n))
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "invalid HTTP status {n}: use a code between 100 and 599"
+            )))
+        }
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}

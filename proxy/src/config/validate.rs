@@ -1,0 +1,449 @@
+//! Config step 2 (validate): cross-field checks and defaults, turning [`FileConfig`] into
+//! [`Config`]. Every problem is collected with its location so one run reports them all.
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use serde_saphyr::Location;
+
+use super::file::{BodyConfig, FileConfig, HealthCheckKind, OversizePolicy, UpstreamConfig};
+use super::{
+    Config, ConfigError, ConfigIssue, HealthCheck, HostMatch, Listener, Overrides, PassiveHealth,
+    Route, RoutePolicy, Timeouts, Upstream, UpstreamTargets, MAX_INSPECT_LIMIT,
+};
+
+/// Default body inspection limit (64 KiB).
+const DEFAULT_INSPECT_LIMIT: u64 = 64 * 1024;
+/// Name of the upstream created by `--upstream`.
+const CLI_UPSTREAM: &str = "cli-upstream";
+
+struct Issues(Vec<ConfigIssue>);
+
+impl Issues {
+    fn at(&mut self, loc: &Location, message: String) {
+        self.0.push(ConfigIssue {
+            line: loc.line(),
+            column: loc.column(),
+            message,
+        });
+    }
+    fn global(&mut self, message: String) {
+        self.0.push(ConfigIssue {
+            line: 0,
+            column: 0,
+            message,
+        });
+    }
+}
+
+/// Validates parsed config shapes, applies command-line overrides and fills defaults.
+pub fn validate(
+    source_name: &str,
+    file: FileConfig,
+    overrides: &Overrides,
+) -> Result<Config, ConfigError> {
+    let mut issues = Issues(Vec::new());
+
+    let listeners: Vec<Listener> = if overrides.listen.is_empty() {
+        file.listeners
+            .iter()
+            .map(|l| Listener { address: l.address })
+            .collect()
+    } else {
+        overrides
+            .listen
+            .iter()
+            .map(|a| Listener { address: *a })
+            .collect()
+    };
+    if listeners.is_empty() {
+        issues.global(
+            "no listener: add `listeners: [{address: \"127.0.0.1:8080\"}]` or pass --listen".into(),
+        );
+    }
+    let admin = overrides.admin.unwrap_or(file.admin.address);
+    if listeners.iter().any(|l| l.address == admin) {
+        issues.global(format!(
+            "the admin listener {admin} is also a client listener: give it its own port"
+        ));
+    }
+
+    let threads = match overrides.threads.or(file.threads) {
+        None | Some(0) => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        Some(n) => n,
+    };
+
+    let t = &file.timeouts;
+    let d = Timeouts::default();
+    let pick = |v: &Option<super::file::HumanDuration>, default: Duration| {
+        v.map(|h| h.0).unwrap_or(default)
+    };
+    let timeouts = Timeouts {
+        client_read: pick(&t.client_read, d.client_read),
+        client_write: pick(&t.client_write, d.client_write),
+        client_keepalive: pick(&t.client_keepalive, d.client_keepalive),
+        upstream_connect: pick(&t.upstream_connect, d.upstream_connect),
+        upstream_read: pick(&t.upstream_read, d.upstream_read),
+        upstream_write: pick(&t.upstream_write, d.upstream_write),
+        upstream_idle: pick(&t.upstream_idle, d.upstream_idle),
+    };
+    for (name, v) in [
+        ("client_read", timeouts.client_read),
+        ("client_write", timeouts.client_write),
+        ("upstream_connect", timeouts.upstream_connect),
+        ("upstream_read", timeouts.upstream_read),
+        ("upstream_write", timeouts.upstream_write),
+    ] {
+        if v.is_zero() {
+            issues.global(format!(
+                "timeouts.{name} is zero: every request would time out; use e.g. `5s`"
+            ));
+        }
+    }
+
+    let default_body = body_settings(&file.body, None, &mut issues);
+
+    // Upstreams: index by name in file order (BTreeMap: sorted by name).
+    let mut upstreams: Vec<Upstream> = Vec::new();
+    for (name, up) in &file.upstreams {
+        upstreams.push(upstream(name, up, &mut issues));
+    }
+    if let Some(url) = &overrides.upstream {
+        match parse_upstream_url(url) {
+            Ok(addrs) => upstreams.push(Upstream {
+                name: CLI_UPSTREAM.into(),
+                targets: UpstreamTargets::Servers(addrs),
+                host_header: None,
+                health_check: None,
+                passive: PassiveHealth::default(),
+            }),
+            Err(m) => issues.global(format!("--upstream {url:?}: {m}")),
+        }
+    }
+
+    let mut routes = Vec::new();
+    let mut names = HashSet::new();
+    let mut keys = HashSet::new();
+    for r in &file.routes {
+        let name = r.name.value.clone();
+        if name.is_empty() {
+            issues.at(&r.name.referenced, "route name is empty".into());
+        }
+        if !names.insert(name.clone()) {
+            issues.at(
+                &r.name.referenced,
+                format!("duplicate route name {name:?}: route names must be unique"),
+            );
+        }
+        let host = match r.host.as_deref() {
+            None | Some("") | Some("*") => HostMatch::Any,
+            Some(h) => {
+                let h = h.to_ascii_lowercase();
+                match h.strip_prefix("*.") {
+                    Some(rest) if !rest.is_empty() && !rest.contains('*') => {
+                        HostMatch::Suffix(format!(".{rest}"))
+                    }
+                    _ if h.contains('*') || h.contains('/') || h.contains(' ') => {
+                        issues.at(
+                            &r.name.referenced,
+                            format!(
+                                "route {name:?}: host {h:?} is not valid; use an exact host \
+                                 (`api.example.com`) or a leading wildcard (`*.example.com`)"
+                            ),
+                        );
+                        HostMatch::Any
+                    }
+                    _ => HostMatch::Exact(h),
+                }
+            }
+        };
+        let path_prefix = r.path_prefix.clone().unwrap_or_else(|| "/".into());
+        if !path_prefix.starts_with('/') {
+            issues.at(
+                &r.name.referenced,
+                format!("route {name:?}: path_prefix {path_prefix:?} must start with `/`"),
+            );
+        }
+        if !keys.insert((host.clone(), path_prefix.clone())) {
+            issues.at(
+                &r.name.referenced,
+                format!(
+                    "route {name:?}: another route already matches the same host and \
+                     path_prefix {path_prefix:?}; one of them could never be used"
+                ),
+            );
+        }
+        let upstream = if overrides.upstream.is_some() {
+            upstreams.len().saturating_sub(1)
+        } else {
+            match upstreams.iter().position(|u| u.name == r.upstream.value) {
+                Some(i) => i,
+                None => {
+                    let known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+                    issues.at(
+                        &r.upstream.referenced,
+                        format!(
+                            "route {name:?}: unknown upstream {:?}; defined upstreams: [{}]",
+                            r.upstream.value,
+                            known.join(", ")
+                        ),
+                    );
+                    0
+                }
+            }
+        };
+        let p = &r.policy;
+        let (inspect_limit, oversize) = body_settings(
+            p.body.as_ref().unwrap_or(&BodyConfig::default()),
+            Some(default_body),
+            &mut issues,
+        );
+        routes.push(Route {
+            name,
+            host,
+            path_prefix,
+            upstream,
+            policy: RoutePolicy {
+                methods: p
+                    .methods
+                    .as_ref()
+                    .map(|m| m.iter().map(|m| m.0.clone()).collect()),
+                deny: p.deny.as_ref().map(|d| {
+                    (
+                        d.status.map(|s| s.0).unwrap_or(403),
+                        d.reason.clone().unwrap_or_else(|| "route_denied".into()),
+                    )
+                }),
+                inspect_limit,
+                oversize,
+            },
+        });
+    }
+    if routes.is_empty() {
+        issues.global(
+            "no route: add `routes: [{name: default, upstream: <name>}]` so requests go somewhere"
+                .into(),
+        );
+    }
+
+    // With --upstream, file upstreams that no route uses any more are dropped so that neither
+    // the demo backend nor their health checks start for nothing.
+    if overrides.upstream.is_some() {
+        let keep = upstreams.len().saturating_sub(1);
+        upstreams.drain(..keep);
+        for r in &mut routes {
+            r.upstream = 0;
+        }
+    }
+
+    if !issues.0.is_empty() {
+        issues.0.sort_by_key(|i| (i.line == 0, i.line, i.column));
+        return Err(ConfigError {
+            source_name: source_name.to_string(),
+            issues: issues.0,
+        });
+    }
+    Ok(Config {
+        source: source_name.to_string(),
+        listeners,
+        admin,
+        h2c: file.h2c,
+        threads,
+        log_format: file.logging.format,
+        log_level: file.logging.level.unwrap_or_else(|| "info".into()),
+        timeouts,
+        upstreams,
+        routes,
+    })
+}
+
+fn body_settings(
+    body: &BodyConfig,
+    inherited: Option<(usize, OversizePolicy)>,
+    issues: &mut Issues,
+) -> (usize, OversizePolicy) {
+    let (default_limit, default_policy) =
+        inherited.unwrap_or((DEFAULT_INSPECT_LIMIT as usize, OversizePolicy::Block));
+    let limit = match body.inspect_limit {
+        None => default_limit,
+        Some(s) if s.0 > MAX_INSPECT_LIMIT => {
+            issues.global(format!(
+                "body.inspect_limit {} is above the maximum of 65536 bytes (64KiB): a pre-read body \
+                 is replayed to the upstream from pingora's fixed 64 KiB buffer",
+                s.0
+            ));
+            MAX_INSPECT_LIMIT as usize
+        }
+        // Bounded by MAX_INSPECT_LIMIT above, so the cast cannot truncate.
+        Some(s) => s.0 as usize,
+    };
+    (limit, body.oversize.unwrap_or(default_policy))
+}
+
+fn upstream(name: &str, up: &UpstreamConfig, issues: &mut Issues) -> Upstream {
+    let demo = up.demo.as_ref().map(|d| d.value).unwrap_or(false);
+    let targets = if demo {
+        if let (Some(d), false) = (&up.demo, up.targets.is_empty()) {
+            issues.at(
+                &d.referenced,
+                format!("upstream {name:?}: use either `demo: true` or `targets`, not both"),
+            );
+        }
+        UpstreamTargets::Demo
+    } else {
+        if up.targets.is_empty() {
+            issues.global(format!(
+                "upstream {name:?} has no targets: add `targets: [\"127.0.0.1:3000\"]` or `demo: true`"
+            ));
+        }
+        let mut addrs = Vec::new();
+        for t in &up.targets {
+            match resolve(&t.value) {
+                Ok(a) => addrs.extend(a),
+                Err(m) => issues.at(&t.referenced, format!("upstream {name:?}: {m}")),
+            }
+        }
+        UpstreamTargets::Servers(addrs)
+    };
+    let health_check = up.health_check.as_ref().map(|h| HealthCheck {
+        kind: h.kind,
+        path: h.path.clone().unwrap_or_else(|| "/".into()),
+        interval: h.interval.map(|d| d.0).unwrap_or(Duration::from_secs(5)),
+        healthy_after: h.healthy_after.unwrap_or(1).max(1),
+        unhealthy_after: h.unhealthy_after.unwrap_or(1).max(1),
+    });
+    if let Some(h) = &health_check {
+        if h.kind == HealthCheckKind::Http && !h.path.starts_with('/') {
+            issues.global(format!(
+                "upstream {name:?}: health_check.path {:?} must start with `/`",
+                h.path
+            ));
+        }
+    }
+    let passive = up
+        .passive
+        .as_ref()
+        .map(|p| PassiveHealth {
+            failures: p.failures.unwrap_or(3).max(1),
+            ejection: p.ejection.map(|d| d.0).unwrap_or(Duration::from_secs(10)),
+        })
+        .unwrap_or_default();
+    Upstream {
+        name: name.to_string(),
+        targets,
+        host_header: up.host_header.clone(),
+        health_check,
+        passive,
+    }
+}
+
+fn resolve(target: &str) -> Result<Vec<SocketAddr>, String> {
+    if let Ok(a) = target.parse::<SocketAddr>() {
+        return Ok(vec![a]);
+    }
+    if target.contains("://") {
+        return Err(format!(
+            "target {target:?} must be `host:port` without a scheme (e.g. `127.0.0.1:3000`)"
+        ));
+    }
+    match target.to_socket_addrs() {
+        Ok(a) => {
+            let v: Vec<SocketAddr> = a.collect();
+            if v.is_empty() {
+                Err(format!("target {target:?} resolved to no address"))
+            } else {
+                Ok(v)
+            }
+        }
+        Err(e) => Err(format!(
+            "target {target:?} is not a valid `host:port` or does not resolve: {e}"
+        )),
+    }
+}
+
+/// Parses `--upstream http://host:port` into addresses.
+fn parse_upstream_url(url: &str) -> Result<Vec<SocketAddr>, String> {
+    let rest = match url.split_once("://") {
+        Some(("http", rest)) => rest,
+        Some((scheme, _)) => {
+            return Err(format!(
+                "scheme {scheme:?} is not supported for upstreams yet; use http://host:port"
+            ))
+        }
+        None => url,
+    };
+    let hostport = rest.trim_end_matches('/');
+    if hostport.contains('/') {
+        return Err("give only scheme, host and port (no path)".into());
+    }
+    let with_port = if hostport.rsplit_once(':').is_some_and(|(h, p)| {
+        !h.is_empty() && p.chars().all(|c| c.is_ascii_digit()) && !hostport.ends_with(']')
+    }) {
+        hostport.to_string()
+    } else {
+        format!("{hostport}:80")
+    };
+    resolve(&with_port)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+mod tests {
+    use super::super::{load_str, Overrides};
+
+    fn err(text: &str) -> String {
+        load_str("t.yaml", text, &Overrides::default())
+            .expect_err("config should be rejected")
+            .to_string()
+    }
+
+    const OK: &str = "listeners: [{address: \"127.0.0.1:8080\"}]\nupstreams:\n  app:\n    targets: [\"127.0.0.1:3000\"]\nroutes:\n  - name: api\n    upstream: app\n";
+
+    #[test]
+    fn minimal_config_loads() {
+        let c = load_str("t.yaml", OK, &Overrides::default()).unwrap();
+        assert_eq!(c.routes.len(), 1);
+        assert_eq!(c.routes[0].policy.inspect_limit, 65536);
+    }
+
+    #[test]
+    fn unknown_key_has_line_and_column() {
+        let e = err(&OK.replace("    targets:", "    tragets:"));
+        assert!(e.starts_with("t.yaml:4:5: unknown field `tragets`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_upstream_points_at_the_reference() {
+        let e = err(&OK.replace("upstream: app", "upstream: nope"));
+        assert!(
+            e.starts_with("t.yaml:7:15: route \"api\": unknown upstream \"nope\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_duration_and_size_are_located() {
+        let e = err(&format!("{OK}timeouts:\n  upstream_read: 5 parsecs\n"));
+        assert!(e.starts_with("t.yaml:9:18: invalid duration"), "{e}");
+        let e = err(&format!("{OK}body:\n  inspect_limit: lots\n"));
+        assert!(e.starts_with("t.yaml:9:18: invalid size"), "{e}");
+    }
+
+    #[test]
+    fn all_validation_errors_are_listed() {
+        let text = OK.replace("upstream: app", "upstream: nope")
+            + "  - name: api\n    upstream: app\n    policy: {body: {inspect_limit: 1MiB}}\n";
+        let e = err(&text);
+        assert_eq!(e.lines().count(), 4, "{e}");
+        assert!(e.contains("duplicate route name"), "{e}");
+        assert!(e.contains("above the maximum"), "{e}");
+    }
+
+    #[test]
+    fn embedded_default_loads() {
+        super::super::load_default(&Overrides::default()).unwrap();
+    }
+}

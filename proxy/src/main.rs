@@ -1,0 +1,119 @@
+//! The `palisade` command line: `run` the proxy, `check` a configuration.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use palisade::config::{self, Config, LogFormat, Overrides};
+
+/// Palisade: an edge request-validation and WAF reverse proxy.
+#[derive(Parser)]
+#[command(name = "palisade", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (on the embedded default config unless --config is given).
+    Run {
+        /// Configuration file (YAML). Without it, the embedded default is used: listen on
+        /// 127.0.0.1:8080, admin on 127.0.0.1:9090, a built-in demo backend.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Client listener address; repeatable; replaces the config's listeners.
+        #[arg(long)]
+        listen: Vec<SocketAddr>,
+        /// Admin listener address.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// Send every route to this upstream (`http://host:port`) instead of the config's.
+        #[arg(long)]
+        upstream: Option<String>,
+        /// Worker threads (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Validate a configuration without starting; lists every error, exits 1 if any.
+    Check {
+        /// Configuration file (YAML); without it the embedded default is checked.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn load(config: Option<&PathBuf>, overrides: &Overrides) -> Result<Config, config::ConfigError> {
+    match config {
+        Some(path) => config::load_file(path, overrides),
+        None => config::load_default(overrides),
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match config.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match load(config.as_ref(), &Overrides::default()) {
+            Ok(c) => {
+                println!(
+                    "{}: OK ({} listener(s), {} upstream(s), {} route(s))",
+                    c.source,
+                    c.listeners.len(),
+                    c.upstreams.len(),
+                    c.routes.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                eprintln!("{} error(s)", e.issues.len());
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run {
+            config,
+            listen,
+            admin,
+            upstream,
+            threads,
+        } => {
+            let overrides = Overrides {
+                listen,
+                admin,
+                upstream,
+                threads,
+            };
+            let config = match load(config.as_ref(), &overrides) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            init_logging(&config);
+            tracing::info!(config = %config.source, "starting palisade");
+            match palisade::server::run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("palisade: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! Every Prometheus metric of Palisade: names, help texts and registration in one place.
+//! Label values come only from bounded sets (route names, reasons and stages from config or
+//! code, status classes), never from request data, so cardinality stays bounded.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// `palisade_requests_total{route, decision}`: requests by route and final decision.
+pub const REQUESTS_TOTAL: &str = "palisade_requests_total";
+/// `palisade_blocked_total{route, stage, reason}`: blocked requests by stage and reason.
+pub const BLOCKED_TOTAL: &str = "palisade_blocked_total";
+/// `palisade_counted_total{route, label}`: count-mode (dry-run) matches.
+pub const COUNTED_TOTAL: &str = "palisade_counted_total";
+/// `palisade_request_duration_seconds{route}`: time from request head to logging.
+pub const REQUEST_DURATION: &str = "palisade_request_duration_seconds";
+/// `palisade_upstream_errors_total{upstream, kind}`: connect failures, timeouts, …
+pub const UPSTREAM_ERRORS_TOTAL: &str = "palisade_upstream_errors_total";
+/// `palisade_upstream_servers{upstream, state}`: servers by state (`total`, `usable`).
+pub const UPSTREAM_SERVERS: &str = "palisade_upstream_servers";
+/// `palisade_responses_total{route, class}`: responses by status class (`2xx` … `5xx`).
+pub const RESPONSES_TOTAL: &str = "palisade_responses_total";
+
+/// Decision label values.
+pub mod decision {
+    /// Forwarded to the upstream.
+    pub const FORWARDED: &str = "forwarded";
+    /// Blocked by a pipeline stage.
+    pub const BLOCKED: &str = "blocked";
+    /// Answered with an error by the proxy (upstream failure, bad request).
+    pub const ERROR: &str = "error";
+    /// No route matched.
+    pub const NO_ROUTE: &str = "no_route";
+}
+
+/// Label used for requests that matched no route.
+pub const NO_ROUTE_LABEL: &str = "-";
+
+/// The metric families and their registry.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    /// Blocked requests by route, stage, reason.
+    pub blocked: IntCounterVec,
+    /// Count-mode matches by route and label.
+    pub counted: IntCounterVec,
+    duration: HistogramVec,
+    /// Upstream errors by upstream and kind.
+    pub upstream_errors: IntCounterVec,
+    /// Upstream servers by state.
+    pub upstream_servers: IntGaugeVec,
+    responses: IntCounterVec,
+}
+
+/// Handles for one route, resolved once at load time so the request path does no label
+/// hashing for the common counters.
+#[derive(Clone)]
+pub struct RouteMetrics {
+    /// Forwarded requests.
+    pub forwarded: IntCounter,
+    /// Blocked requests.
+    pub blocked: IntCounter,
+    /// Proxy-generated errors.
+    pub error: IntCounter,
+    /// Request duration.
+    pub duration: Histogram,
+    /// Responses by class, index `status / 100 - 1` (1xx … 5xx).
+    pub responses: [IntCounter; 5],
+}
+
+/// Why metrics could not be registered (a programming error: duplicate names).
+#[derive(Debug, thiserror::Error)]
+#[error("metrics registration failed: {0}")]
+pub struct MetricsError(#[from] prometheus::Error);
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Result<Metrics, MetricsError> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(REQUESTS_TOTAL, "Requests by route and final decision."),
+            &["route", "decision"],
+        )?;
+        let blocked = IntCounterVec::new(
+            Opts::new(
+                BLOCKED_TOTAL,
+                "Requests blocked by a pipeline stage, by reason.",
+            ),
+            &["route", "stage", "reason"],
+        )?;
+        let counted = IntCounterVec::new(
+            Opts::new(
+                COUNTED_TOTAL,
+                "Count-mode (dry-run) matches by route and label.",
+            ),
+            &["route", "label"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(REQUEST_DURATION, "Request duration in seconds, by route.").buckets(
+                vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0,
+                ],
+            ),
+            &["route"],
+        )?;
+        let upstream_errors = IntCounterVec::new(
+            Opts::new(
+                UPSTREAM_ERRORS_TOTAL,
+                "Upstream failures by upstream and kind.",
+            ),
+            &["upstream", "kind"],
+        )?;
+        let upstream_servers = IntGaugeVec::new(
+            Opts::new(
+                UPSTREAM_SERVERS,
+                "Upstream servers by state (total, usable).",
+            ),
+            &["upstream", "state"],
+        )?;
+        let responses = IntCounterVec::new(
+            Opts::new(
+                RESPONSES_TOTAL,
+                "Responses sent to clients by route and status class.",
+            ),
+            &["route", "class"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(blocked.clone()))?;
+        registry.register(Box::new(counted.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(upstream_errors.clone()))?;
+        registry.register(Box::new(upstream_servers.clone()))?;
+        registry.register(Box::new(responses.clone()))?;
+        Ok(Metrics {
+            registry,
+            requests,
+            blocked,
+            counted,
+            duration,
+            upstream_errors,
+            upstream_servers,
+            responses,
+        })
+    }
+
+    /// Resolves the handles of one route.
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        let class = |c: &str| self.responses.with_label_values(&[route, c]);
+        RouteMetrics {
+            forwarded: self
+                .requests
+                .with_label_values(&[route, decision::FORWARDED]),
+            blocked: self.requests.with_label_values(&[route, decision::BLOCKED]),
+            error: self.requests.with_label_values(&[route, decision::ERROR]),
+            duration: self.duration.with_label_values(&[route]),
+            responses: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+        }
+    }
+
+    /// Counts a request that matched no route.
+    pub fn no_route(&self) {
+        self.requests
+            .with_label_values(&[NO_ROUTE_LABEL, decision::NO_ROUTE])
+            .inc();
+    }
+
+    /// Renders every metric in the Prometheus text format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8192);
+        // Encoding into a Vec cannot fail on I/O; a failure would only mean a malformed metric.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "failed to encode metrics");
+        }
+        out
+    }
+}
+
+impl RouteMetrics {
+    /// Counts a response status.
+    pub fn response(&self, status: u16) {
+        if let Some(c) = self.responses.get((status / 100).wrapping_sub(1) as usize) {
+            c.inc();
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! The per-request context: created by `new_ctx`, filled by every phase, read by `logging`.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use super::StageKind;
+use crate::snapshot::Snapshot;
+
+/// How much of the request body was pre-read for inspection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BodyState {
+    /// Not read: no body, or no stage needed it.
+    #[default]
+    NotRead,
+    /// The whole body is buffered.
+    Complete,
+    /// Only the first `inspect_limit` bytes were inspected; the rest streams uninspected.
+    Partial,
+    /// Larger than the limit and forwarded uninspected (`oversize: continue`).
+    Uninspected,
+}
+
+/// A request id: a per-process random prefix and a counter, unique without coordination and
+/// cheap to make (no syscall per request, unlike a v4 UUID from the OS RNG).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct RequestId {
+    prefix: u64,
+    counter: u64,
+}
+
+static ID_PREFIX: OnceLock<u64> = OnceLock::new();
+static ID_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl RequestId {
+    /// The next request id of this process.
+    pub fn next() -> RequestId {
+        let prefix = *ID_PREFIX.get_or_init(|| {
+            let u = uuid::Uuid::new_v4();
+            let (hi, _) = u.as_u64_pair();
+            hi
+        });
+        RequestId {
+            prefix,
+            counter: ID_COUNTER.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}{:08x}", self.prefix, self.counter & 0xffff_ffff)
+    }
+}
+
+impl fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// How the proxy answered the request, for logs and metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Outcome {
+    /// Forwarded to the upstream (or still in progress).
+    #[default]
+    Forwarded,
+    /// Blocked by a stage.
+    Blocked {
+        /// The stage that decided.
+        stage: StageKind,
+        /// Status sent.
+        status: u16,
+        /// Reason.
+        reason: Cow<'static, str>,
+    },
+    /// Not routed (no route matched).
+    NoRoute,
+    /// The proxy answered an error itself (upstream failure, bad request, …).
+    Error {
+        /// Status sent.
+        status: u16,
+    },
+}
+
+/// Everything one request carries through the phases.
+pub struct RequestCtx {
+    /// The configuration snapshot this request is evaluated against (loaded once).
+    pub snapshot: Arc<Snapshot>,
+    /// When the request started.
+    pub start: Instant,
+    /// This request's id (sent upstream and to the client as `X-Request-Id`).
+    pub request_id: RequestId,
+    /// Index of the matched route in the snapshot.
+    pub route: Option<usize>,
+    /// The client address.
+    pub client_ip: Option<IpAddr>,
+    /// Body pre-read state.
+    pub body_state: BodyState,
+    /// The pre-read body (shares the bytes pingora replays upstream).
+    pub body: Option<Bytes>,
+    /// Labels from `Count` decisions.
+    pub counted: Vec<Cow<'static, str>>,
+    /// The outcome.
+    pub outcome: Outcome,
+    /// Upstream servers already tried (for retries on connection failure).
+    pub tried: Vec<SocketAddr>,
+    /// The upstream server currently used.
+    pub upstream_addr: Option<SocketAddr>,
+}
+
+impl RequestCtx {
+    /// A fresh context bound to `snapshot`.
+    pub fn new(snapshot: Arc<Snapshot>) -> RequestCtx {
+        RequestCtx {
+            snapshot,
+            start: Instant::now(),
+            request_id: RequestId::next(),
+            route: None,
+            client_ip: None,
+            body_state: BodyState::NotRead,
+            body: None,
+            counted: Vec::new(),
+            outcome: Outcome::Forwarded,
+            tried: Vec::new(),
+            upstream_addr: None,
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! Pingora glue: builds the pingora `Server` with the proxy service, the admin listener, the
+//! demo backend and the health-check background services, then runs it.
+
+pub mod admin;
+pub mod demo;
+pub mod proxy;
+pub mod upstreams;
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use pingora::apps::HttpServerOptions;
+use pingora::server::configuration::ServerConf;
+use pingora::server::Server;
+use pingora::services::listening::Service;
+
+use crate::config::{Config, UpstreamTargets};
+use crate::metrics::{Metrics, MetricsError};
+use crate::snapshot::Snapshot;
+use upstreams::{UpstreamError, UpstreamGroup};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Metrics registration failed.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    /// An upstream group could not be built.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// No loopback port for the demo backend.
+    #[error("cannot reserve a loopback port for the demo backend: {0}")]
+    DemoPort(std::io::Error),
+    /// A listener address is already in use or not bindable.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Checks that an address can be bound, so a taken port is a clear error at start-up instead
+/// of a pingora panic in a worker thread.
+fn check_bindable(addr: SocketAddr) -> Result<(), StartError> {
+    TcpListener::bind(addr)
+        .map(drop)
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Builds every service from `config` and runs until the process is signalled. Only returns
+/// on a start-up error.
+pub fn run(config: Config) -> Result<(), StartError> {
+    for l in &config.listeners {
+        check_bindable(l.address)?;
+    }
+    check_bindable(config.admin)?;
+
+    let needs_demo = config
+        .upstreams
+        .iter()
+        .any(|u| u.targets == UpstreamTargets::Demo);
+    let demo_addr = if needs_demo {
+        // Reserve an ephemeral loopback port, then hand it to pingora. The tiny window between
+        // drop and pingora's bind is acceptable for a demo backend.
+        let l = TcpListener::bind("127.0.0.1:0").map_err(StartError::DemoPort)?;
+        Some(l.local_addr().map_err(StartError::DemoPort)?)
+    } else {
+        None
+    };
+
+    let metrics = Arc::new(Metrics::new()?);
+    let mut groups = Vec::new();
+    let mut health_services = Vec::new();
+    for up in &config.upstreams {
+        let (group, hc) = UpstreamGroup::build(up, demo_addr)?;
+        groups.push(group);
+        health_services.extend(hc);
+    }
+    let threads = config.threads;
+    let h2c = config.h2c;
+    let listeners: Vec<SocketAddr> = config.listeners.iter().map(|l| l.address).collect();
+    let admin_addr = config.admin;
+    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::build(
+        Arc::new(config),
+        groups,
+        &metrics,
+    )));
+
+    let conf = ServerConf {
+        threads,
+        // Retries happen only where `fail_to_connect` marks them (another server of the group).
+        max_retries: 16,
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(5),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        proxy::PalisadeProxy::new(Arc::clone(&snapshot), Arc::clone(&metrics)),
+        "palisade proxy",
+    );
+    for addr in &listeners {
+        proxy.add_tcp(&addr.to_string());
+    }
+    if h2c {
+        if let Some(app) = proxy.app_logic_mut() {
+            let mut opts = HttpServerOptions::default();
+            opts.h2c = true;
+            app.server_options = Some(opts);
+        }
+    }
+
+    let mut admin = Service::new(
+        "palisade admin".to_string(),
+        admin::AdminApp::new(Arc::clone(&snapshot), Arc::clone(&metrics)),
+    );
+    admin.add_tcp(&admin_addr.to_string());
+    admin.threads = Some(1);
+
+    server.add_service(proxy);
+    server.add_service(admin);
+    if let Some(addr) = demo_addr {
+        let mut demo = Service::new("palisade demo backend".to_string(), demo::DemoBackend);
+        demo.add_tcp(&addr.to_string());
+        demo.threads = Some(1);
+        server.add_service(demo);
+        tracing::info!(%addr, "demo backend listening (JSON echo)");
+    }
+    for hc in health_services {
+        server.add_service(hc);
+    }
+    for addr in &listeners {
+        tracing::info!(%addr, threads, "proxy listening");
+    }
+    tracing::info!(addr = %admin_addr, "admin listening (/healthz, /readyz, /metrics)");
+    server.run_forever()
+}

@@ -1,0 +1,477 @@
+//! Pingora glue: the `ProxyHttp` implementation that runs the inspection pipeline on every
+//! request and forwards what passes.
+//!
+//! ```text
+//!  new_ctx ─ load snapshot once, request id
+//!     │
+//!  request_filter ─ timeouts, route match ─▶ header stages ─▶ body pre-read ─▶ body stages
+//!     │                 └─ 404 no_route        └─ block ─▶ JSON error, Ok(true): upstream never sees it
+//!  upstream_peer ─ round-robin over healthy, non-ejected, untried servers
+//!  upstream_request_filter ─ Host override, X-Request-Id, X-Forwarded-For
+//!  fail_to_connect ─ passive health, retry on another server
+//!  response_filter ─ X-Request-Id to the client
+//!  fail_to_proxy ─ 502/504 JSON error, never a hang
+//!  logging ─ metrics, one line per blocked request
+//! ```
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::FailToProxy;
+use pingora::{Error, ErrorSource, ErrorType};
+
+use crate::config::OversizePolicy;
+use crate::metrics::Metrics;
+use crate::pipeline::ctx::Outcome;
+use crate::pipeline::{Block, BodyState, RequestCtx, RequestView, StageKind, Verdict};
+use crate::snapshot::{CompiledRoute, Snapshot};
+
+/// The Palisade proxy service.
+pub struct PalisadeProxy {
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    metrics: Arc<Metrics>,
+}
+
+impl PalisadeProxy {
+    /// A proxy over a swappable snapshot.
+    pub fn new(snapshot: Arc<ArcSwap<Snapshot>>, metrics: Arc<Metrics>) -> Self {
+        PalisadeProxy { snapshot, metrics }
+    }
+}
+
+/// Result of the body pre-read.
+enum BodyRead {
+    /// Go on (body buffered, not needed, or forwarded uninspected per policy).
+    Proceed,
+    /// Larger than the limit under `oversize: block`, or unreplayable: answer 413.
+    TooLarge,
+}
+
+/// The host of a request, lower-case and without port: from the URI authority (HTTP/2,
+/// absolute-form) or the `Host` header.
+fn request_host(req: &RequestHeader) -> &str {
+    let raw = req
+        .uri
+        .authority()
+        .map(|a| a.host())
+        .or_else(|| {
+            req.headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or("");
+    // Strip a port, keeping IPv6 literals (`[::1]:8080`) intact.
+    if let Some(end) = raw.strip_prefix('[').and_then(|r| r.find(']')) {
+        &raw[..end + 2]
+    } else {
+        raw.rsplit_once(':').map(|(h, _)| h).unwrap_or(raw)
+    }
+}
+
+/// Parses `Content-Length`; `None` when absent. Pingora has already rejected invalid values.
+fn content_length(req: &RequestHeader) -> Option<u64> {
+    req.headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn is_chunked(req: &RequestHeader) -> bool {
+    req.headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .any(|v| {
+            v.to_str()
+                .map(|s| s.to_ascii_lowercase().contains("chunked"))
+                .unwrap_or(true)
+        })
+}
+
+/// Writes a JSON error `{"error": reason, "request_id": id}` and ends the response.
+pub async fn respond_json_error(
+    session: &mut Session,
+    request_id: &str,
+    status: u16,
+    reason: &str,
+    extra_headers: &[(&'static str, String)],
+) -> Result<()> {
+    let body = serde_json::json!({ "error": reason, "request_id": request_id }).to_string();
+    let mut resp = ResponseHeader::build(status, Some(4 + extra_headers.len()))?;
+    resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    resp.insert_header("x-request-id", request_id)?;
+    for (name, value) in extra_headers {
+        resp.insert_header(*name, value.as_str())?;
+    }
+    // An unread request body would be parsed as the next request: close the connection.
+    if !session.is_body_done() {
+        session.set_keepalive(None);
+    }
+    session.write_response_header(Box::new(resp), false).await?;
+    session
+        .write_response_body(Some(Bytes::from(body)), true)
+        .await
+}
+
+impl PalisadeProxy {
+    async fn block(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        stage: StageKind,
+        block: Block,
+    ) -> Result<bool> {
+        let id = ctx.request_id.to_string();
+        respond_json_error(session, &id, block.status, &block.reason, &block.headers).await?;
+        ctx.outcome = Outcome::Blocked {
+            stage,
+            status: block.status,
+            reason: block.reason,
+        };
+        Ok(true)
+    }
+
+    /// Pre-reads the body for inspection, within pingora's replay buffer (see
+    /// `shared/notes/pingora-body-inspection.md`): bodies with a known length are read only if
+    /// they fit the limit; chunked bodies are read until they end or pass the limit.
+    async fn pre_read_body(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        route: &CompiledRoute,
+    ) -> Result<BodyRead> {
+        let needs_body = route.pipeline.needs_body();
+        let limit = route.inspect_limit;
+        let req = session.req_header();
+        let chunked = is_chunked(req);
+        let length = content_length(req);
+        if !chunked {
+            match length {
+                None | Some(0) => return Ok(BodyRead::Proceed),
+                Some(n) if n > limit as u64 => {
+                    return Ok(match route.oversize {
+                        OversizePolicy::Block => BodyRead::TooLarge,
+                        OversizePolicy::Continue => {
+                            ctx.body_state = BodyState::Uninspected;
+                            BodyRead::Proceed
+                        }
+                    });
+                }
+                Some(_) if !needs_body => return Ok(BodyRead::Proceed),
+                Some(_) => {}
+            }
+        }
+        // Pingora enables this itself when proxying starts; it must be on before the first read
+        // so that what we read here is replayed to the upstream.
+        session.enable_retry_buffering();
+        let mut buf = BytesMut::with_capacity(length.map_or(8192, |n| n as usize).min(limit + 1));
+        while buf.len() <= limit {
+            match session.read_request_body().await? {
+                Some(chunk) => buf.extend_from_slice(&chunk),
+                None => break,
+            }
+        }
+        if session.as_ref().retry_buffer_truncated() {
+            // One read overran the replay buffer: the bytes cannot be forwarded any more, so the
+            // request cannot be proxied intact whatever the policy says.
+            return Ok(BodyRead::TooLarge);
+        }
+        if buf.len() > limit {
+            match route.oversize {
+                OversizePolicy::Block => return Ok(BodyRead::TooLarge),
+                OversizePolicy::Continue => {
+                    buf.truncate(limit);
+                    ctx.body_state = BodyState::Partial;
+                }
+            }
+        } else {
+            ctx.body_state = BodyState::Complete;
+        }
+        ctx.body = Some(buf.freeze());
+        Ok(BodyRead::Proceed)
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for PalisadeProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new(self.snapshot.load_full())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let snapshot = Arc::clone(&ctx.snapshot);
+        let t = snapshot.config.timeouts;
+        session.set_read_timeout(Some(t.client_read));
+        session.set_write_timeout(Some(t.client_write));
+        session.set_keepalive(Some(t.client_keepalive.as_secs()));
+        ctx.client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_canonical());
+
+        let req = session.req_header();
+        let Some(ri) = snapshot.route_for(request_host(req), req.uri.path()) else {
+            ctx.outcome = Outcome::NoRoute;
+            let id = ctx.request_id.to_string();
+            respond_json_error(session, &id, 404, "no_route", &[]).await?;
+            return Ok(true);
+        };
+        ctx.route = Some(ri);
+        let route = &snapshot.routes[ri];
+
+        let verdict = {
+            let view = RequestView {
+                head: session.req_header(),
+                client_ip: ctx.client_ip,
+                body: None,
+                body_complete: false,
+            };
+            route.pipeline.run_header_stages(&view, &mut ctx.counted)
+        };
+        match verdict {
+            Verdict::Block(stage, b) => return self.block(session, ctx, stage, b).await,
+            Verdict::Allow => return Ok(false),
+            Verdict::Forward => {}
+        }
+
+        if route.pipeline.needs_body() || route.oversize == OversizePolicy::Block {
+            if let BodyRead::TooLarge = self.pre_read_body(session, ctx, route).await? {
+                let b = Block {
+                    status: 413,
+                    reason: Cow::Borrowed("body_too_large"),
+                    headers: vec![],
+                };
+                return self.block(session, ctx, StageKind::Access, b).await;
+            }
+        }
+        if route.pipeline.needs_body() {
+            let verdict = {
+                let view = RequestView {
+                    head: session.req_header(),
+                    client_ip: ctx.client_ip,
+                    body: ctx.body.as_deref(),
+                    body_complete: ctx.body_state == BodyState::Complete,
+                };
+                route.pipeline.run_body_stages(&view, &mut ctx.counted)
+            };
+            if let Verdict::Block(stage, b) = verdict {
+                return self.block(session, ctx, stage, b).await;
+            }
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let snapshot = Arc::clone(&ctx.snapshot);
+        let route = ctx
+            .route
+            .and_then(|i| snapshot.routes.get(i))
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "request has no route"))?;
+        let group = &snapshot.upstreams[route.upstream];
+        let addr = group.select(&ctx.tried).ok_or_else(|| {
+            Error::explain(
+                ErrorType::ConnectNoRoute,
+                format!("no usable server in upstream {:?}", group.name),
+            )
+        })?;
+        ctx.tried.push(addr);
+        ctx.upstream_addr = Some(addr);
+        let t = snapshot.config.timeouts;
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        peer.options.connection_timeout = Some(t.upstream_connect);
+        peer.options.read_timeout = Some(t.upstream_read);
+        peer.options.write_timeout = Some(t.upstream_write);
+        peer.options.idle_timeout = Some(t.upstream_idle);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let snapshot = &ctx.snapshot;
+        if let Some(route) = ctx.route.and_then(|i| snapshot.routes.get(i)) {
+            if let Some(host) = &snapshot.upstreams[route.upstream].host_header {
+                upstream_request.insert_header(http::header::HOST, host.as_str())?;
+            }
+        }
+        upstream_request.insert_header("x-request-id", ctx.request_id.to_string())?;
+        if let Some(ip) = ctx.client_ip {
+            let xff = match upstream_request
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
+                _ => ip.to_string(),
+            };
+            upstream_request.insert_header("x-forwarded-for", xff)?;
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        upstream_response.insert_header("x-request-id", ctx.request_id.to_string())?;
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(route) = ctx.route.and_then(|i| ctx.snapshot.routes.get(i)) {
+            let group = &ctx.snapshot.upstreams[route.upstream];
+            if let Some(addr) = peer._address.as_inet() {
+                group.record_failure(*addr);
+            }
+            self.metrics
+                .upstream_errors
+                .with_label_values(&[group.name.as_str(), "connect"])
+                .inc();
+            // Nothing was sent yet, so any request may go to another server.
+            if ctx.tried.len() < group.len() {
+                e.set_retry(true);
+            }
+        }
+        e
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(route) = ctx.route.and_then(|i| ctx.snapshot.routes.get(i)) {
+            if let Some(addr) = peer._address.as_inet() {
+                ctx.snapshot.upstreams[route.upstream].record_success(*addr);
+            }
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let (status, reason) = match (e.etype(), e.esource()) {
+            (ErrorType::HTTPStatus(code), _) => (*code, "http_error"),
+            (
+                ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout,
+                ErrorSource::Upstream,
+            ) => (504, "upstream_timeout"),
+            (ErrorType::ConnectNoRoute, _) => (502, "no_upstream_available"),
+            (_, ErrorSource::Upstream) => (502, "upstream_unavailable"),
+            (ErrorType::ReadTimedout, ErrorSource::Downstream) => (408, "client_timeout"),
+            (
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed,
+                ErrorSource::Downstream,
+            ) => (0, "client_gone"),
+            (_, ErrorSource::Downstream) => (400, "bad_request"),
+            _ => (500, "internal_error"),
+        };
+        if status == 504 || status == 502 {
+            if let Some(route) = ctx.route.and_then(|i| ctx.snapshot.routes.get(i)) {
+                let kind = if status == 504 { "timeout" } else { "failure" };
+                self.metrics
+                    .upstream_errors
+                    .with_label_values(&[
+                        ctx.snapshot.upstreams[route.upstream].name.as_str(),
+                        kind,
+                    ])
+                    .inc();
+            }
+        }
+        if status > 0 {
+            let id = ctx.request_id.to_string();
+            // If the response head already went out this fails; the connection is closed anyway.
+            if let Err(werr) = respond_json_error(session, &id, status, reason, &[]).await {
+                tracing::debug!(error = %werr, "could not send the error response");
+            }
+        }
+        tracing::warn!(request_id = %ctx.request_id, status, reason, upstream = ?ctx.upstream_addr,
+            error = %e, "request failed");
+        ctx.outcome = Outcome::Error { status };
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
+        let Some(route) = ctx.route.and_then(|i| ctx.snapshot.routes.get(i)) else {
+            if ctx.outcome == Outcome::NoRoute {
+                self.metrics.no_route();
+            }
+            return;
+        };
+        let m = &route.metrics;
+        m.duration.observe(ctx.start.elapsed().as_secs_f64());
+        m.response(status);
+        for label in &ctx.counted {
+            self.metrics
+                .counted
+                .with_label_values(&[route.name.as_str(), label])
+                .inc();
+        }
+        match &ctx.outcome {
+            Outcome::Forwarded => m.forwarded.inc(),
+            Outcome::Error { .. } | Outcome::NoRoute => m.error.inc(),
+            Outcome::Blocked {
+                stage,
+                status,
+                reason,
+            } => {
+                m.blocked.inc();
+                self.metrics
+                    .blocked
+                    .with_label_values(&[route.name.as_str(), stage.name(), reason])
+                    .inc();
+                let req = session.req_header();
+                tracing::info!(
+                    target: "palisade::blocked",
+                    request_id = %ctx.request_id,
+                    route = %route.name,
+                    stage = stage.name(),
+                    reason = %reason,
+                    status = *status,
+                    client = ?ctx.client_ip,
+                    method = %req.method,
+                    path = %req.uri.path(),
+                    "request blocked"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! Upstream groups: round-robin selection over pingora's `LoadBalancer`, with active health
+//! checks (pingora's TCP/HTTP checks in a background service) and passive health (consecutive
+//! connection failures seen by real requests eject a server for a while).
+//!
+//! Passive health is written here because pingora's load balancer only knows active checks.
+//! It is lock-free: one pair of atomics per server.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use pingora::lb::health_check::{
+    HealthCheck as PingoraHealthCheck, HttpHealthCheck, TcpHealthCheck,
+};
+use pingora::lb::selection::RoundRobin;
+use pingora::lb::{Backend, LoadBalancer};
+
+use crate::config::{HealthCheckKind, PassiveHealth, Upstream, UpstreamTargets};
+
+/// Passive-health state of one server.
+struct ServerHealth {
+    addr: SocketAddr,
+    consecutive_failures: AtomicU32,
+    /// Milliseconds since [`UpstreamGroup::epoch`] until which the server is skipped (0 = not).
+    ejected_until_ms: AtomicU64,
+}
+
+/// A named group of upstream servers.
+pub struct UpstreamGroup {
+    /// Name from the config.
+    pub name: String,
+    /// `Host` header override.
+    pub host_header: Option<String>,
+    lb: Arc<LoadBalancer<RoundRobin>>,
+    servers: Vec<ServerHealth>,
+    passive: PassiveHealth,
+    epoch: Instant,
+}
+
+/// Why an upstream group could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The load balancer rejected the targets.
+    #[error("upstream {name:?}: {source}")]
+    Targets {
+        /// Upstream name.
+        name: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+impl UpstreamGroup {
+    /// Builds a group. `demo_addr` is where the built-in demo backend listens (for `demo: true`).
+    /// Returns the group and, when active health checks are configured, the load balancer that
+    /// must run as a pingora background service.
+    pub fn build(
+        up: &Upstream,
+        demo_addr: Option<SocketAddr>,
+    ) -> Result<(Arc<UpstreamGroup>, Option<HealthCheckService>), UpstreamError> {
+        let addrs: Vec<SocketAddr> = match &up.targets {
+            UpstreamTargets::Servers(a) => a.clone(),
+            UpstreamTargets::Demo => demo_addr.into_iter().collect(),
+        };
+        let mut lb =
+            LoadBalancer::<RoundRobin>::try_from_iter(addrs.iter().copied()).map_err(|source| {
+                UpstreamError::Targets {
+                    name: up.name.clone(),
+                    source,
+                }
+            })?;
+        let servers = addrs
+            .iter()
+            .map(|&addr| ServerHealth {
+                addr,
+                consecutive_failures: AtomicU32::new(0),
+                ejected_until_ms: AtomicU64::new(0),
+            })
+            .collect();
+        let mut background = None;
+        let lb = if let Some(hc) = &up.health_check {
+            let check: Box<dyn PingoraHealthCheck + Send + Sync> = match hc.kind {
+                HealthCheckKind::Tcp => {
+                    let mut c = TcpHealthCheck::new();
+                    c.consecutive_success = hc.healthy_after;
+                    c.consecutive_failure = hc.unhealthy_after;
+                    c
+                }
+                HealthCheckKind::Http => {
+                    let host = up.host_header.clone().unwrap_or_else(|| "localhost".into());
+                    let mut c = HttpHealthCheck::new(&host, false);
+                    c.consecutive_success = hc.healthy_after;
+                    c.consecutive_failure = hc.unhealthy_after;
+                    c.req.set_uri(
+                        hc.path
+                            .parse::<http::Uri>()
+                            .unwrap_or_else(|_| http::Uri::from_static("/")),
+                    );
+                    c.validator = Some(Box::new(|resp| {
+                        if resp.status.is_success() {
+                            Ok(())
+                        } else {
+                            pingora::Error::e_explain(
+                                pingora::ErrorType::HTTPStatus(resp.status.as_u16()),
+                                "health check expects a 2xx",
+                            )
+                        }
+                    }));
+                    Box::new(c)
+                }
+            };
+            lb.set_health_check(check);
+            lb.health_check_frequency = Some(hc.interval);
+            lb.parallel_health_check = true;
+            // The background service owns the load balancer; the group keeps the shared handle.
+            let service = pingora::services::background::background_service(
+                &format!("health check {}", up.name),
+                lb,
+            );
+            let task = service.task();
+            background = Some(service);
+            task
+        } else {
+            Arc::new(lb)
+        };
+        let group = Arc::new(UpstreamGroup {
+            name: up.name.clone(),
+            host_header: up.host_header.clone(),
+            lb,
+            servers,
+            passive: up.passive,
+            epoch: Instant::now(),
+        });
+        Ok((group, background))
+    }
+
+    /// Picks a server round-robin among those that are healthy (active checks), not ejected
+    /// (passive health) and not already tried by this request. If every server is ejected, an
+    /// ejected one is still tried rather than failing outright. Lock-free.
+    pub fn select(&self, tried: &[SocketAddr]) -> Option<SocketAddr> {
+        let now = self.now_ms();
+        let pick = |skip_ejected: bool| {
+            self.lb
+                .select_with(b"", 256, |b: &Backend, healthy: bool| {
+                    let Some(addr) = b.addr.as_inet() else {
+                        return false;
+                    };
+                    healthy
+                        && !tried.contains(addr)
+                        && !(skip_ejected && self.is_ejected(addr, now))
+                })
+                .and_then(|b| b.addr.as_inet().copied())
+        };
+        pick(true).or_else(|| pick(false))
+    }
+
+    /// Records a failed connection to `addr`; ejects it after the configured failure count.
+    pub fn record_failure(&self, addr: SocketAddr) {
+        if let Some(s) = self.server(addr) {
+            let n = s.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+            if n >= self.passive.failures {
+                let until = self.now_ms() + self.passive.ejection.as_millis() as u64;
+                s.ejected_until_ms.store(until, Ordering::Relaxed);
+                s.consecutive_failures.store(0, Ordering::Relaxed);
+                tracing::warn!(upstream = %self.name, server = %addr, ejection = ?self.passive.ejection,
+                    "upstream server ejected after consecutive connection failures");
+            }
+        }
+    }
+
+    /// Records a successful connection to `addr`.
+    pub fn record_success(&self, addr: SocketAddr) {
+        if let Some(s) = self.server(addr) {
+            // Plain load first: the common case (no failures) writes nothing, so the cache line
+            // stays shared between worker threads.
+            if s.consecutive_failures.load(Ordering::Relaxed) != 0 {
+                s.consecutive_failures.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Number of servers in the group, and how many are usable now (healthy, not ejected).
+    pub fn availability(&self) -> (usize, usize) {
+        let now = self.now_ms();
+        let backends = self.lb.backends().get_backend();
+        let usable = backends
+            .iter()
+            .filter(|b| {
+                self.lb.backends().ready(b)
+                    && b.addr.as_inet().is_some_and(|a| !self.is_ejected(a, now))
+            })
+            .count();
+        (backends.len(), usable)
+    }
+
+    /// Number of servers in the group.
+    pub fn len(&self) -> usize {
+        self.servers.len()
+    }
+
+    /// Whether the group has no server.
+    pub fn is_empty(&self) -> bool {
+        self.servers.is_empty()
+    }
+
+    fn server(&self, addr: SocketAddr) -> Option<&ServerHealth> {
+        self.servers.iter().find(|s| s.addr == addr)
+    }
+
+    fn is_ejected(&self, addr: &SocketAddr, now_ms: u64) -> bool {
+        self.server(*addr)
+            .is_some_and(|s| s.ejected_until_ms.load(Ordering::Relaxed) > now_ms)
+    }
+
+    fn now_ms(&self) -> u64 {
+        // Saturates after 584 million years.
+        self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+/// A pingora background service running an upstream group's active health checks.
+pub type HealthCheckService =
+    pingora::services::background::GenBackgroundService<LoadBalancer<RoundRobin>>;
