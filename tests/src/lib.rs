@@ -1,1 +1,532 @@
-//! placeholder
+//! End-to-end test harness: starts the real `palisade` binary on free loopback ports in front of
+//! real backends, polls readiness with a deadline (never sleeps to synchronize) and stops the
+//! processes it started by pid when dropped.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test harness: failing loudly is the point"
+)]
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// How long to wait for a process or server to become ready.
+pub const READY_DEADLINE: Duration = Duration::from_secs(30);
+
+/// A free loopback TCP port (bound then released; collisions are unlikely and retried by
+/// callers that care).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Path of the `palisade` binary: `$PALISADE_BIN`, else `target/debug/palisade`, built once per
+/// test process with `cargo build -p palisade` (a no-op when up to date).
+pub fn palisade_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("PALISADE_BIN") {
+        return PathBuf::from(p);
+    }
+    static BUILD: Once = Once::new();
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-q", "-p", "palisade", "--bin", "palisade"])
+            .current_dir(workspace_root())
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build -p palisade failed");
+    });
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace_root().join("target"));
+    target.join("debug").join("palisade")
+}
+
+/// One request as the backend saw it.
+#[derive(Debug, Clone)]
+pub struct SeenRequest {
+    /// Method.
+    pub method: String,
+    /// Path and query.
+    pub uri: String,
+    /// Headers (lower-case names).
+    pub headers: Vec<(String, String)>,
+    /// The exact body bytes.
+    pub body: Bytes,
+}
+
+impl SeenRequest {
+    /// First value of a header.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// How a test backend answers.
+#[derive(Clone)]
+pub struct BackendBehavior {
+    /// Delay before answering.
+    pub delay: Duration,
+    /// Status to answer.
+    pub status: u16,
+}
+
+impl Default for BackendBehavior {
+    fn default() -> Self {
+        BackendBehavior {
+            delay: Duration::ZERO,
+            status: 200,
+        }
+    }
+}
+
+/// A real HTTP/1.1 backend (hyper) on a loopback port that records every request and answers
+/// `{"backend": name, "path": ..., "body_len": n}`.
+pub struct Backend {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Its name (in responses).
+    pub name: String,
+    seen: Arc<Mutex<Vec<SeenRequest>>>,
+    behavior: Arc<Mutex<BackendBehavior>>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Backend {
+    /// Starts a backend on a free loopback port.
+    pub async fn start(name: &str) -> Backend {
+        Backend::start_with(name, BackendBehavior::default()).await
+    }
+
+    /// Starts a backend with a given behavior.
+    pub async fn start_with(name: &str, behavior: BackendBehavior) -> Backend {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let behavior = Arc::new(Mutex::new(behavior));
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+        let (seen2, behavior2, name2) = (seen.clone(), behavior.clone(), name.to_string());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
+                    _ = &mut rx => return,
+                };
+                let (seen, behavior, name) = (seen2.clone(), behavior2.clone(), name2.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (seen, behavior, name) = (seen.clone(), behavior.clone(), name.clone());
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let b = behavior.lock().unwrap().clone();
+                            let path = parts.uri.path().to_string();
+                            seen.lock().unwrap().push(SeenRequest {
+                                method: parts.method.to_string(),
+                                uri: parts.uri.to_string(),
+                                headers: parts
+                                    .headers
+                                    .iter()
+                                    .map(|(k, v)| {
+                                        (
+                                            k.to_string(),
+                                            String::from_utf8_lossy(v.as_bytes()).into(),
+                                        )
+                                    })
+                                    .collect(),
+                                body: body.clone(),
+                            });
+                            if !b.delay.is_zero() {
+                                tokio::time::sleep(b.delay).await;
+                            }
+                            let out = serde_json::json!({"backend": name, "path": path, "body_len": body.len()});
+                            let resp = Response::builder()
+                                .status(b.status)
+                                .header("content-type", "application/json")
+                                .body(Full::new(Bytes::from(out.to_string())))
+                                .unwrap();
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Backend {
+            addr,
+            name: name.to_string(),
+            seen,
+            behavior,
+            shutdown: Some(tx),
+        }
+    }
+
+    /// Every request seen so far.
+    pub fn seen(&self) -> Vec<SeenRequest> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Number of requests seen so far.
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    /// Changes how it answers from now on.
+    pub fn set_behavior(&self, b: BackendBehavior) {
+        *self.behavior.lock().unwrap() = b;
+    }
+
+    /// Stops accepting connections (existing ones finish).
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A running `palisade` process, killed (by its pid) when dropped.
+pub struct Palisade {
+    child: Child,
+    /// Client listener.
+    pub addr: SocketAddr,
+    /// Admin listener.
+    pub admin: SocketAddr,
+    _dir: tempfile::TempDir,
+    log_path: PathBuf,
+}
+
+/// The listeners/admin header used by [`Palisade::start`] configs.
+pub fn listeners_yaml(addr: SocketAddr, admin: SocketAddr) -> String {
+    format!("listeners:\n  - address: \"{addr}\"\nadmin:\n  address: \"{admin}\"\n")
+}
+
+impl Palisade {
+    /// Starts `palisade run --config <file>` where the file is `listeners_yaml(..) + body`.
+    pub async fn start(config_body: &str) -> Palisade {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let yaml = format!("{}{}", listeners_yaml(addr, admin), config_body);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("palisade.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        Palisade::spawn(
+            &["run", "--config", path.to_str().unwrap(), "--threads", "2"],
+            addr,
+            admin,
+            dir,
+        )
+        .await
+    }
+
+    /// Starts `palisade run` with extra arguments on free ports (no config file).
+    pub async fn start_args(extra: &[&str]) -> Palisade {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let (a, b) = (addr.to_string(), admin.to_string());
+        let mut args = vec!["run", "--listen", &a, "--admin", &b];
+        args.extend_from_slice(extra);
+        Palisade::spawn(&args, addr, admin, tempfile::tempdir().unwrap()).await
+    }
+
+    async fn spawn(
+        args: &[&str],
+        addr: SocketAddr,
+        admin: SocketAddr,
+        dir: tempfile::TempDir,
+    ) -> Palisade {
+        let log_path = dir.path().join("palisade.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(palisade_bin())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start palisade");
+        let mut p = Palisade {
+            child,
+            addr,
+            admin,
+            _dir: dir,
+            log_path,
+        };
+        p.wait_ready().await;
+        p
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + READY_DEADLINE;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("palisade exited early ({status}):\n{}", self.log());
+            }
+            let admin_up = raw_get(self.admin, "/healthz")
+                .await
+                .is_some_and(|r| r.status == 200);
+            let proxy_up = tokio::net::TcpStream::connect(self.addr).await.is_ok();
+            if admin_up && proxy_up {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "palisade not ready in time:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `http://addr` of the client listener.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// The process's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The admin `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        raw_get(self.admin, "/metrics")
+            .await
+            .map(|r| r.body_string())
+            .unwrap_or_default()
+    }
+
+    /// Value of one metric sample line, e.g. `palisade_requests_total{route="a",decision="forwarded"}`.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        metric_value(&self.metrics().await, sample)
+    }
+}
+
+/// Finds a sample in Prometheus text; 0 when absent.
+pub fn metric_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|r| r.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+impl Drop for Palisade {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A raw HTTP/1.1 response.
+#[derive(Debug)]
+pub struct RawResponse {
+    /// Status code.
+    pub status: u16,
+    /// Header lines (lower-case names).
+    pub headers: Vec<(String, String)>,
+    /// Body bytes (de-chunked if needed).
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// Body as UTF-8 (lossy).
+    pub fn body_string(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    /// Body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body_string()))
+    }
+    /// First value of a header.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends raw request bytes on a fresh connection and reads one response (`Connection: close`
+/// is expected in `request` or the response must carry a length). Times out after 30 s.
+pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> Option<RawResponse> {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        // The server may answer (e.g. 413) and close before the whole body is sent.
+        let _ = s.write_all(request).await;
+        let mut buf = Vec::new();
+        let mut tmp = [0u8; 65536];
+        loop {
+            if let Some(r) = parse_response(&buf) {
+                return Some(r);
+            }
+            match s.read(&mut tmp).await {
+                Ok(0) | Err(_) => return parse_response_eof(&buf),
+                Ok(n) => buf.extend_from_slice(&tmp[..n]),
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// `GET path` with `Connection: close`.
+pub async fn raw_get(addr: SocketAddr, path: &str) -> Option<RawResponse> {
+    raw_request(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+}
+
+/// Header lines as (lower-case name, value).
+type HeaderLines = Vec<(String, String)>;
+
+fn split_head(buf: &[u8]) -> Option<(u16, HeaderLines, usize)> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&buf[..end]).ok()?;
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Some((status, headers, end + 4))
+}
+
+fn parse_response(buf: &[u8]) -> Option<RawResponse> {
+    let (status, headers, start) = split_head(buf)?;
+    let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    if let Some(len) = get("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        if buf.len() >= start + len {
+            return Some(RawResponse {
+                status,
+                headers,
+                body: buf[start..start + len].to_vec(),
+            });
+        }
+        return None;
+    }
+    if get("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        return dechunk(&buf[start..]).map(|body| RawResponse {
+            status,
+            headers,
+            body,
+        });
+    }
+    None
+}
+
+fn parse_response_eof(buf: &[u8]) -> Option<RawResponse> {
+    parse_response(buf).or_else(|| {
+        let (status, headers, start) = split_head(buf)?;
+        Some(RawResponse {
+            status,
+            headers,
+            body: buf[start..].to_vec(),
+        })
+    })
+}
+
+fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n")?;
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&data[..line_end]).ok()?.trim(), 16).ok()?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        if data.len() < size + 2 {
+            return None;
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}
+
+/// Encodes `body` as chunked transfer-coding with chunks of `chunk` bytes.
+pub fn chunked(body: &[u8], chunk: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + body.len() / chunk * 8 + 8);
+    for c in body.chunks(chunk) {
+        out.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+        out.extend_from_slice(c);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
+}
+
+/// A deterministic, non-repeating-looking body of `n` bytes (so truncation or reordering shows).
+pub fn pattern_body(n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|i| b"abcdefghijklmnopqrstuvwxyz0123456789"[(i * 7 + i / 36) % 36])
+        .collect()
+}
+
+/// Runs `palisade` with arguments to completion, returning (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(palisade_bin())
+        .args(args)
+        .output()
+        .expect("run palisade");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Polls `cond` every 20 ms until it holds or the deadline passes; returns whether it held.
+pub async fn eventually<F, Fut>(deadline: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + deadline;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
