@@ -36,6 +36,8 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Print the JSON Schema of the configuration format (for editors and CI).
+    Schema,
     /// Validate a configuration without starting; lists every error, exits 1 if any.
     Check {
         /// Configuration file (YAML); without it the embedded default is checked.
@@ -67,6 +69,10 @@ fn init_logging(config: &Config) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Schema => {
+            print!("{}", config::json_schema());
+            ExitCode::SUCCESS
+        }
         Command::Check { config } => match load(config.as_ref(), &Overrides::default()) {
             Ok(c) => {
                 println!(

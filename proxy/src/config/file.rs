@@ -11,11 +11,12 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Deserializer};
 use serde_saphyr::Spanned;
 
 /// The whole `palisade.yaml` file.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     /// Addresses the proxy listens on for client traffic.
@@ -48,19 +49,21 @@ pub struct FileConfig {
 }
 
 /// One client-facing listener.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     /// `IP:port` to bind, e.g. `127.0.0.1:8080` or `[::1]:8080`.
+    #[schemars(with = "String")]
     pub address: SocketAddr,
 }
 
 /// Admin listener settings.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// `IP:port` of the admin listener; keep it on loopback or a private network.
     #[serde(default = "default_admin_address")]
+    #[schemars(with = "String")]
     pub address: SocketAddr,
 }
 
@@ -77,7 +80,7 @@ fn default_admin_address() -> SocketAddr {
 }
 
 /// Logging settings.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoggingConfig {
     /// `text` (default) or `json`.
@@ -89,7 +92,7 @@ pub struct LoggingConfig {
 }
 
 /// Log line format.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -100,7 +103,7 @@ pub enum LogFormat {
 }
 
 /// Timeouts; every value is a duration like `500ms`, `5s`, `2m`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TimeoutsConfig {
     /// Max wait for the next bytes from the client (headers or body).
@@ -120,7 +123,7 @@ pub struct TimeoutsConfig {
 }
 
 /// Body inspection settings.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BodyConfig {
     /// How many body bytes are buffered for inspection (at most 64KiB, see `config::validate`).
@@ -130,7 +133,7 @@ pub struct BodyConfig {
 }
 
 /// What happens to a request whose body exceeds the inspection limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OversizePolicy {
     /// Reject with 413 before reading the body.
@@ -140,15 +143,17 @@ pub enum OversizePolicy {
 }
 
 /// A named group of upstream servers.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// `host:port` of each server (IP literal or a name resolved at load time).
     #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     pub targets: Vec<Spanned<String>>,
     /// Use the built-in demo backend (a JSON echo on an ephemeral loopback port) instead of
     /// `targets`.
     #[serde(default)]
+    #[schemars(with = "Option<bool>")]
     pub demo: Option<Spanned<bool>>,
     /// Value of the `Host` header sent upstream; default: the client's.
     #[serde(default)]
@@ -162,7 +167,7 @@ pub struct UpstreamConfig {
 }
 
 /// Active health check of every target of an upstream.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheckConfig {
     /// `tcp` (connect only) or `http` (GET `path`, expect 2xx).
@@ -183,7 +188,7 @@ pub struct HealthCheckConfig {
 }
 
 /// Active health check protocol.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum HealthCheckKind {
     /// TCP connect.
@@ -194,7 +199,7 @@ pub enum HealthCheckKind {
 }
 
 /// Passive health: connection failures seen by real requests.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PassiveHealthConfig {
     /// Consecutive connection failures before the target is ejected (default 3).
@@ -206,10 +211,11 @@ pub struct PassiveHealthConfig {
 }
 
 /// One route: which requests it takes, where they go, and the security policy applied.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// Unique name, used in logs and metric labels.
+    #[schemars(with = "String")]
     pub name: Spanned<String>,
     /// Host to match: exact (`api.example.com`) or wildcard (`*.example.com`); absent = any.
     #[serde(default)]
@@ -218,6 +224,7 @@ pub struct RouteConfig {
     #[serde(default)]
     pub path_prefix: Option<String>,
     /// Name of the upstream group requests are sent to.
+    #[schemars(with = "String")]
     pub upstream: Spanned<String>,
     /// Security policy for this route.
     #[serde(default)]
@@ -225,7 +232,7 @@ pub struct RouteConfig {
 }
 
 /// A route's security policy (later stages add their sections here).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// Only these methods are accepted; others get 405.
@@ -240,7 +247,7 @@ pub struct PolicyConfig {
 }
 
 /// A route-wide block.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DenyConfig {
     /// HTTP status to answer (default 403).
@@ -328,5 +335,55 @@ impl<'de> Deserialize<'de> for StatusCode {
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+impl JsonSchema for HumanDuration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "description": "A duration such as `500ms`, `5s`, `2m` or `1h 30m`.",
+            "pattern": "^\\s*[0-9]+\\s*[a-zA-Zµ]+(\\s*[0-9]+\\s*[a-zA-Zµ]+)*\\s*$"
+        })
+    }
+}
+
+impl JsonSchema for HumanSize {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ByteSize".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A size in bytes: a number, or text such as `64KiB`, `8 KB`, `1MiB`.",
+            "oneOf": [
+                {"type": "integer", "minimum": 0},
+                {"type": "string", "pattern": "^\\s*[0-9.]+\\s*([kKmMgGtTpP]i?)?[bB]?\\s*$"}
+            ]
+        })
+    }
+}
+
+impl JsonSchema for Method {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "HttpMethod".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "description": "An HTTP method (case-insensitive), e.g. GET, POST.",
+            "pattern": "^[A-Za-z]+$"
+        })
+    }
+}
+
+impl JsonSchema for StatusCode {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "HttpStatus".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({"type": "integer", "minimum": 100, "maximum": 599})
     }
 }

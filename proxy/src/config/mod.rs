@@ -300,6 +300,18 @@ pub fn load_default(overrides: &Overrides) -> Result<Config, ConfigError> {
     load_str(DEFAULT_CONFIG_NAME, DEFAULT_CONFIG_YAML, overrides)
 }
 
+/// The JSON Schema (draft 2020-12) of `palisade.yaml`, generated from the parsing structs so
+/// it cannot drift from what the loader accepts. Committed as
+/// `schemas/palisade-config.schema.json` (a test checks it is current).
+pub fn json_schema() -> String {
+    let mut schema = schemars::schema_for!(file::FileConfig);
+    schema.insert("$id".into(), "https://palisade.dev/schemas/palisade-config.schema.json".into());
+    schema.insert("title".into(), "Palisade configuration (palisade.yaml)".into());
+    let mut text = serde_json::to_string_pretty(&schema).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
 /// The directory relative paths in a config file are resolved against.
 pub fn base_dir(config_path: Option<&Path>) -> PathBuf {
     config_path

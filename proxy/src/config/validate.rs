@@ -443,6 +443,16 @@ mod tests {
     }
 
     #[test]
+    fn committed_json_schema_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../schemas/palisade-config.schema.json");
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            committed == super::super::json_schema(),
+            "schemas/palisade-config.schema.json is stale: run `palisade schema > schemas/palisade-config.schema.json`"
+        );
+    }
+
+    #[test]
     fn embedded_default_loads() {
         super::super::load_default(&Overrides::default()).unwrap();
     }

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# End-to-end load comparison on loopback, side by side in one run:
+#   nginx (no WAF) · Palisade passthrough · Palisade default policy  [· nginx+ModSecurity+CRS]
+# Every proxy runs one worker pinned to CPU ${PROXY_CPU:-1}; the backend and wrk share CPU 0
+# (../shared/peer conventions). Runs are interleaved (A B C A B C …) so drift on this shared,
+# noisy machine hits all targets alike; the report gives per-target medians and ratios to nginx.
+#
+#   benches/load.sh [ROUNDS] [SECONDS] [CONNECTIONS]        (defaults 5 8 50)
+#   WORKLOADS="get post1k" MODSEC=1 benches/load.sh
+set -euo pipefail
+rounds=${1:-5} secs=${2:-8} conns=${3:-50}
+workloads=${WORKLOADS:-get post1k}
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+peer=${PEER_SCRIPTS:-$root/../shared/peer}
+proxy_cpu=${PROXY_CPU:-1}
+bin=$root/target/release/palisade
+out=${OUT_DIR:-$(mktemp -d /tmp/palisade-load.XXXXXX)}
+
+[ -x "$bin" ] || (cd "$root" && cargo build --release --bin palisade)
+[ -x "$peer/start.sh" ] || { echo "peer scripts not found at $peer (set PEER_SCRIPTS)" >&2; exit 2; }
+"$peer/start.sh" >/dev/null
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+
+start_palisade() { # name config
+  local name=$1 cfg=$2
+  taskset -c "$proxy_cpu" "$bin" run --config "$cfg" --threads 1 >"$out/$name.log" 2>&1 &
+  pids+=($!)
+}
+
+# Passthrough: no stage, bodies streamed unread.
+start_palisade passthrough "$root/examples/passthrough.yaml"
+# Default policy: the embedded default's inspection settings, in front of the same backend.
+sed -e 's/18100/18102/; s/18101/18103/; s/oversize: continue/oversize: block/' \
+  "$root/examples/passthrough.yaml" >"$out/policy.yaml"
+start_palisade policy "$out/policy.yaml"
+
+for port in 18100 18102; do
+  for _ in $(seq 100); do curl -fsS -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
+done
+
+targets=("nginx=http://127.0.0.1:18081" "palisade-passthrough=http://127.0.0.1:18100" "palisade-policy=http://127.0.0.1:18102")
+[ "${MODSEC:-0}" = 1 ] && targets+=("nginx-modsec=http://127.0.0.1:18080")
+
+results=$out/results.txt
+: >"$results"
+for w in $workloads; do
+  for t in "${targets[@]}"; do "$peer/bench.sh" "${t#*=}/" "$w" 2 "$conns" >/dev/null; done # warm-up
+  for r in $(seq "$rounds"); do
+    for t in "${targets[@]}"; do
+      line=$("$peer/bench.sh" "${t#*=}/" "$w" "$secs" "$conns")
+      echo "round=$r target=${t%%=*} $line" | tee -a "$results"
+    done
+  done
+done
+
+python3 - "$results" <<'PY'
+import re, statistics, sys
+rows = [dict(kv.split("=", 1) for kv in l.split()) for l in open(sys.argv[1]) if l.strip()]
+print("\nmedians over rounds (ratio = rps / nginx rps, same workload, same run)")
+print(f"{'workload':8} {'target':22} {'rps':>10} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6} {'non2xx':>7}")
+for w in dict.fromkeys(r["workload"] for r in rows):
+    med = {}
+    for t in dict.fromkeys(r["target"] for r in rows):
+        rs = [r for r in rows if r["workload"] == w and r["target"] == t]
+        med[t] = {k: statistics.median(float(r[k]) for r in rs) for k in ("rps", "p50_ms", "p99_ms")}
+        med[t]["non2xx"] = sum(int(r["non2xx"]) for r in rs)
+    base = med.get("nginx", {}).get("rps") or 1
+    for t, m in med.items():
+        print(f"{w:8} {t:22} {m['rps']:10.0f} {m['p50_ms']:8.2f} {m['p99_ms']:8.2f} {m['rps']/base:6.2f} {m['non2xx']:7d}")
+PY
+echo "raw results: $results"

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what building and testing Palisade needs on a fresh Debian/Ubuntu machine, and only
+# what is missing: a C toolchain and cmake (pingora's zlib-ng build), pkg-config, curl, and
+# redis-server (distributed rate-limit tests); then Rust via rustup if cargo is absent.
+# Idempotent: a second run installs nothing.
+set -euo pipefail
+
+need=()
+command -v cc >/dev/null || need+=(build-essential)
+command -v cmake >/dev/null || need+=(cmake)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+command -v curl >/dev/null || need+=(curl ca-certificates)
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v python3 >/dev/null || need+=(python3)
+
+if ((${#need[@]})); then
+  echo "ensure-deps: installing ${need[*]}" >&2
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    echo "ensure-deps: cargo is in ~/.cargo/bin; add it to PATH (source ~/.cargo/env)" >&2
+  else
+    echo "ensure-deps: installing Rust (rustup, stable)" >&2
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c rustfmt,clippy
+  fi
+fi
