@@ -1,6 +1,11 @@
 //! The shipped JSON Schema of `palisade.yaml` accepts every shipped config and rejects the
 //! mistakes editors should flag.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
 
 use std::path::Path;
 

@@ -305,8 +305,14 @@ pub fn load_default(overrides: &Overrides) -> Result<Config, ConfigError> {
 /// `schemas/palisade-config.schema.json` (a test checks it is current).
 pub fn json_schema() -> String {
     let mut schema = schemars::schema_for!(file::FileConfig);
-    schema.insert("$id".into(), "https://palisade.dev/schemas/palisade-config.schema.json".into());
-    schema.insert("title".into(), "Palisade configuration (palisade.yaml)".into());
+    schema.insert(
+        "$id".into(),
+        "https://palisade.dev/schemas/palisade-config.schema.json".into(),
+    );
+    schema.insert(
+        "title".into(),
+        "Palisade configuration (palisade.yaml)".into(),
+    );
     let mut text = serde_json::to_string_pretty(&schema).unwrap_or_default();
     text.push('\n');
     text

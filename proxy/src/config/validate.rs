@@ -444,7 +444,10 @@ mod tests {
 
     #[test]
     fn committed_json_schema_is_current() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../schemas/palisade-config.schema.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../schemas/palisade-config.schema.json"
+        );
         let committed = std::fs::read_to_string(path).unwrap_or_default();
         assert!(
             committed == super::super::json_schema(),

@@ -416,13 +416,24 @@ impl ProxyHttp for PalisadeProxy {
                 tracing::debug!(error = %werr, "could not send the error response");
             }
         }
-        tracing::warn!(request_id = %ctx.request_id, status, reason, upstream = ?ctx.upstream_addr,
-            error = %e, "request failed");
+        if status == 0 {
+            // The client went away: routine (e.g. a load generator stopping), not an incident.
+            tracing::debug!(request_id = %ctx.request_id, error = %e, "client closed the connection");
+        } else {
+            tracing::warn!(request_id = %ctx.request_id, status, reason, upstream = ?ctx.upstream_addr,
+                error = %e, "request failed");
+        }
         ctx.outcome = Outcome::Error { status };
         FailToProxy {
             error_code: status,
             can_reuse_downstream: false,
         }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _error: &Error) -> bool {
+        // Pingora logs every failed proxy attempt at ERROR; our own line in `fail_to_proxy`
+        // replaces it (with the request id), and logs client disconnects at debug only.
+        true
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
