@@ -12,7 +12,7 @@ run: deps
 	cargo run --release --bin palisade -- run
 
 ## Run the whole test suite: unit, end-to-end (real binary, real backends), and lints.
-test: deps
+test: deps lint
 	cargo build --workspace --all-targets
 	cargo test --workspace -- --test-threads=4
 	./target/debug/palisade check

@@ -331,6 +331,21 @@ impl Palisade {
             .unwrap_or_default()
     }
 
+    /// Waits (up to 5 s) until a metric sample has `value`; metrics of a request are recorded
+    /// in its logging phase, just after the client got the response. Panics with the metrics
+    /// text if it never does.
+    pub async fn expect_metric(&self, sample: &str, value: f64) {
+        let ok = eventually(Duration::from_secs(5), || async {
+            self.metric(sample).await == value
+        })
+        .await;
+        assert!(
+            ok,
+            "expected {sample} = {value}; metrics:\n{}",
+            self.metrics().await
+        );
+    }
+
     /// Value of one metric sample line, e.g. `palisade_requests_total{route="a",decision="forwarded"}`.
     pub async fn metric(&self, sample: &str) -> f64 {
         metric_value(&self.metrics().await, sample)
@@ -389,7 +404,7 @@ pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> Option<RawResponse
         // The server may answer (e.g. 413) and close before the whole body is sent.
         let _ = s.write_all(request).await;
         let mut buf = Vec::new();
-        let mut tmp = [0u8; 65536];
+        let mut tmp = vec![0u8; 65536];
         loop {
             if let Some(r) = parse_response(&buf) {
                 return Some(r);

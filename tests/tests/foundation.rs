@@ -28,15 +28,13 @@ async fn default_config_serves_the_demo_backend_and_counts_it() {
     let id = r.header("x-request-id").unwrap();
     assert_eq!(j["headers"]["x-request-id"], id);
     assert_eq!(j["headers"]["x-forwarded-for"], "127.0.0.1");
-    let m = p.metrics().await;
-    assert_eq!(
-        metric_value(
-            &m,
-            "palisade_requests_total{decision=\"forwarded\",route=\"default\"}"
-        ),
+    // Metrics are recorded in the logging phase, just after the response is written.
+    p.expect_metric(
+        "palisade_requests_total{decision=\"forwarded\",route=\"default\"}",
         1.0,
-        "{m}"
-    );
+    )
+    .await;
+    let m = p.metrics().await;
     assert!(m.contains("palisade_request_duration_seconds_bucket{route=\"default\""));
 }
 
@@ -134,22 +132,16 @@ async fn blocked_requests_never_reach_the_backend() {
     assert_eq!(ok.status, 200);
     assert_eq!(b.count(), 1);
 
-    let m = p.metrics().await;
-    assert_eq!(
-        metric_value(
-            &m,
-            "palisade_blocked_total{reason=\"internal_path\",route=\"internal\",stage=\"access\"}"
-        ),
+    p.expect_metric(
+        "palisade_blocked_total{reason=\"internal_path\",route=\"internal\",stage=\"access\"}",
         1.0,
-        "{m}"
-    );
-    assert_eq!(
-        metric_value(
-            &m,
-            "palisade_blocked_total{reason=\"method_not_allowed\",route=\"api\",stage=\"access\"}"
-        ),
-        1.0
-    );
+    )
+    .await;
+    p.expect_metric(
+        "palisade_blocked_total{reason=\"method_not_allowed\",route=\"api\",stage=\"access\"}",
+        1.0,
+    )
+    .await;
     // One log line per blocked request.
     assert!(
         eventually(Duration::from_secs(5), || async {
@@ -340,11 +332,11 @@ async fn oversize_block_answers_413_and_the_backend_sees_nothing() {
         assert_eq!(r.json()["error"], "body_too_large");
     }
     assert_eq!(b.count(), 0);
-    assert_eq!(
-        p.metric("palisade_blocked_total{reason=\"body_too_large\",route=\"r\",stage=\"access\"}")
-            .await,
-        4.0
-    );
+    p.expect_metric(
+        "palisade_blocked_total{reason=\"body_too_large\",route=\"r\",stage=\"access\"}",
+        4.0,
+    )
+    .await;
 }
 
 #[tokio::test]
