@@ -16,6 +16,7 @@ peer=${PEER_SCRIPTS:-$root/../shared/peer}
 proxy_cpu=${PROXY_CPU:-1}
 bin=$root/target/release/palisade
 out=${OUT_DIR:-$(mktemp -d /tmp/palisade-load.XXXXXX)}
+mkdir -p "$out"
 
 [ -x "$bin" ] || (cd "$root" && cargo build --release --bin palisade)
 [ -x "$peer/start.sh" ] || { echo "peer scripts not found at $peer (set PEER_SCRIPTS)" >&2; exit 2; }

@@ -8,6 +8,7 @@
 //! - [`metrics`]: every metric name
 
 pub mod config;
+pub mod identity;
 pub mod metrics;
 pub mod pipeline;
 pub mod server;
