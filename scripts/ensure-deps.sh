@@ -12,6 +12,7 @@ command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v curl >/dev/null || need+=(curl ca-certificates)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v python3 >/dev/null || need+=(python3)
+command -v mmdblookup >/dev/null || need+=(mmdb-bin)
 
 if ((${#need[@]})); then
   echo "ensure-deps: installing ${need[*]}" >&2

@@ -53,6 +53,7 @@ fn bench(c: &mut Criterion) {
             let view = RequestView {
                 head: &parts,
                 client_ip: None,
+                geo: Default::default(),
                 body: None,
                 body_complete: false,
             };

@@ -11,6 +11,8 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use palisade::config::{self, Config, LogFormat, Overrides};
+use palisade::identity::geo::GeoDb;
+use palisade::identity::geo_build::{self, GeoDbKind};
 
 /// Palisade: an edge request-validation and WAF reverse proxy.
 #[derive(Parser)]
@@ -43,12 +45,81 @@ enum Command {
     },
     /// Print the JSON Schema of the configuration format (for editors and CI).
     Schema,
+    /// MaxMind database tooling.
+    Geoip {
+        #[command(subcommand)]
+        command: GeoipCommand,
+    },
     /// Validate a configuration without starting; lists every error, exits 1 if any.
     Check {
         /// Configuration file (YAML); without it the embedded default is checked.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum GeoipCommand {
+    /// Build a `.mmdb` from CSV (`network,country_iso_code` or `network,asn,org`).
+    Build {
+        /// Database kind.
+        #[arg(long, value_enum)]
+        kind: GeoDbKind,
+        /// Input CSV.
+        #[arg(long)]
+        csv: PathBuf,
+        /// Output `.mmdb` file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Look an address up in MaxMind databases, as the proxy would.
+    Lookup {
+        /// Country (or City) database.
+        #[arg(long)]
+        country_db: Option<PathBuf>,
+        /// ASN database.
+        #[arg(long)]
+        asn_db: Option<PathBuf>,
+        /// The address.
+        ip: std::net::IpAddr,
+    },
+}
+
+fn geoip(command: GeoipCommand) -> ExitCode {
+    match command {
+        GeoipCommand::Build { kind, csv, out } => match geo_build::build(kind, &csv, &out) {
+            Ok(n) => {
+                println!("{}: {n} networks", out.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        GeoipCommand::Lookup {
+            country_db,
+            asn_db,
+            ip,
+        } => match GeoDb::open(country_db.as_deref(), asn_db.as_deref()) {
+            Ok(db) => {
+                let g = db.lookup(ip);
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "ip": ip.to_string(),
+                        "country": g.country.map(|c| c.to_string()),
+                        "asn": g.asn,
+                    })
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
 }
 
 fn load(config: Option<&PathBuf>, overrides: &Overrides) -> Result<Config, config::ConfigError> {
@@ -74,6 +145,7 @@ fn init_logging(config: &Config) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Geoip { command } => geoip(command),
         Command::Schema => {
             print!("{}", config::json_schema());
             ExitCode::SUCCESS

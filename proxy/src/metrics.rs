@@ -22,6 +22,10 @@ pub const UPSTREAM_SERVERS: &str = "palisade_upstream_servers";
 /// `palisade_responses_total{route, class}`: responses by status class (`2xx` … `5xx`).
 pub const RESPONSES_TOTAL: &str = "palisade_responses_total";
 
+/// `palisade_client_country_total{country}`: requests by client country, for routes that
+/// resolve it (`unknown` when the database has no answer). At most 26×26+1 values.
+pub const CLIENT_COUNTRY_TOTAL: &str = "palisade_client_country_total";
+
 /// Decision label values.
 pub mod decision {
     /// Forwarded to the upstream.
@@ -51,6 +55,8 @@ pub struct Metrics {
     /// Upstream servers by state.
     pub upstream_servers: IntGaugeVec,
     responses: IntCounterVec,
+    /// Requests by client country.
+    pub client_country: IntCounterVec,
 }
 
 /// Handles for one route, resolved once at load time so the request path does no label
@@ -126,6 +132,14 @@ impl Metrics {
             ),
             &["route", "class"],
         )?;
+        let client_country = IntCounterVec::new(
+            Opts::new(
+                CLIENT_COUNTRY_TOTAL,
+                "Requests by client country (routes with a geo policy).",
+            ),
+            &["country"],
+        )?;
+        registry.register(Box::new(client_country.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(blocked.clone()))?;
         registry.register(Box::new(counted.clone()))?;
@@ -142,6 +156,7 @@ impl Metrics {
             upstream_errors,
             upstream_servers,
             responses,
+            client_country,
         })
     }
 

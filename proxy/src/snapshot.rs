@@ -26,6 +26,8 @@ pub struct CompiledRoute {
     pub oversize: OversizePolicy,
     /// Pre-resolved metric handles (no label hashing per request).
     pub metrics: RouteMetrics,
+    /// Whether the client's country/ASN must be looked up for this route.
+    pub needs_geo: bool,
 }
 
 impl CompiledRoute {
@@ -84,6 +86,7 @@ impl Snapshot {
                 inspect_limit: r.policy.inspect_limit,
                 oversize: r.policy.oversize,
                 metrics: metrics.route(&r.name),
+                needs_geo: r.policy.geo.is_some() || r.policy.asn.is_some(),
             })
             .collect();
         let mut order: Vec<usize> = (0..routes.len()).collect();

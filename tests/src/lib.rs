@@ -228,6 +228,10 @@ pub struct Palisade {
     pub addr: SocketAddr,
     /// Admin listener.
     pub admin: SocketAddr,
+    /// IPv6 loopback listener (`[::1]:port`), when started with one.
+    pub addr6: Option<SocketAddr>,
+    /// The directory holding the config (fixtures may be written next to it).
+    pub dir: PathBuf,
     _dir: tempfile::TempDir,
     log_path: PathBuf,
 }
@@ -240,19 +244,34 @@ pub fn listeners_yaml(addr: SocketAddr, admin: SocketAddr) -> String {
 impl Palisade {
     /// Starts `palisade run --config <file>` where the file is `listeners_yaml(..) + body`.
     pub async fn start(config_body: &str) -> Palisade {
+        Palisade::start_in(tempfile::tempdir().unwrap(), config_body, false).await
+    }
+
+    /// Like [`Palisade::start`], with an extra listener on `[::1]` and the config written into
+    /// `dir` (so relative paths in it resolve there).
+    pub async fn start_in(dir: tempfile::TempDir, config_body: &str, ipv6: bool) -> Palisade {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let yaml = format!("{}{}", listeners_yaml(addr, admin), config_body);
-        let dir = tempfile::tempdir().unwrap();
+        let mut yaml = listeners_yaml(addr, admin);
+        let addr6 = ipv6.then(|| {
+            let l = TcpListener::bind("[::1]:0").unwrap();
+            l.local_addr().unwrap()
+        });
+        if let Some(a6) = addr6 {
+            yaml = yaml.replacen("admin:", &format!("  - address: \"{a6}\"\nadmin:"), 1);
+        }
+        yaml.push_str(config_body);
         let path = dir.path().join("palisade.yaml");
         std::fs::write(&path, yaml).unwrap();
-        Palisade::spawn(
+        let mut p = Palisade::spawn(
             &["run", "--config", path.to_str().unwrap(), "--threads", "2"],
             addr,
             admin,
             dir,
         )
-        .await
+        .await;
+        p.addr6 = addr6;
+        p
     }
 
     /// Starts `palisade run` with extra arguments on free ports (no config file).
@@ -284,6 +303,8 @@ impl Palisade {
             child,
             addr,
             admin,
+            addr6: None,
+            dir: dir.path().to_path_buf(),
             _dir: dir,
             log_path,
         };
@@ -399,8 +420,13 @@ impl RawResponse {
 /// Sends raw request bytes on a fresh connection and reads one response (`Connection: close`
 /// is expected in `request` or the response must carry a length). Times out after 30 s.
 pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> Option<RawResponse> {
+    let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    exchange(stream, request).await
+}
+
+/// Writes one request and reads one response, within 30 s.
+async fn exchange(mut s: tokio::net::TcpStream, request: &[u8]) -> Option<RawResponse> {
     tokio::time::timeout(Duration::from_secs(30), async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
         // The server may answer (e.g. 413) and close before the whole body is sent.
         let _ = s.write_all(request).await;
         let mut buf = Vec::new();
@@ -418,6 +444,41 @@ pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> Option<RawResponse
     .await
     .ok()
     .flatten()
+}
+
+/// Like [`raw_request`], from a chosen local source address (e.g. `127.0.0.2`: all of
+/// 127.0.0.0/8 is loopback on Linux, which lets tests present different client addresses).
+pub async fn raw_request_from(
+    src: std::net::IpAddr,
+    addr: SocketAddr,
+    request: &[u8],
+) -> Option<RawResponse> {
+    let socket = if src.is_ipv4() {
+        tokio::net::TcpSocket::new_v4().ok()?
+    } else {
+        tokio::net::TcpSocket::new_v6().ok()?
+    };
+    socket.bind(SocketAddr::new(src, 0)).ok()?;
+    let stream = socket.connect(addr).await.ok()?;
+    exchange(stream, request).await
+}
+
+/// `GET path` with `Connection: close` and extra header lines (`"Name: value"`), from `src`.
+pub async fn get_from(src: &str, addr: SocketAddr, path: &str, headers: &[&str]) -> RawResponse {
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    raw_request_from(src.parse().unwrap(), addr, req.as_bytes())
+        .await
+        .unwrap_or_else(|| panic!("no response from {addr} for {src} {path}"))
+}
+
+/// Path of a file in the repository.
+pub fn repo_path(rel: &str) -> PathBuf {
+    workspace_root().join(rel)
 }
 
 /// `GET path` with `Connection: close`.

@@ -43,6 +43,15 @@ pub struct FileConfig {
     /// Named upstream groups.
     #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// Named IP sets, used by route policies (`ip: {allow, deny}`), trusted proxies and rules.
+    #[serde(default)]
+    pub ip_sets: BTreeMap<String, IpSetConfig>,
+    /// How the client address is found behind proxies.
+    #[serde(default)]
+    pub client_ip: Option<ClientIpConfig>,
+    /// MaxMind databases for country and ASN.
+    #[serde(default)]
+    pub geoip: Option<GeoIpConfig>,
     /// Routes, matched by host and longest path prefix.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
@@ -244,6 +253,116 @@ pub struct PolicyConfig {
     /// Body inspection overrides for this route.
     #[serde(default)]
     pub body: Option<BodyConfig>,
+    /// Client IP allow/deny by IP set name.
+    #[serde(default)]
+    pub ip: Option<IpPolicyConfig>,
+    /// Country allow/deny (ISO 3166-1 alpha-2 codes); needs `geoip.country_db`.
+    #[serde(default)]
+    pub geo: Option<GeoPolicyConfig>,
+    /// Autonomous-system allow/deny; needs `geoip.asn_db`.
+    #[serde(default)]
+    pub asn: Option<AsnPolicyConfig>,
+}
+
+/// A named set of CIDRs: inline, from a file, or both.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IpSetConfig {
+    /// Addresses or CIDRs, IPv4 or IPv6 (`10.0.0.0/8`, `2001:db8::/32`, `192.0.2.7`).
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub cidrs: Vec<Spanned<String>>,
+    /// A file with one address or CIDR per line (`#` comments); relative to the config file.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub file: Option<Spanned<String>>,
+}
+
+/// Client IP resolution behind proxies and load balancers.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClientIpConfig {
+    /// Peers whose forwarding header is believed: CIDRs or names of IP sets.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub trusted_proxies: Vec<Spanned<String>>,
+    /// `x-forwarded-for` (default), `forwarded` (RFC 7239), or a single-address header such as
+    /// `cf-connecting-ip`.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub header: Option<Spanned<String>>,
+}
+
+/// MaxMind database files (GeoLite2/GeoIP2, or built with `palisade geoip build`).
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GeoIpConfig {
+    /// Country or City database; relative to the config file.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub country_db: Option<Spanned<String>>,
+    /// ASN database; relative to the config file.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub asn_db: Option<Spanned<String>>,
+}
+
+/// IP allow/deny by set name: deny wins; a non-empty allow admits only its members.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IpPolicyConfig {
+    /// Only clients in one of these sets are admitted.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub allow: Vec<Spanned<String>>,
+    /// Clients in any of these sets are blocked (403 `ip_denied`).
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub deny: Vec<Spanned<String>>,
+}
+
+/// Country allow- or deny-list.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GeoPolicyConfig {
+    /// Only these countries are admitted.
+    #[serde(default)]
+    #[schemars(with = "Option<Vec<String>>")]
+    pub allow: Option<Vec<Spanned<String>>>,
+    /// These countries are blocked (403 `geo_denied`).
+    #[serde(default)]
+    #[schemars(with = "Option<Vec<String>>")]
+    pub deny: Option<Vec<Spanned<String>>>,
+    /// Clients whose country is unknown: `allow` or `block`; default `block` with `allow`,
+    /// `allow` with `deny`.
+    #[serde(default)]
+    pub unknown: Option<UnknownPolicy>,
+}
+
+/// ASN allow- or deny-list.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AsnPolicyConfig {
+    /// Only these autonomous systems are admitted.
+    #[serde(default)]
+    pub allow: Option<Vec<u32>>,
+    /// These autonomous systems are blocked (403 `geo_denied`).
+    #[serde(default)]
+    pub deny: Option<Vec<u32>>,
+    /// Clients whose ASN is unknown: `allow` or `block`; default `block` with `allow`, `allow`
+    /// with `deny`.
+    #[serde(default)]
+    pub unknown: Option<UnknownPolicy>,
+}
+
+/// What to do when the database does not know the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownPolicy {
+    /// Let it through (default).
+    Allow,
+    /// Block it like a denied one.
+    Block,
 }
 
 /// A route-wide block.

@@ -8,10 +8,16 @@
 pub mod file;
 mod validate;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::identity::client_ip::ClientIpResolver;
+use crate::identity::geo::{CountryCode, GeoDb};
+use crate::identity::ipset::IpSet;
 
 pub use file::{HealthCheckKind, LogFormat, OversizePolicy};
 pub use validate::validate;
@@ -49,6 +55,12 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     /// Routes, in the order written (matching picks the most specific).
     pub routes: Vec<Route>,
+    /// Named IP sets, compiled.
+    pub ip_sets: BTreeMap<String, Arc<IpSet>>,
+    /// Client IP resolution (trusted proxies and header).
+    pub client_ip: ClientIpResolver,
+    /// Geo databases, when configured.
+    pub geo: Option<Arc<GeoDb>>,
 }
 
 /// A client-facing listener.
@@ -185,6 +197,48 @@ pub struct RoutePolicy {
     pub inspect_limit: usize,
     /// Oversize policy.
     pub oversize: OversizePolicy,
+    /// Client IP allow/deny.
+    pub ip: Option<IpPolicy>,
+    /// Country allow/deny.
+    pub geo: Option<GeoPolicy>,
+    /// ASN allow/deny.
+    pub asn: Option<AsnPolicy>,
+}
+
+/// A route's IP policy, with the sets resolved.
+#[derive(Debug, Clone)]
+pub struct IpPolicy {
+    /// Admit only members of these sets (empty = no allow-list).
+    pub allow: Vec<(String, Arc<IpSet>)>,
+    /// Block members of these sets.
+    pub deny: Vec<(String, Arc<IpSet>)>,
+}
+
+/// Whether a list admits only its members or blocks them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListMode<T> {
+    /// Only these are admitted.
+    Allow(Vec<T>),
+    /// These are blocked.
+    Deny(Vec<T>),
+}
+
+/// A route's country policy.
+#[derive(Debug, Clone)]
+pub struct GeoPolicy {
+    /// The list.
+    pub countries: ListMode<CountryCode>,
+    /// Whether an unknown country is blocked.
+    pub block_unknown: bool,
+}
+
+/// A route's ASN policy.
+#[derive(Debug, Clone)]
+pub struct AsnPolicy {
+    /// The list.
+    pub asns: ListMode<u32>,
+    /// Whether an unknown ASN is blocked.
+    pub block_unknown: bool,
 }
 
 /// One problem found in a configuration file.
@@ -286,13 +340,15 @@ pub fn load_file(path: &Path, overrides: &Overrides) -> Result<Config, ConfigErr
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::single(&name, format!("cannot read the config file: {e}")))?;
-    load_str(&name, &text, overrides)
+    let parsed = parse(&name, &text)?;
+    validate(&name, parsed, overrides, &base_dir(Some(path)))
 }
 
-/// Parses and validates configuration text, applying overrides.
+/// Parses and validates configuration text, applying overrides; relative paths in it are
+/// resolved against the current directory.
 pub fn load_str(name: &str, text: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
     let parsed = parse(name, text)?;
-    validate(name, parsed, overrides)
+    validate(name, parsed, overrides, Path::new("."))
 }
 
 /// Loads the embedded default configuration, applying overrides.
@@ -322,6 +378,7 @@ pub fn json_schema() -> String {
 pub fn base_dir(config_path: Option<&Path>) -> PathBuf {
     config_path
         .and_then(Path::parent)
+        .filter(|p| !p.as_os_str().is_empty())
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."))
 }

@@ -1,17 +1,26 @@
 //! Config step 2 (validate): cross-field checks and defaults, turning [`FileConfig`] into
 //! [`Config`]. Every problem is collected with its location so one run reports them all.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use serde_saphyr::Location;
+use serde_saphyr::{Location, Spanned};
 
-use super::file::{BodyConfig, FileConfig, HealthCheckKind, OversizePolicy, UpstreamConfig};
+use super::file::{
+    AsnPolicyConfig, BodyConfig, ClientIpConfig, FileConfig, GeoIpConfig, GeoPolicyConfig,
+    HealthCheckKind, IpPolicyConfig, IpSetConfig, OversizePolicy, UnknownPolicy, UpstreamConfig,
+};
+use super::{AsnPolicy, GeoPolicy, IpPolicy, ListMode};
 use super::{
     Config, ConfigError, ConfigIssue, HealthCheck, HostMatch, Listener, Overrides, PassiveHealth,
     Route, RoutePolicy, Timeouts, Upstream, UpstreamTargets, MAX_INSPECT_LIMIT,
 };
+use crate::identity::client_ip::{ClientIpResolver, ForwardedHeader};
+use crate::identity::geo::{CountryCode, GeoDb};
+use crate::identity::ipset::{parse_cidr, IpSet, IpSetBuilder};
 
 /// Default body inspection limit (64 KiB).
 const DEFAULT_INSPECT_LIMIT: u64 = 64 * 1024;
@@ -42,8 +51,13 @@ pub fn validate(
     source_name: &str,
     file: FileConfig,
     overrides: &Overrides,
+    base_dir: &Path,
 ) -> Result<Config, ConfigError> {
     let mut issues = Issues(Vec::new());
+
+    let ip_sets = ip_sets(&file.ip_sets, base_dir, &mut issues);
+    let client_ip = client_ip(file.client_ip.as_ref(), &ip_sets, &mut issues);
+    let geo = geo_db(file.geoip.as_ref(), base_dir, &mut issues);
 
     let listeners: Vec<Listener> = if overrides.listen.is_empty() {
         file.listeners
@@ -201,6 +215,17 @@ pub fn validate(
             Some(default_body),
             &mut issues,
         );
+        let ip =
+            p.ip.as_ref()
+                .map(|c| ip_policy(&name, c, &ip_sets, &mut issues));
+        let geo_policy = p
+            .geo
+            .as_ref()
+            .and_then(|c| geo_policy(&name, &r.name.referenced, c, geo.as_deref(), &mut issues));
+        let asn = p
+            .asn
+            .as_ref()
+            .and_then(|c| asn_policy(&name, &r.name.referenced, c, geo.as_deref(), &mut issues));
         routes.push(Route {
             name,
             host,
@@ -219,6 +244,9 @@ pub fn validate(
                 }),
                 inspect_limit,
                 oversize,
+                ip,
+                geo: geo_policy,
+                asn,
             },
         });
     }
@@ -257,7 +285,264 @@ pub fn validate(
         timeouts,
         upstreams,
         routes,
+        ip_sets,
+        client_ip,
+        geo,
     })
+}
+
+fn resolve_path(base_dir: &Path, p: &str) -> PathBuf {
+    let path = Path::new(p);
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base_dir.join(path)
+    }
+}
+
+fn ip_sets(
+    sets: &BTreeMap<String, IpSetConfig>,
+    base_dir: &Path,
+    issues: &mut Issues,
+) -> BTreeMap<String, Arc<IpSet>> {
+    let mut out = BTreeMap::new();
+    for (name, cfg) in sets {
+        let mut b = IpSetBuilder::new();
+        for c in &cfg.cidrs {
+            match parse_cidr(&c.value) {
+                Some(n) => b.add(n),
+                None => issues.at(
+                    &c.referenced,
+                    format!(
+                        "ip set {name:?}: invalid IP or CIDR {:?}; write it like `10.0.0.0/8`, `2001:db8::/32` or `192.0.2.7`",
+                        c.value
+                    ),
+                ),
+            }
+        }
+        if let Some(f) = &cfg.file {
+            let path = resolve_path(base_dir, &f.value);
+            if let Err(e) = b.add_file(&path) {
+                issues.at(&f.referenced, format!("ip set {name:?}: {e}"));
+            }
+        }
+        if cfg.cidrs.is_empty() && cfg.file.is_none() {
+            issues.global(format!(
+                "ip set {name:?} is empty: give `cidrs` and/or `file`"
+            ));
+        }
+        out.insert(name.clone(), Arc::new(b.build()));
+    }
+    out
+}
+
+fn set_ref(
+    what: &str,
+    r: &Spanned<String>,
+    sets: &BTreeMap<String, Arc<IpSet>>,
+    issues: &mut Issues,
+) -> Option<(String, Arc<IpSet>)> {
+    match sets.get(&r.value) {
+        Some(s) => Some((r.value.clone(), Arc::clone(s))),
+        None => {
+            let known: Vec<&str> = sets.keys().map(String::as_str).collect();
+            issues.at(
+                &r.referenced,
+                format!(
+                    "{what}: unknown ip set {:?}; defined ip_sets: [{}]",
+                    r.value,
+                    known.join(", ")
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn client_ip(
+    cfg: Option<&ClientIpConfig>,
+    sets: &BTreeMap<String, Arc<IpSet>>,
+    issues: &mut Issues,
+) -> ClientIpResolver {
+    let Some(cfg) = cfg else {
+        return ClientIpResolver::default();
+    };
+    let mut trusted = IpSetBuilder::new();
+    for t in &cfg.trusted_proxies {
+        if let Some(n) = parse_cidr(&t.value) {
+            trusted.add(n);
+        } else if let Some((_, set)) = set_ref("client_ip.trusted_proxies", t, sets, issues) {
+            trusted.add_set(&set);
+        }
+    }
+    let header = match cfg.header.as_ref() {
+        None => ForwardedHeader::XForwardedFor,
+        Some(h) => match h.value.to_ascii_lowercase().as_str() {
+            "x-forwarded-for" => ForwardedHeader::XForwardedFor,
+            "forwarded" => ForwardedHeader::Forwarded,
+            other => match http::header::HeaderName::from_bytes(other.as_bytes()) {
+                Ok(name) => ForwardedHeader::Single(name),
+                Err(_) => {
+                    issues.at(
+                        &h.referenced,
+                        format!("client_ip.header {:?} is not a valid header name", h.value),
+                    );
+                    ForwardedHeader::XForwardedFor
+                }
+            },
+        },
+    };
+    if cfg.trusted_proxies.is_empty() {
+        issues.global(
+            "client_ip has no trusted_proxies: the forwarding header would never be believed; \
+             list your load balancers' CIDRs, or remove the client_ip section"
+                .into(),
+        );
+    }
+    ClientIpResolver::new(Arc::new(trusted.build()), header)
+}
+
+fn geo_db(cfg: Option<&GeoIpConfig>, base_dir: &Path, issues: &mut Issues) -> Option<Arc<GeoDb>> {
+    let cfg = cfg?;
+    let country = cfg
+        .country_db
+        .as_ref()
+        .map(|p| (resolve_path(base_dir, &p.value), &p.referenced));
+    let asn = cfg
+        .asn_db
+        .as_ref()
+        .map(|p| (resolve_path(base_dir, &p.value), &p.referenced));
+    // Open each separately so each error points at its own line.
+    let mut ok = true;
+    for (path, loc) in country.iter().chain(asn.iter()) {
+        if let Err(e) = GeoDb::open(Some(path), None) {
+            issues.at(loc, e.to_string());
+            ok = false;
+        }
+    }
+    if !ok {
+        return None;
+    }
+    match GeoDb::open(
+        country.as_ref().map(|c| c.0.as_path()),
+        asn.as_ref().map(|a| a.0.as_path()),
+    ) {
+        Ok(db) => Some(Arc::new(db)),
+        Err(e) => {
+            issues.global(e.to_string());
+            None
+        }
+    }
+}
+
+fn ip_policy(
+    route: &str,
+    cfg: &IpPolicyConfig,
+    sets: &BTreeMap<String, Arc<IpSet>>,
+    issues: &mut Issues,
+) -> IpPolicy {
+    let what = format!("route {route:?}: policy.ip");
+    IpPolicy {
+        allow: cfg
+            .allow
+            .iter()
+            .filter_map(|r| set_ref(&what, r, sets, issues))
+            .collect(),
+        deny: cfg
+            .deny
+            .iter()
+            .filter_map(|r| set_ref(&what, r, sets, issues))
+            .collect(),
+    }
+}
+
+fn countries(route: &str, list: &[Spanned<String>], issues: &mut Issues) -> Vec<CountryCode> {
+    list.iter()
+        .filter_map(|c| {
+            let cc = CountryCode::parse(&c.value);
+            if cc.is_none() {
+                issues.at(
+                    &c.referenced,
+                    format!(
+                        "route {route:?}: policy.geo: {:?} is not an ISO 3166-1 alpha-2 country code (e.g. US, DE)",
+                        c.value
+                    ),
+                );
+            }
+            cc
+        })
+        .collect()
+}
+
+fn geo_policy(
+    route: &str,
+    at: &Location,
+    cfg: &GeoPolicyConfig,
+    db: Option<&GeoDb>,
+    issues: &mut Issues,
+) -> Option<GeoPolicy> {
+    if !db.is_some_and(GeoDb::has_country) {
+        issues.at(
+            at,
+            format!("route {route:?}: policy.geo needs a country database: set `geoip.country_db`"),
+        );
+    }
+    let countries = match (&cfg.allow, &cfg.deny) {
+        (Some(a), None) => ListMode::Allow(countries(route, a, issues)),
+        (None, Some(d)) => ListMode::Deny(countries(route, d, issues)),
+        _ => {
+            issues.at(
+                at,
+                format!("route {route:?}: policy.geo takes exactly one of `allow` or `deny`"),
+            );
+            return None;
+        }
+    };
+    let block_unknown = unknown_blocks(cfg.unknown, &countries);
+    Some(GeoPolicy {
+        countries,
+        block_unknown,
+    })
+}
+
+fn asn_policy(
+    route: &str,
+    at: &Location,
+    cfg: &AsnPolicyConfig,
+    db: Option<&GeoDb>,
+    issues: &mut Issues,
+) -> Option<AsnPolicy> {
+    if !db.is_some_and(GeoDb::has_asn) {
+        issues.at(
+            at,
+            format!("route {route:?}: policy.asn needs an ASN database: set `geoip.asn_db`"),
+        );
+    }
+    let asns = match (&cfg.allow, &cfg.deny) {
+        (Some(a), None) => ListMode::Allow(a.clone()),
+        (None, Some(d)) => ListMode::Deny(d.clone()),
+        _ => {
+            issues.at(
+                at,
+                format!("route {route:?}: policy.asn takes exactly one of `allow` or `deny`"),
+            );
+            return None;
+        }
+    };
+    let block_unknown = unknown_blocks(cfg.unknown, &asns);
+    Some(AsnPolicy {
+        asns,
+        block_unknown,
+    })
+}
+
+/// An allow-list admits only what is on it, so by default it turns away clients the database
+/// does not know; a deny-list lets them through. `unknown:` overrides either default.
+fn unknown_blocks<T>(unknown: Option<UnknownPolicy>, list: &ListMode<T>) -> bool {
+    match unknown {
+        Some(u) => u == UnknownPolicy::Block,
+        None => matches!(list, ListMode::Allow(_)),
+    }
 }
 
 fn body_settings(

@@ -11,7 +11,7 @@
 //! and when it is queried, so they match their IPv4 entries.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr};
 use std::path::Path;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -110,6 +110,12 @@ impl IpSetBuilder {
                 }
             }
         }
+    }
+
+    /// Adds every range of an existing set (set union).
+    pub fn add_set(&mut self, set: &IpSet) {
+        self.v4.extend_from_slice(&set.v4);
+        self.v6.extend_from_slice(&set.v6);
     }
 
     fn add_v4(&mut self, n: Ipv4Net) {
@@ -260,9 +266,6 @@ fn contains<T: Ord + Copy>(ranges: &[(T, T)], x: T) -> bool {
     let i = ranges.partition_point(|r| r.0 <= x);
     i > 0 && ranges[i - 1].1 >= x
 }
-
-/// The loopback address of either family (a convenience for tests and defaults).
-pub const LOOPBACK_V4: Ipv4Addr = Ipv4Addr::LOCALHOST;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "tests")]

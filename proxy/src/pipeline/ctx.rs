@@ -10,6 +10,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::StageKind;
+use crate::identity::geo::ClientGeo;
 use crate::snapshot::Snapshot;
 
 /// How much of the request body was pre-read for inspection.
@@ -27,11 +28,19 @@ pub enum BodyState {
 }
 
 /// A request id: a per-process random prefix and a counter, unique without coordination and
-/// cheap to make (no syscall per request, unlike a v4 UUID from the OS RNG).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct RequestId {
-    prefix: u64,
-    counter: u64,
+/// cheap to make (no syscall per request, unlike a v4 UUID from the OS RNG); or the id a
+/// trusted proxy in front already gave the request, so one id follows it end to end.
+#[derive(Clone, PartialEq, Eq)]
+pub enum RequestId {
+    /// Made by this process.
+    Generated {
+        /// Per-process random prefix.
+        prefix: u64,
+        /// Per-process counter.
+        counter: u64,
+    },
+    /// Received from a trusted proxy (validated: 1–128 chars of `[A-Za-z0-9._-]`).
+    External(Box<str>),
 }
 
 static ID_PREFIX: OnceLock<u64> = OnceLock::new();
@@ -45,16 +54,37 @@ impl RequestId {
             let (hi, _) = u.as_u64_pair();
             hi
         });
-        RequestId {
+        RequestId::Generated {
             prefix,
             counter: ID_COUNTER.fetch_add(1, Ordering::Relaxed),
         }
+    }
+
+    /// Accepts an incoming id if it is short and plain (it ends up in logs and headers).
+    pub fn external(value: &[u8]) -> Option<RequestId> {
+        let ok = !value.is_empty()
+            && value.len() <= 128
+            && value
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        // All bytes are ASCII, so this cannot fail.
+        ok.then(|| {
+            std::str::from_utf8(value)
+                .ok()
+                .map(|s| RequestId::External(s.into()))
+        })
+        .flatten()
     }
 }
 
 impl fmt::Display for RequestId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}{:08x}", self.prefix, self.counter & 0xffff_ffff)
+        match self {
+            RequestId::Generated { prefix, counter } => {
+                write!(f, "{:016x}{:08x}", prefix, counter & 0xffff_ffff)
+            }
+            RequestId::External(s) => f.write_str(s),
+        }
     }
 }
 
@@ -98,8 +128,14 @@ pub struct RequestCtx {
     pub request_id: RequestId,
     /// Index of the matched route in the snapshot.
     pub route: Option<usize>,
-    /// The client address.
+    /// The client address (behind trusted proxies, the one they vouch for).
     pub client_ip: Option<IpAddr>,
+    /// The TCP peer address.
+    pub peer_ip: Option<IpAddr>,
+    /// Whether the peer is a trusted proxy.
+    pub peer_trusted: bool,
+    /// Country/ASN of the client (resolved only for routes that need it).
+    pub geo: ClientGeo,
     /// Body pre-read state.
     pub body_state: BodyState,
     /// The pre-read body (shares the bytes pingora replays upstream).
@@ -123,6 +159,9 @@ impl RequestCtx {
             request_id: RequestId::next(),
             route: None,
             client_ip: None,
+            peer_ip: None,
+            peer_trusted: false,
+            geo: ClientGeo::default(),
             body_state: BodyState::NotRead,
             body: None,
             counted: Vec::new(),

@@ -16,14 +16,19 @@
 
 mod access;
 pub mod ctx;
+mod geo;
+mod ip;
 
 use std::borrow::Cow;
 use std::net::IpAddr;
 
 pub use access::AccessStage;
 pub use ctx::{BodyState, RequestCtx, RequestId};
+pub use geo::GeoStage;
+pub use ip::IpStage;
 
 use crate::config::RoutePolicy;
+use crate::identity::geo::ClientGeo;
 
 /// Position of a stage in the pipeline; stages always run in this order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -85,8 +90,10 @@ pub enum Decision {
 pub struct RequestView<'a> {
     /// Method, URI, headers.
     pub head: &'a http::request::Parts,
-    /// The client address (the TCP peer until trusted-proxy handling refines it).
+    /// The client address (behind trusted proxies, the one they vouch for).
     pub client_ip: Option<IpAddr>,
+    /// Country and ASN of the client, when the route needs them and databases are loaded.
+    pub geo: ClientGeo,
     /// The buffered body, when a body stage asked for it.
     pub body: Option<&'a [u8]>,
     /// Whether `body` is the whole body (false when it was cut at the inspection limit).
@@ -128,6 +135,12 @@ impl Pipeline {
         let mut stages: Vec<Box<dyn Stage>> = Vec::new();
         if let Some(access) = AccessStage::new(policy) {
             stages.push(Box::new(access));
+        }
+        if let Some(ip) = &policy.ip {
+            stages.push(Box::new(IpStage::new(ip.clone())));
+        }
+        if let Some(geo) = GeoStage::new(policy.geo.clone(), policy.asn.clone()) {
+            stages.push(Box::new(geo));
         }
         Pipeline::from_stages(stages)
     }
@@ -218,6 +231,7 @@ mod tests {
         RequestView {
             head: parts,
             client_ip: None,
+            geo: ClientGeo::default(),
             body: None,
             body_complete: true,
         }

@@ -28,7 +28,7 @@ use pingora::{Error, ErrorSource, ErrorType};
 use crate::config::OversizePolicy;
 use crate::metrics::Metrics;
 use crate::pipeline::ctx::Outcome;
-use crate::pipeline::{Block, BodyState, RequestCtx, RequestView, StageKind, Verdict};
+use crate::pipeline::{Block, BodyState, RequestCtx, RequestId, RequestView, StageKind, Verdict};
 use crate::snapshot::{CompiledRoute, Snapshot};
 
 /// The Palisade proxy service.
@@ -211,12 +211,26 @@ impl ProxyHttp for PalisadeProxy {
         session.set_read_timeout(Some(t.client_read));
         session.set_write_timeout(Some(t.client_write));
         session.set_keepalive(Some(t.client_keepalive.as_secs()));
-        ctx.client_ip = session
+        let req = session.req_header();
+        ctx.peer_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip().to_canonical());
+        if let Some(peer) = ctx.peer_ip {
+            let resolver = &snapshot.config.client_ip;
+            ctx.peer_trusted = resolver.is_trusted(peer);
+            ctx.client_ip = Some(resolver.resolve(peer, &req.headers));
+            if ctx.peer_trusted {
+                if let Some(id) = req
+                    .headers
+                    .get("x-request-id")
+                    .and_then(|v| RequestId::external(v.as_bytes()))
+                {
+                    ctx.request_id = id;
+                }
+            }
+        }
 
-        let req = session.req_header();
         let Some(ri) = snapshot.route_for(request_host(req), req.uri.path()) else {
             ctx.outcome = Outcome::NoRoute;
             let id = ctx.request_id.to_string();
@@ -225,11 +239,22 @@ impl ProxyHttp for PalisadeProxy {
         };
         ctx.route = Some(ri);
         let route = &snapshot.routes[ri];
+        if route.needs_geo {
+            if let (Some(db), Some(ip)) = (&snapshot.config.geo, ctx.client_ip) {
+                ctx.geo = db.lookup(ip);
+                let label = ctx.geo.country.as_ref().map_or("unknown", |c| c.as_str());
+                self.metrics
+                    .client_country
+                    .with_label_values(&[label])
+                    .inc();
+            }
+        }
 
         let verdict = {
             let view = RequestView {
                 head: session.req_header(),
                 client_ip: ctx.client_ip,
+                geo: ctx.geo,
                 body: None,
                 body_complete: false,
             };
@@ -256,6 +281,7 @@ impl ProxyHttp for PalisadeProxy {
                 let view = RequestView {
                     head: session.req_header(),
                     client_ip: ctx.client_ip,
+                    geo: ctx.geo,
                     body: ctx.body.as_deref(),
                     body_complete: ctx.body_state == BodyState::Complete,
                 };
@@ -309,16 +335,30 @@ impl ProxyHttp for PalisadeProxy {
             }
         }
         upstream_request.insert_header("x-request-id", ctx.request_id.to_string())?;
-        if let Some(ip) = ctx.client_ip {
-            let xff = match upstream_request
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
-                _ => ip.to_string(),
+        if let Some(peer) = ctx.peer_ip {
+            // A trusted proxy's chain is kept and extended; an untrusted peer's is dropped, so
+            // the upstream never sees a spoofed chain. Several XFF headers become one list.
+            let prev = if ctx.peer_trusted {
+                let parts: Vec<&str> = upstream_request
+                    .headers
+                    .get_all("x-forwarded-for")
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .filter(|v| !v.trim().is_empty())
+                    .collect();
+                parts.join(", ")
+            } else {
+                String::new()
+            };
+            let xff = if prev.is_empty() {
+                peer.to_string()
+            } else {
+                format!("{prev}, {peer}")
             };
             upstream_request.insert_header("x-forwarded-for", xff)?;
+        }
+        if let Some(client) = ctx.client_ip {
+            upstream_request.insert_header("x-real-ip", client.to_string())?;
         }
         Ok(())
     }
@@ -478,6 +518,8 @@ impl ProxyHttp for PalisadeProxy {
                     reason = %reason,
                     status = *status,
                     client = ?ctx.client_ip,
+                    country = ?ctx.geo.country,
+                    asn = ?ctx.geo.asn,
                     method = %req.method,
                     path = %req.uri.path(),
                     "request blocked"
