@@ -57,9 +57,15 @@ fn bench(c: &mut Criterion) {
     let (v4, v6) = set.range_counts();
     eprintln!("1M lines -> {v4} IPv4 ranges, {v6} IPv6 ranges after merging");
     let mut rng = Rng(42);
-    let probes_v4: Vec<IpAddr> = (0..4096).map(|_| IpAddr::V4(Ipv4Addr::from(rng.next() as u32))).collect();
+    let probes_v4: Vec<IpAddr> = (0..4096)
+        .map(|_| IpAddr::V4(Ipv4Addr::from(rng.next() as u32)))
+        .collect();
     let probes_v6: Vec<IpAddr> = (0..4096)
-        .map(|_| IpAddr::V6(Ipv6Addr::from(((rng.next() as u128) << 64) | rng.next() as u128)))
+        .map(|_| {
+            IpAddr::V6(Ipv6Addr::from(
+                ((rng.next() as u128) << 64) | rng.next() as u128,
+            ))
+        })
         .collect();
     let hits = probes_v4.iter().filter(|ip| set.contains(**ip)).count();
     eprintln!("random IPv4 probes hitting the set: {hits}/4096");
@@ -78,5 +84,29 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench);
+fn bench_geo(c: &mut Criterion) {
+    use palisade::identity::geo::GeoDb;
+    use palisade::identity::geo_build::{build, GeoDbKind};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = tempfile::tempdir().unwrap();
+    let (c_db, a_db) = (dir.path().join("c.mmdb"), dir.path().join("a.mmdb"));
+    build(
+        GeoDbKind::Country,
+        &root.join("geoip/test-country.csv"),
+        &c_db,
+    )
+    .unwrap();
+    build(GeoDbKind::Asn, &root.join("geoip/test-asn.csv"), &a_db).unwrap();
+    let db = GeoDb::open(Some(&c_db), Some(&a_db)).unwrap();
+    let hit: IpAddr = "192.0.2.10".parse().unwrap();
+    let miss: IpAddr = "10.1.2.3".parse().unwrap();
+    c.bench_function("geo_lookup_country_asn_hit", |b| {
+        b.iter(|| black_box(db.lookup(black_box(hit))))
+    });
+    c.bench_function("geo_lookup_country_asn_miss", |b| {
+        b.iter(|| black_box(db.lookup(black_box(miss))))
+    });
+}
+
+criterion_group!(benches, bench, bench_geo);
 criterion_main!(benches);
