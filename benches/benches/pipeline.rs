@@ -28,8 +28,8 @@ fn config_yaml(routes: usize) -> String {
 
 fn bench(c: &mut Criterion) {
     let config = Arc::new(load_str("bench.yaml", &config_yaml(50), &Overrides::default()).unwrap());
-    let metrics = Metrics::new().unwrap();
-    let snapshot = Snapshot::build(config, Vec::new(), &metrics);
+    let metrics = std::sync::Arc::new(Metrics::new().unwrap());
+    let snapshot = Snapshot::build(config, Vec::new(), &[], &metrics);
     let req = http::Request::get("http://h2.example.com/api/v1/svc37/items?limit=10")
         .body(())
         .unwrap();

@@ -11,5 +11,6 @@ pub mod config;
 pub mod identity;
 pub mod metrics;
 pub mod pipeline;
+pub mod ratelimit;
 pub mod server;
 pub mod snapshot;

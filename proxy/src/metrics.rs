@@ -26,6 +26,18 @@ pub const RESPONSES_TOTAL: &str = "palisade_responses_total";
 /// resolve it (`unknown` when the database has no answer). At most 26×26+1 values.
 pub const CLIENT_COUNTRY_TOTAL: &str = "palisade_client_country_total";
 
+/// `palisade_ratelimit_limited_total{rule, action}`: requests over a rate limit (blocked, or
+/// counted in dry-run mode).
+pub const RATELIMIT_LIMITED_TOTAL: &str = "palisade_ratelimit_limited_total";
+/// `palisade_ratelimit_keys{rule}`: keys tracked by a local limiter (after the last sweep).
+pub const RATELIMIT_KEYS: &str = "palisade_ratelimit_keys";
+/// `palisade_ratelimit_fallback_total{rule, mode}`: checks decided by the Redis failure policy.
+pub const RATELIMIT_FALLBACK_TOTAL: &str = "palisade_ratelimit_fallback_total";
+/// `palisade_redis_duration_seconds`: Redis rate-limit check latency.
+pub const REDIS_DURATION: &str = "palisade_redis_duration_seconds";
+/// `palisade_redis_errors_total{kind}`: Redis failures (`timeout`, `error`).
+pub const REDIS_ERRORS_TOTAL: &str = "palisade_redis_errors_total";
+
 /// Decision label values.
 pub mod decision {
     /// Forwarded to the upstream.
@@ -57,6 +69,16 @@ pub struct Metrics {
     responses: IntCounterVec,
     /// Requests by client country.
     pub client_country: IntCounterVec,
+    /// Requests over a rate limit.
+    pub ratelimit_limited: IntCounterVec,
+    /// Keys per local limiter.
+    pub ratelimit_keys: IntGaugeVec,
+    /// Redis fallbacks.
+    pub ratelimit_fallback: IntCounterVec,
+    /// Redis latency.
+    pub redis_duration: Histogram,
+    /// Redis failures.
+    pub redis_errors: IntCounterVec,
 }
 
 /// Handles for one route, resolved once at load time so the request path does no label
@@ -140,6 +162,42 @@ impl Metrics {
             &["country"],
         )?;
         registry.register(Box::new(client_country.clone()))?;
+        let ratelimit_limited = IntCounterVec::new(
+            Opts::new(
+                RATELIMIT_LIMITED_TOTAL,
+                "Requests over a rate limit, by rule and action.",
+            ),
+            &["rule", "action"],
+        )?;
+        let ratelimit_keys = IntGaugeVec::new(
+            Opts::new(RATELIMIT_KEYS, "Keys tracked by a local rate limiter."),
+            &["rule"],
+        )?;
+        let ratelimit_fallback = IntCounterVec::new(
+            Opts::new(
+                RATELIMIT_FALLBACK_TOTAL,
+                "Rate-limit checks decided by the Redis failure policy.",
+            ),
+            &["rule", "mode"],
+        )?;
+        let redis_duration = Histogram::with_opts(
+            HistogramOpts::new(REDIS_DURATION, "Redis rate-limit check latency in seconds.")
+                .buckets(vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                ]),
+        )?;
+        let redis_errors = IntCounterVec::new(
+            Opts::new(
+                REDIS_ERRORS_TOTAL,
+                "Redis rate-limit check failures by kind.",
+            ),
+            &["kind"],
+        )?;
+        registry.register(Box::new(ratelimit_limited.clone()))?;
+        registry.register(Box::new(ratelimit_keys.clone()))?;
+        registry.register(Box::new(ratelimit_fallback.clone()))?;
+        registry.register(Box::new(redis_duration.clone()))?;
+        registry.register(Box::new(redis_errors.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(blocked.clone()))?;
         registry.register(Box::new(counted.clone()))?;
@@ -157,6 +215,11 @@ impl Metrics {
             upstream_servers,
             responses,
             client_country,
+            ratelimit_limited,
+            ratelimit_keys,
+            ratelimit_fallback,
+            redis_duration,
+            redis_errors,
         })
     }
 

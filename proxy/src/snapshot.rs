@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::config::{Config, HostMatch, OversizePolicy};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::pipeline::Pipeline;
+use crate::ratelimit::{CompiledRateLimit, RateLimitStage};
 use crate::server::upstreams::UpstreamGroup;
 
 /// A route compiled for the request path.
@@ -28,6 +29,8 @@ pub struct CompiledRoute {
     pub metrics: RouteMetrics,
     /// Whether the client's country/ASN must be looked up for this route.
     pub needs_geo: bool,
+    /// The rate-limit rules that apply to this route (the asynchronous stage).
+    pub rate_limit: Option<RateLimitStage>,
 }
 
 impl CompiledRoute {
@@ -72,21 +75,28 @@ impl Snapshot {
     pub fn build(
         config: Arc<Config>,
         upstreams: Vec<Arc<UpstreamGroup>>,
-        metrics: &Metrics,
+        rate_limits: &[Arc<CompiledRateLimit>],
+        metrics: &Arc<Metrics>,
     ) -> Snapshot {
         let routes: Vec<CompiledRoute> = config
             .routes
             .iter()
-            .map(|r| CompiledRoute {
-                name: r.name.clone(),
-                host: r.host.clone(),
-                prefix: r.path_prefix.clone(),
-                upstream: r.upstream,
-                pipeline: Pipeline::for_route(&r.policy),
-                inspect_limit: r.policy.inspect_limit,
-                oversize: r.policy.oversize,
-                metrics: metrics.route(&r.name),
-                needs_geo: r.policy.geo.is_some() || r.policy.asn.is_some(),
+            .map(|r| {
+                let rate_limit = RateLimitStage::for_route(&r.name, rate_limits, metrics);
+                CompiledRoute {
+                    name: r.name.clone(),
+                    host: r.host.clone(),
+                    prefix: r.path_prefix.clone(),
+                    upstream: r.upstream,
+                    pipeline: Pipeline::for_route(&r.policy),
+                    inspect_limit: r.policy.inspect_limit,
+                    oversize: r.policy.oversize,
+                    metrics: metrics.route(&r.name),
+                    needs_geo: r.policy.geo.is_some()
+                        || r.policy.asn.is_some()
+                        || rate_limit.as_ref().is_some_and(RateLimitStage::needs_geo),
+                    rate_limit,
+                }
             })
             .collect();
         let mut order: Vec<usize> = (0..routes.len()).collect();

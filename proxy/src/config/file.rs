@@ -52,6 +52,12 @@ pub struct FileConfig {
     /// MaxMind databases for country and ASN.
     #[serde(default)]
     pub geoip: Option<GeoIpConfig>,
+    /// Rate-limit rules, evaluated in order after the ip and geo stages.
+    #[serde(default)]
+    pub rate_limits: Vec<RateLimitConfig>,
+    /// Redis for fleet-wide rate limits (`store: redis`).
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
     /// Routes, matched by host and longest path prefix.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
@@ -505,4 +511,125 @@ impl JsonSchema for StatusCode {
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
         json_schema!({"type": "integer", "minimum": 100, "maximum": 599})
     }
+}
+
+/// One rate-limit rule.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Unique name (metrics, logs, `RateLimit-Policy`).
+    #[schemars(with = "String")]
+    pub name: Spanned<String>,
+    /// Key parts: `ip`, `ip/24`, `ip/24/48` (IPv4/IPv6 prefixes), `header:NAME`,
+    /// `cookie:NAME`, `query:NAME`, `route`, `method`, `country`, `asn`. Empty: one aggregate
+    /// bucket. A request missing a header/cookie/query part is not counted by the rule.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub key: Vec<Spanned<String>>,
+    /// `N/s`, `N/min`, `N/5m`, `N/h`: requests per window.
+    #[schemars(with = "String")]
+    pub rate: Spanned<String>,
+    /// Requests allowed at once before the rate applies (default: N of the rate).
+    #[serde(default)]
+    pub burst: Option<u32>,
+    /// Which requests the rule applies to (default: all).
+    #[serde(default)]
+    pub scope: Option<RateLimitScopeConfig>,
+    /// `block` (429, default) or `count` (dry run: metrics and logs only).
+    #[serde(default)]
+    pub action: Option<RuleActionConfig>,
+    /// `local` (this process, default) or `redis` (shared by every proxy using the Redis).
+    #[serde(default)]
+    pub store: Option<RateLimitStoreConfig>,
+    /// `on_limit` (default): `RateLimit` headers on 429 only; `always`: on every response.
+    #[serde(default)]
+    pub headers: Option<RateLimitHeadersConfig>,
+    /// Most keys tracked in memory (local store and Redis fallback); default 100000. Past it,
+    /// new keys share 1024 overflow buckets until old keys expire.
+    #[serde(default)]
+    pub max_keys: Option<usize>,
+}
+
+/// Rate-limit scope.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitScopeConfig {
+    /// Route names.
+    #[serde(default)]
+    #[schemars(with = "Option<Vec<String>>")]
+    pub routes: Option<Vec<Spanned<String>>>,
+    /// Methods.
+    #[serde(default)]
+    pub methods: Option<Vec<Method>>,
+    /// A regex the request path must match (Rust `regex` syntax).
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub path: Option<Spanned<String>>,
+}
+
+/// What a matching rule does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleActionConfig {
+    /// Answer 429.
+    Block,
+    /// Only count (dry run).
+    Count,
+}
+
+/// Where rate-limit state lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RateLimitStoreConfig {
+    /// In this process.
+    Local,
+    /// In Redis, shared by the fleet.
+    Redis,
+}
+
+/// When rate-limit headers are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RateLimitHeadersConfig {
+    /// Only on 429 answers.
+    OnLimit,
+    /// On every response of the rule's scope.
+    Always,
+}
+
+/// Redis connection for fleet-wide limits.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port/db` of a standalone Redis.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub url: Option<Spanned<String>>,
+    /// Seed nodes of a Redis Cluster (instead of `url`).
+    #[serde(default)]
+    #[schemars(with = "Option<Vec<String>>")]
+    pub cluster: Option<Vec<Spanned<String>>>,
+    /// Longest wait for one check (default 50ms); past it the `on_error` policy applies.
+    #[serde(default)]
+    pub timeout: Option<HumanDuration>,
+    /// When Redis fails or is slow: `local` (default: enforce the rule per proxy), `allow`
+    /// (fail open) or `block` (fail closed, 503).
+    #[serde(default)]
+    pub on_error: Option<RedisOnErrorConfig>,
+    /// After a failure, how long Redis is not asked again (default 1s): the fallback applies
+    /// at once instead of every request waiting for the timeout.
+    #[serde(default)]
+    pub retry_after: Option<HumanDuration>,
+}
+
+/// Policy when Redis cannot answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisOnErrorConfig {
+    /// Enforce the rule with a local limiter in each proxy.
+    Local,
+    /// Let requests through (fail open).
+    Allow,
+    /// Reject with 503 (fail closed).
+    Block,
 }

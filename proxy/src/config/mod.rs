@@ -18,6 +18,7 @@ use std::time::Duration;
 use crate::identity::client_ip::ClientIpResolver;
 use crate::identity::geo::{CountryCode, GeoDb};
 use crate::identity::ipset::IpSet;
+use crate::ratelimit::rule::{RateLimitRule, RedisSettings};
 
 pub use file::{HealthCheckKind, LogFormat, OversizePolicy};
 pub use validate::validate;
@@ -61,6 +62,10 @@ pub struct Config {
     pub client_ip: ClientIpResolver,
     /// Geo databases, when configured.
     pub geo: Option<Arc<GeoDb>>,
+    /// Rate-limit rules, in order.
+    pub rate_limits: Vec<RateLimitRule>,
+    /// Redis settings for `store: redis` rules.
+    pub redis: Option<RedisSettings>,
 }
 
 /// A client-facing listener.

@@ -13,6 +13,10 @@ use super::file::{
     AsnPolicyConfig, BodyConfig, ClientIpConfig, FileConfig, GeoIpConfig, GeoPolicyConfig,
     HealthCheckKind, IpPolicyConfig, IpSetConfig, OversizePolicy, UnknownPolicy, UpstreamConfig,
 };
+use super::file::{
+    RateLimitConfig, RateLimitHeadersConfig, RateLimitStoreConfig, RedisConfig, RedisOnErrorConfig,
+    RuleActionConfig,
+};
 use super::{AsnPolicy, GeoPolicy, IpPolicy, ListMode};
 use super::{
     Config, ConfigError, ConfigIssue, HealthCheck, HostMatch, Listener, Overrides, PassiveHealth,
@@ -21,6 +25,11 @@ use super::{
 use crate::identity::client_ip::{ClientIpResolver, ForwardedHeader};
 use crate::identity::geo::{CountryCode, GeoDb};
 use crate::identity::ipset::{parse_cidr, IpSet, IpSetBuilder};
+use crate::ratelimit::key::KeyPart;
+use crate::ratelimit::rule::{
+    Rate, RateLimitAction, RateLimitRule, RateLimitScope, RateLimitStore, RedisOnError,
+    RedisSettings, RedisTarget,
+};
 
 /// Default body inspection limit (64 KiB).
 const DEFAULT_INSPECT_LIMIT: u64 = 64 * 1024;
@@ -58,6 +67,10 @@ pub fn validate(
     let ip_sets = ip_sets(&file.ip_sets, base_dir, &mut issues);
     let client_ip = client_ip(file.client_ip.as_ref(), &ip_sets, &mut issues);
     let geo = geo_db(file.geoip.as_ref(), base_dir, &mut issues);
+    let redis = file
+        .redis
+        .as_ref()
+        .and_then(|r| redis_settings(r, &mut issues));
 
     let listeners: Vec<Listener> = if overrides.listen.is_empty() {
         file.listeners
@@ -250,6 +263,13 @@ pub fn validate(
             },
         });
     }
+    let rate_limits = rate_limits(
+        &file.rate_limits,
+        &routes,
+        redis.is_some(),
+        geo.as_deref(),
+        &mut issues,
+    );
     if routes.is_empty() {
         issues.global(
             "no route: add `routes: [{name: default, upstream: <name>}]` so requests go somewhere"
@@ -288,7 +308,180 @@ pub fn validate(
         ip_sets,
         client_ip,
         geo,
+        rate_limits,
+        redis,
     })
+}
+
+fn redis_settings(cfg: &RedisConfig, issues: &mut Issues) -> Option<RedisSettings> {
+    let check_url = |u: &Spanned<String>, issues: &mut Issues| {
+        if let Err(e) = redis::Client::open(u.value.as_str()) {
+            issues.at(
+                &u.referenced,
+                format!(
+                    "redis: invalid URL {:?}: {e}; write it like `redis://127.0.0.1:6379/0`",
+                    u.value
+                ),
+            );
+        }
+    };
+    let target = match (&cfg.url, &cfg.cluster) {
+        (Some(u), None) => {
+            check_url(u, issues);
+            RedisTarget::Single(u.value.clone())
+        }
+        (None, Some(nodes)) if !nodes.is_empty() => {
+            for n in nodes {
+                check_url(n, issues);
+            }
+            RedisTarget::Cluster(nodes.iter().map(|n| n.value.clone()).collect())
+        }
+        _ => {
+            issues.global(
+                "redis: give exactly one of `url` (standalone) or `cluster` (seed nodes)".into(),
+            );
+            return None;
+        }
+    };
+    Some(RedisSettings {
+        target,
+        timeout: cfg
+            .timeout
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_millis(50)),
+        on_error: match cfg.on_error {
+            None | Some(RedisOnErrorConfig::Local) => RedisOnError::Local,
+            Some(RedisOnErrorConfig::Allow) => RedisOnError::Allow,
+            Some(RedisOnErrorConfig::Block) => RedisOnError::Block,
+        },
+        retry_after: cfg
+            .retry_after
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(1)),
+    })
+}
+
+fn rate_limits(
+    cfgs: &[RateLimitConfig],
+    routes: &[Route],
+    have_redis: bool,
+    geo: Option<&GeoDb>,
+    issues: &mut Issues,
+) -> Vec<RateLimitRule> {
+    let mut names = HashSet::new();
+    let mut out = Vec::new();
+    for c in cfgs {
+        let name = c.name.value.clone();
+        let at = &c.name.referenced;
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'))
+        {
+            issues.at(
+                at,
+                format!("rate limit name {name:?}: use letters, digits, `-`, `_`, `.`"),
+            );
+        }
+        if !names.insert(name.clone()) {
+            issues.at(at, format!("duplicate rate limit name {name:?}"));
+        }
+        let mut key = Vec::new();
+        for k in &c.key {
+            match KeyPart::parse(&k.value) {
+                Ok(p) => {
+                    if p.needs_geo() && geo.is_none() {
+                        issues.at(
+                            &k.referenced,
+                            format!(
+                                "rate limit {name:?}: key {:?} needs `geoip` databases",
+                                k.value
+                            ),
+                        );
+                    }
+                    key.push(p);
+                }
+                Err(e) => issues.at(&k.referenced, format!("rate limit {name:?}: {e}")),
+            }
+        }
+        let rate = match Rate::parse(&c.rate.value) {
+            Ok(r) => r,
+            Err(e) => {
+                issues.at(&c.rate.referenced, format!("rate limit {name:?}: {e}"));
+                continue;
+            }
+        };
+        if rate.interval().is_zero() {
+            issues.at(
+                &c.rate.referenced,
+                format!("rate limit {name:?}: rate too high (more than one per nanosecond)"),
+            );
+        }
+        let burst = c.burst.unwrap_or(rate.count);
+        if burst == 0 {
+            issues.at(at, format!("rate limit {name:?}: burst must be at least 1"));
+        }
+        let mut scope = RateLimitScope::default();
+        if let Some(s) = &c.scope {
+            if let Some(rs) = &s.routes {
+                for r in rs {
+                    if !routes.iter().any(|x| x.name == r.value) {
+                        issues.at(
+                            &r.referenced,
+                            format!(
+                                "rate limit {name:?}: scope names unknown route {:?}",
+                                r.value
+                            ),
+                        );
+                    }
+                }
+                scope.routes = Some(rs.iter().map(|r| r.value.clone()).collect());
+            }
+            scope.methods = s
+                .methods
+                .as_ref()
+                .map(|m| m.iter().map(|m| m.0.clone()).collect());
+            if let Some(p) = &s.path {
+                match regex::RegexBuilder::new(&p.value)
+                    .size_limit(1 << 20)
+                    .build()
+                {
+                    Ok(r) => scope.path = Some(r),
+                    Err(e) => issues.at(
+                        &p.referenced,
+                        format!("rate limit {name:?}: invalid path regex: {e}"),
+                    ),
+                }
+            }
+        }
+        let store = match c.store {
+            Some(RateLimitStoreConfig::Redis) => {
+                if !have_redis {
+                    issues.at(
+                        at,
+                        format!("rate limit {name:?}: `store: redis` needs a `redis:` section"),
+                    );
+                }
+                RateLimitStore::Redis
+            }
+            _ => RateLimitStore::Local,
+        };
+        out.push(RateLimitRule {
+            name,
+            key,
+            rate,
+            burst: burst.max(1),
+            scope,
+            action: match c.action {
+                Some(RuleActionConfig::Count) => RateLimitAction::Count,
+                _ => RateLimitAction::Block,
+            },
+            store,
+            headers_always: c.headers == Some(RateLimitHeadersConfig::Always),
+            max_keys: c.max_keys.unwrap_or(100_000),
+        });
+    }
+    out
 }
 
 fn resolve_path(base_dir: &Path, p: &str) -> PathBuf {

@@ -148,6 +148,8 @@ pub struct RequestCtx {
     pub tried: Vec<SocketAddr>,
     /// The upstream server currently used.
     pub upstream_addr: Option<SocketAddr>,
+    /// `RateLimit-Policy` and `RateLimit` values to add to an allowed response.
+    pub ratelimit_headers: Option<(String, String)>,
 }
 
 impl RequestCtx {
@@ -168,6 +170,7 @@ impl RequestCtx {
             outcome: Outcome::Forwarded,
             tried: Vec::new(),
             upstream_addr: None,
+            ratelimit_headers: None,
         }
     }
 }

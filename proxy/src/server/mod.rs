@@ -17,6 +17,11 @@ use pingora::services::listening::Service;
 
 use crate::config::{Config, UpstreamTargets};
 use crate::metrics::{Metrics, MetricsError};
+use crate::ratelimit::redis::RedisStore;
+use crate::ratelimit::{CompiledRateLimit, Sweeper};
+
+/// How often local rate limiters drop stale keys (sooner when a key cap is reached).
+const RATE_LIMIT_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 use crate::snapshot::Snapshot;
 use upstreams::{UpstreamError, UpstreamGroup};
 
@@ -79,6 +84,12 @@ pub fn run(config: Config) -> Result<(), StartError> {
         groups.push(group);
         health_services.extend(hc);
     }
+    let redis = config.redis.clone().map(|r| Arc::new(RedisStore::new(r)));
+    let rate_limits: Vec<Arc<CompiledRateLimit>> = config
+        .rate_limits
+        .iter()
+        .map(|r| Arc::new(CompiledRateLimit::new(r.clone(), redis.clone(), &metrics)))
+        .collect();
     let threads = config.threads;
     let h2c = config.h2c;
     let listeners: Vec<SocketAddr> = config.listeners.iter().map(|l| l.address).collect();
@@ -86,6 +97,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::build(
         Arc::new(config),
         groups,
+        &rate_limits,
         &metrics,
     )));
 
@@ -134,6 +146,12 @@ pub fn run(config: Config) -> Result<(), StartError> {
     }
     for hc in health_services {
         server.add_service(hc);
+    }
+    if !rate_limits.is_empty() {
+        server.add_service(pingora::services::background::background_service(
+            "rate-limit sweeper",
+            Sweeper::new(rate_limits, Arc::clone(&metrics), RATE_LIMIT_SWEEP_INTERVAL),
+        ));
     }
     for addr in &listeners {
         tracing::info!(%addr, threads, "proxy listening");

@@ -28,7 +28,10 @@ use pingora::{Error, ErrorSource, ErrorType};
 use crate::config::OversizePolicy;
 use crate::metrics::Metrics;
 use crate::pipeline::ctx::Outcome;
-use crate::pipeline::{Block, BodyState, RequestCtx, RequestId, RequestView, StageKind, Verdict};
+use crate::pipeline::{
+    Block, BodyState, Decision, RequestCtx, RequestId, RequestView, StageKind, Verdict,
+};
+use crate::ratelimit::AsyncStage;
 use crate::snapshot::{CompiledRoute, Snapshot};
 
 /// The Palisade proxy service.
@@ -265,6 +268,26 @@ impl ProxyHttp for PalisadeProxy {
             Verdict::Allow => return Ok(false),
             Verdict::Forward => {}
         }
+        if let Some(rl) = &route.rate_limit {
+            let verdict = {
+                let view = RequestView {
+                    head: session.req_header(),
+                    client_ip: ctx.client_ip,
+                    geo: ctx.geo,
+                    body: None,
+                    body_complete: false,
+                };
+                rl.evaluate(&view).await
+            };
+            ctx.ratelimit_headers = verdict.headers;
+            match verdict.decision {
+                Decision::Block(b) => {
+                    return self.block(session, ctx, StageKind::RateLimit, b).await
+                }
+                Decision::Count(label) => ctx.counted.push(label),
+                Decision::Continue | Decision::Allow => {}
+            }
+        }
 
         if route.pipeline.needs_body() || route.oversize == OversizePolicy::Block {
             if let BodyRead::TooLarge = self.pre_read_body(session, ctx, route).await? {
@@ -370,6 +393,10 @@ impl ProxyHttp for PalisadeProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         upstream_response.insert_header("x-request-id", ctx.request_id.to_string())?;
+        if let Some((policy, state)) = ctx.ratelimit_headers.take() {
+            upstream_response.insert_header("ratelimit-policy", policy)?;
+            upstream_response.insert_header("ratelimit", state)?;
+        }
         Ok(())
     }
 
