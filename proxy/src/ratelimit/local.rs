@@ -84,7 +84,11 @@ impl LocalLimiter {
         if k >= OVERFLOW_TAG {
             k &= !OVERFLOW_TAG;
         }
-        if self.checks.fetch_add(1, Ordering::Relaxed).is_multiple_of(256) {
+        if self
+            .checks
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(256)
+        {
             self.approx_len.store(self.limiter.len(), Ordering::Relaxed);
         }
         if self.approx_len.load(Ordering::Relaxed) >= self.max_keys {
