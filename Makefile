@@ -16,6 +16,8 @@ test: deps lint
 	cargo build --workspace --all-targets
 	cargo test --workspace -- --test-threads=4
 	./target/debug/palisade check
+	./target/debug/palisade check --config examples/rules-demo.yaml
+	./target/debug/palisade test --config examples/rules-demo.yaml rulesets/examples
 
 build: deps
 	cargo build --release --bin palisade
@@ -24,9 +26,10 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
 
-## Regenerate schemas/palisade-config.schema.json after changing the config structs.
+## Regenerate the JSON Schemas after changing the config or rule-set structs.
 schema:
 	cargo run -q --bin palisade -- schema > schemas/palisade-config.schema.json
+	cargo run -q --bin palisade -- schema --ruleset > schemas/palisade-ruleset.schema.json
 
 ## End-to-end load comparison with nginx on loopback (see benches/load.sh).
 bench-load: build

@@ -12,5 +12,6 @@ pub mod identity;
 pub mod metrics;
 pub mod pipeline;
 pub mod ratelimit;
+pub mod rules;
 pub mod server;
 pub mod snapshot;

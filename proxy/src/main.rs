@@ -43,8 +43,33 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
-    /// Print the JSON Schema of the configuration format (for editors and CI).
-    Schema,
+    /// Print a JSON Schema: of the configuration (default) or, with --ruleset, of rule-set files.
+    Schema {
+        /// The rule-set file format instead of the configuration.
+        #[arg(long)]
+        ruleset: bool,
+    },
+    /// Run the inline tests of rule-set files, offline; exit 1 on any failure.
+    Test {
+        /// Rule-set files or directories (default: rulesets/).
+        paths: Vec<PathBuf>,
+        /// A config whose ip sets the rules may reference.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Show how one request is evaluated by a route's rule sets: every rule, the transformed
+    /// values, and why each matched or not.
+    Explain {
+        /// Configuration file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The request, as YAML (method, path, headers, body/json/form, client_ip, country).
+        #[arg(long)]
+        request: PathBuf,
+        /// Host header used to pick the route (default: any).
+        #[arg(long, default_value = "")]
+        host: String,
+    },
     /// MaxMind database tooling.
     Geoip {
         #[command(subcommand)]
@@ -122,6 +147,123 @@ fn geoip(command: GeoipCommand) -> ExitCode {
     }
 }
 
+fn run_tests(paths: Vec<PathBuf>, config: Option<&PathBuf>) -> ExitCode {
+    let ip_sets = match config.map(|c| config::load_file(c, &Overrides::default())) {
+        Some(Ok(c)) => c.ip_sets,
+        Some(Err(e)) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+        None => Default::default(),
+    };
+    let paths = if paths.is_empty() {
+        vec![PathBuf::from("rulesets")]
+    } else {
+        paths
+    };
+    let refs: Vec<&std::path::Path> = paths.iter().map(PathBuf::as_path).collect();
+    let reports = palisade::rules::testing::run_paths(&refs, &ip_sets);
+    let (mut passed, mut failed, mut broken) = (0, 0, 0);
+    for (file, r) in &reports {
+        if let Some(e) = &r.load_error {
+            broken += 1;
+            println!("ERROR {file}\n{e}");
+            continue;
+        }
+        passed += r.passed;
+        failed += r.failures.len();
+        let status = if r.failures.is_empty() {
+            "ok  "
+        } else {
+            "FAIL"
+        };
+        println!(
+            "{status} {file}: {} passed, {} failed",
+            r.passed,
+            r.failures.len()
+        );
+        for f in &r.failures {
+            println!("  {f}");
+        }
+    }
+    println!(
+        "{} file(s): {passed} passed, {failed} failed, {broken} file(s) with errors",
+        reports.len()
+    );
+    if failed == 0 && broken == 0 && !reports.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn explain(config: Option<&PathBuf>, request: &std::path::Path, host: &str) -> ExitCode {
+    let cfg = match load(config, &Overrides::default()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let req: palisade::rules::file::TestRequest = match std::fs::read_to_string(request)
+        .map_err(|e| e.to_string())
+        .and_then(|t| serde_saphyr::from_str(&t).map_err(|e| e.to_string()))
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{}: {e}", request.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let owned = match palisade::rules::testing::OwnedRequest::from_test(&req) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{}: {e}", request.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let path = req
+        .path
+        .as_deref()
+        .unwrap_or("/")
+        .split('?')
+        .next()
+        .unwrap_or("/")
+        .to_string();
+    // Route exactly as the proxy does.
+    let cfg = std::sync::Arc::new(cfg);
+    let metrics = match palisade::metrics::Metrics::new() {
+        Ok(m) => std::sync::Arc::new(m),
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let snapshot =
+        palisade::snapshot::Snapshot::build(std::sync::Arc::clone(&cfg), Vec::new(), &[], &metrics);
+    let Some(route) = snapshot
+        .route_for(&host.to_ascii_lowercase(), &path)
+        .map(|i| &cfg.routes[i])
+    else {
+        eprintln!("no route matches host {host:?} path {path:?}");
+        return ExitCode::FAILURE;
+    };
+    println!(
+        "route {:?} ({} rule set(s))",
+        route.name,
+        route.policy.rulesets.len()
+    );
+    let mut trace: Vec<String> = Vec::new();
+    let outcome =
+        palisade::rules::eval::evaluate(&route.policy.rulesets, &owned.input(), &mut trace);
+    for l in &trace {
+        println!("{l}");
+    }
+    println!("verdict: {:?}", outcome.verdict);
+    println!("labels: {:?}", outcome.labels);
+    ExitCode::SUCCESS
+}
+
 fn load(config: Option<&PathBuf>, overrides: &Overrides) -> Result<Config, config::ConfigError> {
     match config {
         Some(path) => config::load_file(path, overrides),
@@ -146,10 +288,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Geoip { command } => geoip(command),
-        Command::Schema => {
-            print!("{}", config::json_schema());
+        Command::Schema { ruleset } => {
+            if ruleset {
+                print!("{}", palisade::rules::ruleset_json_schema());
+            } else {
+                print!("{}", config::json_schema());
+            }
             ExitCode::SUCCESS
         }
+        Command::Test { paths, config } => run_tests(paths, config.as_ref()),
+        Command::Explain {
+            config,
+            request,
+            host,
+        } => explain(config.as_ref(), &request, &host),
         Command::Check { config } => match load(config.as_ref(), &Overrides::default()) {
             Ok(c) => {
                 println!(

@@ -9,6 +9,7 @@ use crate::config::{Config, HostMatch, OversizePolicy};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::pipeline::Pipeline;
 use crate::ratelimit::{CompiledRateLimit, RateLimitStage};
+use crate::rules::RulesStage;
 use crate::server::upstreams::UpstreamGroup;
 
 /// A route compiled for the request path.
@@ -83,17 +84,20 @@ impl Snapshot {
             .iter()
             .map(|r| {
                 let rate_limit = RateLimitStage::for_route(&r.name, rate_limits, metrics);
+                let rules = RulesStage::new(r.policy.rulesets.clone());
+                let rules_need_geo = rules.as_ref().is_some_and(RulesStage::needs_geo);
                 CompiledRoute {
                     name: r.name.clone(),
                     host: r.host.clone(),
                     prefix: r.path_prefix.clone(),
                     upstream: r.upstream,
-                    pipeline: Pipeline::for_route(&r.policy),
+                    pipeline: Pipeline::for_route(&r.policy, rules),
                     inspect_limit: r.policy.inspect_limit,
                     oversize: r.policy.oversize,
                     metrics: metrics.route(&r.name),
                     needs_geo: r.policy.geo.is_some()
                         || r.policy.asn.is_some()
+                        || rules_need_geo
                         || rate_limit.as_ref().is_some_and(RateLimitStage::needs_geo),
                     rate_limit,
                 }

@@ -58,6 +58,10 @@ pub struct FileConfig {
     /// Redis for fleet-wide rate limits (`store: redis`).
     #[serde(default)]
     pub redis: Option<RedisConfig>,
+    /// Rule-set files or directories of them (every `*.yaml`), relative to this file.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub rulesets: Vec<Spanned<String>>,
     /// Routes, matched by host and longest path prefix.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
@@ -268,6 +272,44 @@ pub struct PolicyConfig {
     /// Autonomous-system allow/deny; needs `geoip.asn_db`.
     #[serde(default)]
     pub asn: Option<AsnPolicyConfig>,
+    /// Rule sets evaluated for this route, in priority order.
+    #[serde(default)]
+    pub rulesets: Vec<RuleSetRefConfig>,
+    /// Fields that given rules must not inspect on this route (the cure for false positives).
+    #[serde(default)]
+    pub exclusions: Vec<ExclusionConfig>,
+}
+
+/// A rule set attached to a route.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSetRefConfig {
+    /// The rule set's `name`.
+    #[schemars(with = "String")]
+    pub name: Spanned<String>,
+    /// Replace every blocking/allowing action of the set: `count` runs it in dry-run mode.
+    #[serde(default)]
+    pub action_override: Option<crate::rules::file::RuleAction>,
+    /// Rule ids to switch off on this route.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub disabled_rules: Vec<Spanned<String>>,
+    /// Per-rule action overrides (`rule-id: count`).
+    #[serde(default)]
+    pub rule_overrides: BTreeMap<String, crate::rules::file::RuleAction>,
+}
+
+/// "Don't inspect these fields for these rules on this route".
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExclusionConfig {
+    /// Rule ids, or `label:NAME` for every rule carrying that label.
+    #[schemars(with = "Vec<String>")]
+    pub rules: Vec<Spanned<String>>,
+    /// `query:NAME`, `form:NAME`, `json:/POINTER`, `header:NAME`, `cookie:NAME`, or a whole
+    /// origin: `query`, `form`, `json`, `headers`, `cookies`, `body`, `path`, `uri`.
+    #[schemars(with = "Vec<String>")]
+    pub fields: Vec<Spanned<String>>,
 }
 
 /// A named set of CIDRs: inline, from a file, or both.

@@ -19,6 +19,8 @@ use crate::identity::client_ip::ClientIpResolver;
 use crate::identity::geo::{CountryCode, GeoDb};
 use crate::identity::ipset::IpSet;
 use crate::ratelimit::rule::{RateLimitRule, RedisSettings};
+use crate::rules::compile::CompiledRuleSet;
+use crate::rules::eval::AttachedRuleSet;
 
 pub use file::{HealthCheckKind, LogFormat, OversizePolicy};
 pub use validate::validate;
@@ -66,6 +68,8 @@ pub struct Config {
     pub rate_limits: Vec<RateLimitRule>,
     /// Redis settings for `store: redis` rules.
     pub redis: Option<RedisSettings>,
+    /// Loaded rule sets by name.
+    pub rule_sets: BTreeMap<String, Arc<CompiledRuleSet>>,
 }
 
 /// A client-facing listener.
@@ -208,6 +212,8 @@ pub struct RoutePolicy {
     pub geo: Option<GeoPolicy>,
     /// ASN allow/deny.
     pub asn: Option<AsnPolicy>,
+    /// Rule sets with this route's overrides and exclusions, in priority order.
+    pub rulesets: Vec<AttachedRuleSet>,
 }
 
 /// A route's IP policy, with the sets resolved.

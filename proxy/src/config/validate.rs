@@ -30,6 +30,8 @@ use crate::ratelimit::rule::{
     Rate, RateLimitAction, RateLimitRule, RateLimitScope, RateLimitStore, RedisOnError,
     RedisSettings, RedisTarget,
 };
+use crate::rules::compile::CompiledRuleSet;
+use crate::rules::eval::{AttachedRuleSet, ExclusionTarget};
 
 /// Default body inspection limit (64 KiB).
 const DEFAULT_INSPECT_LIMIT: u64 = 64 * 1024;
@@ -71,6 +73,7 @@ pub fn validate(
         .redis
         .as_ref()
         .and_then(|r| redis_settings(r, &mut issues));
+    let rule_sets = rule_sets(&file.rulesets, base_dir, &ip_sets, &mut issues);
 
     let listeners: Vec<Listener> = if overrides.listen.is_empty() {
         file.listeners
@@ -235,6 +238,7 @@ pub fn validate(
             .geo
             .as_ref()
             .and_then(|c| geo_policy(&name, &r.name.referenced, c, geo.as_deref(), &mut issues));
+        let attached = attach_rulesets(&name, p, &rule_sets, &mut issues);
         let asn = p
             .asn
             .as_ref()
@@ -260,6 +264,7 @@ pub fn validate(
                 ip,
                 geo: geo_policy,
                 asn,
+                rulesets: attached,
             },
         });
     }
@@ -310,7 +315,136 @@ pub fn validate(
         geo,
         rate_limits,
         redis,
+        rule_sets,
     })
+}
+
+fn rule_sets(
+    paths: &[Spanned<String>],
+    base_dir: &Path,
+    ip_sets: &BTreeMap<String, Arc<IpSet>>,
+    issues: &mut Issues,
+) -> BTreeMap<String, Arc<CompiledRuleSet>> {
+    let mut out: BTreeMap<String, Arc<CompiledRuleSet>> = BTreeMap::new();
+    for p in paths {
+        let path = resolve_path(base_dir, &p.value);
+        let files = match crate::rules::compile::rule_files(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                issues.at(
+                    &p.referenced,
+                    format!("rulesets: cannot read {}: {e}", path.display()),
+                );
+                continue;
+            }
+        };
+        for f in files {
+            match crate::rules::compile::load(&f, ip_sets) {
+                Ok(set) => {
+                    if let Some(prev) = out.get(&set.name) {
+                        issues.at(
+                            &p.referenced,
+                            format!(
+                                "rule set name {:?} is used by both {} and {}",
+                                set.name,
+                                prev.path.display(),
+                                set.path.display()
+                            ),
+                        );
+                    } else {
+                        out.insert(set.name.clone(), Arc::new(set));
+                    }
+                }
+                Err(e) => {
+                    for line in e.to_string().lines() {
+                        issues.at(&p.referenced, line.to_string());
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn attach_rulesets(
+    route: &str,
+    p: &super::file::PolicyConfig,
+    sets: &BTreeMap<String, Arc<CompiledRuleSet>>,
+    issues: &mut Issues,
+) -> Vec<AttachedRuleSet> {
+    let mut out = Vec::new();
+    for r in &p.rulesets {
+        let Some(set) = sets.get(&r.name.value) else {
+            let known: Vec<&str> = sets.keys().map(String::as_str).collect();
+            issues.at(
+                &r.name.referenced,
+                format!(
+                    "route {route:?}: unknown rule set {:?}; loaded rule sets: [{}]",
+                    r.name.value,
+                    known.join(", ")
+                ),
+            );
+            continue;
+        };
+        let mut att = AttachedRuleSet::plain(Arc::clone(set));
+        att.action_override = r.action_override;
+        for d in &r.disabled_rules {
+            match set.rules.iter().position(|x| x.id == d.value) {
+                Some(i) => att.tuning[i].disabled = true,
+                None => issues.at(
+                    &d.referenced,
+                    format!(
+                        "route {route:?}: rule set {:?} has no rule {:?}",
+                        set.name, d.value
+                    ),
+                ),
+            }
+        }
+        for (id, action) in &r.rule_overrides {
+            match set.rules.iter().position(|x| &x.id == id) {
+                Some(i) => att.tuning[i].action = Some(*action),
+                None => issues.at(
+                    &r.name.referenced,
+                    format!(
+                        "route {route:?}: rule_overrides: rule set {:?} has no rule {id:?}",
+                        set.name
+                    ),
+                ),
+            }
+        }
+        out.push(att);
+    }
+    for ex in &p.exclusions {
+        let mut targets = Vec::new();
+        for f in &ex.fields {
+            match ExclusionTarget::parse(&f.value) {
+                Ok(t) => targets.push(t),
+                Err(e) => issues.at(&f.referenced, format!("route {route:?}: {e}")),
+            }
+        }
+        for sel in &ex.rules {
+            let mut hits = 0;
+            for att in &mut out {
+                for (i, rule) in att.set.rules.iter().enumerate() {
+                    let selected = match sel.value.strip_prefix("label:") {
+                        Some(label) => rule.labels.iter().any(|l| l == label),
+                        None => rule.id == sel.value,
+                    };
+                    if selected {
+                        hits += 1;
+                        att.tuning[i].exclusions.extend(targets.iter().cloned());
+                    }
+                }
+            }
+            if hits == 0 {
+                issues.at(&sel.referenced, format!(
+                    "route {route:?}: exclusion names {:?}, which matches no rule of the route's rule sets",
+                    sel.value
+                ));
+            }
+        }
+    }
+    out
 }
 
 fn redis_settings(cfg: &RedisConfig, issues: &mut Issues) -> Option<RedisSettings> {
@@ -930,6 +1064,19 @@ mod tests {
         assert!(
             committed == super::super::json_schema(),
             "schemas/palisade-config.schema.json is stale: run `palisade schema > schemas/palisade-config.schema.json`"
+        );
+    }
+
+    #[test]
+    fn committed_ruleset_schema_is_current() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../schemas/palisade-ruleset.schema.json"
+        );
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            committed == crate::rules::ruleset_json_schema(),
+            "schemas/palisade-ruleset.schema.json is stale: run `palisade schema --ruleset > schemas/palisade-ruleset.schema.json`"
         );
     }
 

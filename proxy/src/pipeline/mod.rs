@@ -84,6 +84,8 @@ pub enum Decision {
     Block(Block),
     /// Would have blocked (dry-run) or matched a count rule: record and continue.
     Count(Cow<'static, str>),
+    /// Several count matches at once (a rule set with several count rules).
+    Counted(Vec<Cow<'static, str>>),
 }
 
 /// The parts of a request a stage may inspect.
@@ -130,9 +132,12 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Builds a route's pipeline from its policy.
-    pub fn for_route(policy: &RoutePolicy) -> Pipeline {
+    /// Builds a route's pipeline from its policy and its attached rule sets.
+    pub fn for_route(policy: &RoutePolicy, rules: Option<crate::rules::RulesStage>) -> Pipeline {
         let mut stages: Vec<Box<dyn Stage>> = Vec::new();
+        if let Some(r) = rules {
+            stages.push(Box::new(r));
+        }
         if let Some(access) = AccessStage::new(policy) {
             stages.push(Box::new(access));
         }
@@ -145,14 +150,15 @@ impl Pipeline {
         Pipeline::from_stages(stages)
     }
 
-    /// Builds a pipeline from stages in any order; they are sorted into pipeline order, header
-    /// stages first (a stage that needs the body, and every stage after it, runs after the
-    /// body pre-read).
+    /// Builds a pipeline from stages in any order; they are sorted into pipeline order. Stages
+    /// before the rate limit (access, ip, geo) run on the request head; the rest (rules,
+    /// validate) run after the rate limit and, when one of them reads the body, after the body
+    /// pre-read.
     pub fn from_stages(mut stages: Vec<Box<dyn Stage>>) -> Pipeline {
         stages.sort_by_key(|s| s.kind());
         let split = stages
             .iter()
-            .position(|s| s.needs_body())
+            .position(|s| s.kind() > StageKind::RateLimit)
             .unwrap_or(stages.len());
         let body_stages = stages.split_off(split);
         Pipeline {
@@ -163,6 +169,11 @@ impl Pipeline {
 
     /// Whether any stage needs the request body.
     pub fn needs_body(&self) -> bool {
+        self.body_stages.iter().any(|s| s.needs_body())
+    }
+
+    /// Whether there are stages after the rate limit.
+    pub fn has_late_stages(&self) -> bool {
         !self.body_stages.is_empty()
     }
 
@@ -195,6 +206,7 @@ fn run(
             Decision::Continue => {}
             Decision::Allow => return Verdict::Allow,
             Decision::Count(label) => counted.push(label),
+            Decision::Counted(labels) => counted.extend(labels),
             Decision::Block(b) => return Verdict::Block(stage.kind(), b),
         }
     }

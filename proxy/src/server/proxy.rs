@@ -285,6 +285,7 @@ impl ProxyHttp for PalisadeProxy {
                     return self.block(session, ctx, StageKind::RateLimit, b).await
                 }
                 Decision::Count(label) => ctx.counted.push(label),
+                Decision::Counted(labels) => ctx.counted.extend(labels),
                 Decision::Continue | Decision::Allow => {}
             }
         }
@@ -299,7 +300,7 @@ impl ProxyHttp for PalisadeProxy {
                 return self.block(session, ctx, StageKind::Access, b).await;
             }
         }
-        if route.pipeline.needs_body() {
+        if route.pipeline.has_late_stages() {
             let verdict = {
                 let view = RequestView {
                     head: session.req_header(),

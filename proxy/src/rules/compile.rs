@@ -1,0 +1,639 @@
+//! Rules step 2 (validate + compile): a parsed rule-set file becomes an immutable
+//! [`CompiledRuleSet`]: fields and transform chains deduplicated into "sources", every regex
+//! of a source gathered into one `RegexSet` (one scan per value, whatever the number of
+//! rules), phrase lists compiled to Aho-Corasick automata. Every problem is reported with
+//! file, line, column and rule id.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use aho_corasick::AhoCorasick;
+use regex::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
+use serde_saphyr::{Location, Spanned};
+
+use super::fields::Field;
+use super::file::{
+    Comparison, ConditionFile, OneOrMany, RuleAction, RuleSetFile, RuleSetMode, RuleTestFile,
+};
+use super::transforms::Transform;
+use crate::identity::geo::CountryCode;
+use crate::identity::ipset::IpSet;
+
+/// Regex compile size limit for patterns from rule files (see `regex::RegexBuilder`).
+const REGEX_SIZE_LIMIT: usize = 4 << 20;
+
+/// One problem in a rule file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleIssue {
+    /// 1-based line, 0 if unknown.
+    pub line: u64,
+    /// 1-based column, 0 if unknown.
+    pub column: u64,
+    /// Rule id, when inside a rule.
+    pub rule: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Every problem found in one rule file.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct RuleFileError {
+    /// The file.
+    pub path: String,
+    /// The problems.
+    pub issues: Vec<RuleIssue>,
+}
+
+impl std::fmt::Display for RuleFileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, is) in self.issues.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}", self.path)?;
+            if is.line > 0 {
+                write!(f, ":{}:{}", is.line, is.column)?;
+            }
+            if let Some(r) = &is.rule {
+                write!(f, ": rule {r:?}")?;
+            }
+            write!(f, ": {}", is.message)?;
+        }
+        Ok(())
+    }
+}
+
+/// How a rule set decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// First terminating rule wins.
+    FirstMatch,
+    /// Scores add up to a threshold.
+    Anomaly {
+        /// Blocking threshold.
+        threshold: u32,
+    },
+}
+
+/// A field and the transform chain applied to its values: the unit of caching.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Source {
+    /// The field.
+    pub field: Field,
+    /// The transforms, in order.
+    pub chain: Vec<Transform>,
+}
+
+/// An operator.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Regex; `slot` is its index in each of its sources' `RegexSet`s (same index for all).
+    Regex {
+        /// The compiled regex (slow path: exclusions, explain).
+        regex: Regex,
+        /// Index per source, parallel to the leaf's sources.
+        slots: Vec<usize>,
+    },
+    /// Any phrase occurs.
+    Phrases(Arc<AhoCorasick>),
+    /// Substring.
+    Contains(String),
+    /// Equality.
+    Equals(String),
+    /// Prefix.
+    StartsWith(String),
+    /// Suffix.
+    EndsWith(String),
+    /// Numeric value comparison.
+    Number(Comparison),
+    /// Length comparison.
+    Size(Comparison),
+    /// Number-of-values comparison.
+    Count(Comparison),
+    /// libinjection SQLi.
+    Sqli,
+    /// libinjection XSS.
+    Xss,
+    /// IP in set.
+    IpIn(Arc<IpSet>),
+    /// Country in list.
+    CountryIn(Vec<CountryCode>),
+    /// ASN in list.
+    AsnIn(Vec<u32>),
+    /// Label present (exact, or prefix when `prefix`).
+    Label {
+        /// The label or prefix.
+        label: String,
+        /// Prefix match.
+        prefix: bool,
+    },
+}
+
+/// A field test.
+#[derive(Debug, Clone)]
+pub struct Leaf {
+    /// Indices into [`CompiledRuleSet::sources`].
+    pub sources: Vec<usize>,
+    /// The operator.
+    pub op: Op,
+    /// Inverted.
+    pub negate: bool,
+}
+
+/// A condition tree.
+#[derive(Debug, Clone)]
+pub enum Cond {
+    /// Conjunction.
+    All(Vec<Cond>),
+    /// Disjunction.
+    Any(Vec<Cond>),
+    /// Negation.
+    Not(Box<Cond>),
+    /// Field test.
+    Leaf(Leaf),
+}
+
+/// A compiled rule.
+#[derive(Debug, Clone)]
+pub struct CompiledRule {
+    /// Id.
+    pub id: String,
+    /// Description.
+    pub description: String,
+    /// Labels added on match.
+    pub labels: Vec<String>,
+    /// Action.
+    pub action: RuleAction,
+    /// Block status.
+    pub status: u16,
+    /// Anomaly score.
+    pub score: u32,
+    /// Condition.
+    pub cond: Cond,
+    /// Line of the rule in its file.
+    pub line: u64,
+    /// Inline tests.
+    pub tests: Vec<RuleTestFile>,
+}
+
+/// A compiled rule set: immutable, `Send + Sync`, shared by every route that attaches it.
+#[derive(Debug)]
+pub struct CompiledRuleSet {
+    /// Name.
+    pub name: String,
+    /// Version.
+    pub version: String,
+    /// Description.
+    pub description: String,
+    /// File it came from.
+    pub path: PathBuf,
+    /// Decision mode.
+    pub mode: Mode,
+    /// Rules in order.
+    pub rules: Vec<CompiledRule>,
+    /// Deduplicated (field, transforms) pairs.
+    pub sources: Vec<Source>,
+    /// Per source, every regex used on it, in slot order.
+    pub regex_sets: Vec<Option<RegexSet>>,
+    /// Whether any rule reads the body.
+    pub needs_body: bool,
+    /// Whether any rule reads country/ASN.
+    pub needs_geo: bool,
+}
+
+struct Compiler<'a> {
+    base_dir: &'a Path,
+    ip_sets: &'a BTreeMap<String, Arc<IpSet>>,
+    sources: Vec<Source>,
+    regexes: Vec<Vec<String>>,
+    issues: Vec<RuleIssue>,
+    rule: Option<String>,
+    needs_body: bool,
+    needs_geo: bool,
+}
+
+impl Compiler<'_> {
+    fn issue(&mut self, loc: &Location, message: String) {
+        self.issues.push(RuleIssue {
+            line: loc.line(),
+            column: loc.column(),
+            rule: self.rule.clone(),
+            message,
+        });
+    }
+
+    fn source(&mut self, s: Source) -> usize {
+        if let Some(i) = self.sources.iter().position(|x| *x == s) {
+            return i;
+        }
+        self.sources.push(s);
+        self.regexes.push(Vec::new());
+        self.sources.len() - 1
+    }
+
+    fn cond(&mut self, c: &Spanned<ConditionFile>) -> Option<Cond> {
+        let loc = &c.referenced;
+        let f = &c.value;
+        let has_leaf =
+            f.field.is_some() || f.label.is_some() || f.country_in.is_some() || f.asn_in.is_some();
+        let kinds = [f.all.is_some(), f.any.is_some(), f.not.is_some(), has_leaf];
+        if kinds.iter().filter(|k| **k).count() != 1 {
+            self.issue(loc, "a condition needs exactly one of `all`, `any`, `not`, or a `field` with an operator".into());
+            return None;
+        }
+        if let Some(list) = &f.all {
+            return Some(Cond::All(
+                list.iter().filter_map(|x| self.cond(x)).collect(),
+            ));
+        }
+        if let Some(list) = &f.any {
+            return Some(Cond::Any(
+                list.iter().filter_map(|x| self.cond(x)).collect(),
+            ));
+        }
+        if let Some(inner) = &f.not {
+            return self.cond(inner).map(|x| Cond::Not(Box::new(x)));
+        }
+        self.leaf(loc, f).map(Cond::Leaf)
+    }
+
+    fn leaf(&mut self, loc: &Location, f: &ConditionFile) -> Option<Leaf> {
+        // Fields: explicit, or implied by the client-data operators.
+        let field_names: Vec<String> = match &f.field {
+            Some(OneOrMany::One(s)) => vec![s.clone()],
+            Some(OneOrMany::Many(v)) => v.clone(),
+            None if f.label.is_some() => vec!["labels".into()],
+            None if f.country_in.is_some() => vec!["country".into()],
+            None if f.asn_in.is_some() => vec!["asn".into()],
+            None => vec![],
+        };
+        let mut chain = Vec::new();
+        for t in &f.transforms {
+            match Transform::parse(&t.value) {
+                Some(x) => chain.push(x),
+                None => self.issue(
+                    &t.referenced,
+                    format!(
+                        "unknown transform {:?}; transforms are {}",
+                        t.value,
+                        Transform::NAMES.join(", ")
+                    ),
+                ),
+            }
+        }
+        let mut fields = Vec::new();
+        for n in &field_names {
+            match Field::parse(n) {
+                Ok(fl) => fields.push(fl),
+                Err(e) => self.issue(loc, e),
+            }
+        }
+        if fields.is_empty() {
+            if field_names.is_empty() {
+                self.issue(loc, "a field test needs `field`".into());
+            }
+            return None;
+        }
+        self.needs_body |= fields.iter().any(Field::needs_body);
+        self.needs_geo |= fields.iter().any(Field::needs_geo);
+        let sources: Vec<usize> = fields
+            .into_iter()
+            .map(|field| {
+                self.source(Source {
+                    field,
+                    chain: chain.clone(),
+                })
+            })
+            .collect();
+
+        let mut ops = Vec::new();
+        if let Some(r) = &f.regex {
+            match RegexBuilder::new(&r.value)
+                .size_limit(REGEX_SIZE_LIMIT)
+                .build()
+            {
+                Ok(regex) => {
+                    let slots = sources
+                        .iter()
+                        .map(|&s| {
+                            self.regexes[s].push(r.value.clone());
+                            self.regexes[s].len() - 1
+                        })
+                        .collect();
+                    ops.push(Op::Regex { regex, slots });
+                }
+                Err(e) => self.issue(
+                    &r.referenced,
+                    format!("invalid regex: {}", e.to_string().replace('\n', " ")),
+                ),
+            }
+        }
+        let mut phrases: Vec<String> = f.phrases.clone().unwrap_or_default();
+        if let Some(pf) = &f.phrases_file {
+            let path = self.base_dir.join(&pf.value);
+            match std::fs::read_to_string(&path) {
+                Ok(text) => phrases.extend(
+                    text.lines()
+                        .map(|l| l.trim())
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .map(str::to_string),
+                ),
+                Err(e) => self.issue(
+                    &pf.referenced,
+                    format!("cannot read phrases file {}: {e}", path.display()),
+                ),
+            }
+        }
+        if f.phrases.is_some() || f.phrases_file.is_some() {
+            if phrases.is_empty() {
+                self.issue(loc, "the phrase list is empty".into());
+            } else {
+                match AhoCorasick::builder()
+                    .ascii_case_insensitive(true)
+                    .build(&phrases)
+                {
+                    Ok(ac) => ops.push(Op::Phrases(Arc::new(ac))),
+                    Err(e) => self.issue(loc, format!("cannot build the phrase matcher: {e}")),
+                }
+            }
+        }
+        if let Some(s) = &f.contains {
+            ops.push(Op::Contains(s.clone()));
+        }
+        if let Some(s) = &f.equals {
+            ops.push(Op::Equals(s.clone()));
+        }
+        if let Some(s) = &f.starts_with {
+            ops.push(Op::StartsWith(s.clone()));
+        }
+        if let Some(s) = &f.ends_with {
+            ops.push(Op::EndsWith(s.clone()));
+        }
+        for (cmp, make) in [
+            (f.number, Op::Number as fn(Comparison) -> Op),
+            (f.size, Op::Size),
+            (f.count, Op::Count),
+        ] {
+            if let Some(c) = cmp {
+                if c.is_empty() {
+                    self.issue(
+                        loc,
+                        "a comparison needs at least one of gt, ge, lt, le, eq".into(),
+                    );
+                }
+                ops.push(make(c));
+            }
+        }
+        match f.sqli {
+            Some(true) => ops.push(Op::Sqli),
+            Some(false) => self.issue(
+                loc,
+                "`sqli: false` means nothing; remove it or use `negate`".into(),
+            ),
+            None => {}
+        }
+        match f.xss {
+            Some(true) => ops.push(Op::Xss),
+            Some(false) => self.issue(
+                loc,
+                "`xss: false` means nothing; remove it or use `negate`".into(),
+            ),
+            None => {}
+        }
+        if let Some(set) = &f.ip_in {
+            match self.ip_sets.get(&set.value) {
+                Some(s) => ops.push(Op::IpIn(Arc::clone(s))),
+                None => {
+                    let known: Vec<&str> = self.ip_sets.keys().map(String::as_str).collect();
+                    self.issue(
+                        &set.referenced,
+                        format!(
+                            "unknown ip set {:?}; defined ip_sets: [{}]",
+                            set.value,
+                            known.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+        if let Some(list) = &f.country_in {
+            let mut codes = Vec::new();
+            for c in list {
+                match CountryCode::parse(c) {
+                    Some(cc) => codes.push(cc),
+                    None => self.issue(
+                        loc,
+                        format!("{c:?} is not an ISO 3166-1 alpha-2 country code"),
+                    ),
+                }
+            }
+            self.needs_geo = true;
+            ops.push(Op::CountryIn(codes));
+        }
+        if let Some(list) = &f.asn_in {
+            self.needs_geo = true;
+            ops.push(Op::AsnIn(list.clone()));
+        }
+        if let Some(l) = &f.label {
+            let (label, prefix) = match l.strip_suffix('*') {
+                Some(p) => (p.to_string(), true),
+                None => (l.clone(), false),
+            };
+            ops.push(Op::Label { label, prefix });
+        }
+        match ops.len() {
+            1 => ops.pop().map(|op| Leaf {
+                sources,
+                op,
+                negate: f.negate,
+            }),
+            0 => {
+                self.issue(loc, "a field test needs one operator: regex, phrases, phrases_file, contains, equals, starts_with, ends_with, number, size, count, sqli, xss, ip_in, country_in, asn_in or label".into());
+                None
+            }
+            _ => {
+                self.issue(
+                    loc,
+                    "a field test takes exactly one operator; combine several with `all` or `any`"
+                        .into(),
+                );
+                None
+            }
+        }
+    }
+}
+
+/// Compiles a parsed rule-set file. `base_dir` resolves `phrases_file`.
+pub fn compile(
+    path: &Path,
+    file: RuleSetFile,
+    ip_sets: &BTreeMap<String, Arc<IpSet>>,
+) -> Result<CompiledRuleSet, RuleFileError> {
+    let base_dir = path.parent().unwrap_or(Path::new("."));
+    let mut c = Compiler {
+        base_dir,
+        ip_sets,
+        sources: Vec::new(),
+        regexes: Vec::new(),
+        issues: Vec::new(),
+        rule: None,
+        needs_body: false,
+        needs_geo: false,
+    };
+    if file.name.value.trim().is_empty() {
+        c.issue(
+            &file.name.referenced,
+            "the rule set needs a non-empty `name`".into(),
+        );
+    }
+    let mode = match file.mode {
+        Some(RuleSetMode::Anomaly) => Mode::Anomaly {
+            threshold: file.anomaly_threshold.unwrap_or(5).max(1),
+        },
+        _ => Mode::FirstMatch,
+    };
+    let mut ids = HashSet::new();
+    let mut rules = Vec::new();
+    for r in file.rules {
+        let id = r.id.value.clone();
+        c.rule = Some(id.clone());
+        if id.is_empty()
+            || !id
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.' | ':'))
+        {
+            c.issue(
+                &r.id.referenced,
+                "rule ids use letters, digits, `-`, `_`, `.`, `:`".into(),
+            );
+        }
+        if !ids.insert(id.clone()) {
+            c.issue(
+                &r.id.referenced,
+                format!("duplicate rule id {id:?} in this rule set"),
+            );
+        }
+        if let Some(s) = r.status {
+            if !(100..=599).contains(&s) {
+                c.issue(
+                    &r.id.referenced,
+                    format!("invalid status {s}: use 100..=599"),
+                );
+            }
+        }
+        let cond = c.cond(&r.condition);
+        if let Some(cond) = cond {
+            rules.push(CompiledRule {
+                id,
+                description: r.description.unwrap_or_default(),
+                labels: r.labels,
+                action: r.action.unwrap_or(RuleAction::Block),
+                status: r.status.unwrap_or(403),
+                score: r.score.unwrap_or(5),
+                cond,
+                line: r.id.referenced.line(),
+                tests: r.tests,
+            });
+        }
+    }
+    c.rule = None;
+    let mut regex_sets = Vec::with_capacity(c.regexes.len());
+    for pats in &c.regexes {
+        if pats.is_empty() {
+            regex_sets.push(None);
+            continue;
+        }
+        match RegexSetBuilder::new(pats)
+            .size_limit(REGEX_SIZE_LIMIT * 4)
+            .build()
+        {
+            Ok(s) => regex_sets.push(Some(s)),
+            Err(e) => {
+                c.issues.push(RuleIssue {
+                    line: 0,
+                    column: 0,
+                    rule: None,
+                    message: format!("cannot combine regexes into a set: {e}"),
+                });
+                regex_sets.push(None);
+            }
+        }
+    }
+    if !c.issues.is_empty() {
+        return Err(RuleFileError {
+            path: path.display().to_string(),
+            issues: c.issues,
+        });
+    }
+    Ok(CompiledRuleSet {
+        name: file.name.value,
+        version: file.version.unwrap_or_default(),
+        description: file.description.unwrap_or_default(),
+        path: path.to_path_buf(),
+        mode,
+        rules,
+        sources: c.sources,
+        regex_sets,
+        needs_body: c.needs_body,
+        needs_geo: c.needs_geo,
+    })
+}
+
+/// Reads, parses and compiles one rule-set file.
+pub fn load(
+    path: &Path,
+    ip_sets: &BTreeMap<String, Arc<IpSet>>,
+) -> Result<CompiledRuleSet, RuleFileError> {
+    let name = path.display().to_string();
+    let one = |message: String| RuleFileError {
+        path: name.clone(),
+        issues: vec![RuleIssue {
+            line: 0,
+            column: 0,
+            rule: None,
+            message,
+        }],
+    };
+    let text =
+        std::fs::read_to_string(path).map_err(|e| one(format!("cannot read rule set: {e}")))?;
+    let file: RuleSetFile = serde_saphyr::from_str(&text).map_err(|e| {
+        let (line, column) = e
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .unwrap_or((0, 0));
+        let full = e.to_string();
+        let first = full.lines().next().unwrap_or_default();
+        let message = first
+            .strip_prefix("error: ")
+            .unwrap_or(first)
+            .split_once(": ")
+            .filter(|(l, _)| l.starts_with("line "))
+            .map(|(_, m)| m.to_string())
+            .unwrap_or_else(|| first.to_string());
+        RuleFileError {
+            path: name.clone(),
+            issues: vec![RuleIssue {
+                line,
+                column,
+                rule: None,
+                message,
+            }],
+        }
+    })?;
+    compile(path, file, ip_sets)
+}
+
+/// Rule-set files under a path: the file itself, or every `*.yaml`/`*.yml` in a directory
+/// (not recursive), sorted.
+pub fn rule_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut out: Vec<PathBuf> = std::fs::read_dir(path)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    out.sort();
+    Ok(out)
+}

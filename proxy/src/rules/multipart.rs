@@ -1,0 +1,57 @@
+//! Rules step (evaluate): `multipart/form-data` bodies parsed into fields and file names with
+//! the `multer` crate. The body is already in memory, so the async parser is driven to
+//! completion synchronously on a ready stream: it never waits.
+
+use bytes::Bytes;
+
+use super::fields::ParsedForm;
+
+/// Most parts inspected; a body with more is inspected up to this many.
+const MAX_PARTS: usize = 1000;
+
+/// Parses a multipart body. Malformed input yields what was parsed before the error.
+pub fn parse(content_type: &str, body: &[u8]) -> ParsedForm {
+    let Ok(boundary) = multer::parse_boundary(content_type) else {
+        return ParsedForm::default();
+    };
+    let data = Bytes::copy_from_slice(body);
+    let stream =
+        futures_util::stream::once(async move { Ok::<Bytes, std::convert::Infallible>(data) });
+    let mut mp = multer::Multipart::new(stream, boundary);
+    futures_executor::block_on(async move {
+        let mut out = ParsedForm::default();
+        for _ in 0..MAX_PARTS {
+            let Ok(Some(field)) = mp.next_field().await else {
+                break;
+            };
+            let name = field.name().unwrap_or("").to_string();
+            let file = field.file_name().map(str::to_string);
+            let Ok(bytes) = field.bytes().await else {
+                break;
+            };
+            match file {
+                Some(f) => {
+                    out.files.push(f);
+                }
+                None => out
+                    .fields
+                    .push((name, String::from_utf8_lossy(&bytes).into_owned())),
+            }
+        }
+        out
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fields_and_files() {
+        let body = "--XyZ\r\nContent-Disposition: form-data; name=\"comment\"\r\n\r\nhello <b>\r\n--XyZ\r\nContent-Disposition: form-data; name=\"up\"; filename=\"shell.php\"\r\nContent-Type: application/octet-stream\r\n\r\n<?php ?>\r\n--XyZ--\r\n";
+        let f = super::parse("multipart/form-data; boundary=XyZ", body.as_bytes());
+        assert_eq!(
+            f.fields,
+            vec![("comment".to_string(), "hello <b>".to_string())]
+        );
+        assert_eq!(f.files, vec!["shell.php".to_string()]);
+    }
+}

@@ -1,0 +1,621 @@
+//! Rules step (evaluate): text transformations applied, in order, to a field's values before
+//! an operator looks at them. Each is a pure `&str → Cow<str>` that borrows when it changes
+//! nothing, so a chain over clean input allocates nothing.
+
+use std::borrow::Cow;
+
+use base64::Engine as _;
+use unicode_normalization::UnicodeNormalization;
+
+/// One transformation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Transform {
+    /// `%XX` and `+` decoding, once.
+    UrlDecode,
+    /// `%XX`, `%uXXXX` and `+` decoding, repeated until stable (at most 4 rounds): double and
+    /// IIS-style Unicode encodings.
+    UrlDecodeUni,
+    /// HTML entities: named, decimal and hex (`&lt;`, `&#60;`, `&#x3c;`, also without `;`).
+    HtmlEntityDecode,
+    /// ASCII and Unicode lower-casing.
+    Lowercase,
+    /// Runs of whitespace become one space.
+    CompressWhitespace,
+    /// Deletes all whitespace.
+    RemoveWhitespace,
+    /// Deletes NUL bytes.
+    RemoveNulls,
+    /// `/./`, `/../`, `//` and backslashes resolved; `..` cannot climb above the root.
+    NormalizePath,
+    /// Base64 (standard or URL-safe, padding optional); undecodable input is left as is.
+    Base64Decode,
+    /// Hex pairs to bytes; undecodable input is left as is.
+    HexDecode,
+    /// JavaScript escapes: `\xHH`, `\uHHHH`, `\u{H…}`, `\n`-style, `\\`.
+    JsDecode,
+    /// CSS escapes: `\H…` (1–6 hex digits, optional trailing space).
+    CssDecode,
+    /// AWS `CMD_LINE`: delete `\ " ' ^`, spaces before `/` and `(`, `,;` to space, compress
+    /// whitespace, lowercase.
+    CmdLine,
+    /// Deletes SQL comments (`/* */`, `-- …`, `# …`), keeping a space where one was.
+    RemoveComments,
+    /// Unicode NFKC (fullwidth `ＳＥＬＥＣＴ` → `SELECT`) and overlong UTF-8 (`%c0%ae` → `.`)
+    /// when the text came from raw bytes.
+    Utf8Normalize,
+}
+
+impl Transform {
+    /// Parses a transform name as written in rule files.
+    pub fn parse(name: &str) -> Option<Transform> {
+        Some(match name {
+            "url_decode" => Transform::UrlDecode,
+            "url_decode_uni" => Transform::UrlDecodeUni,
+            "html_entity_decode" => Transform::HtmlEntityDecode,
+            "lowercase" => Transform::Lowercase,
+            "compress_whitespace" => Transform::CompressWhitespace,
+            "remove_whitespace" => Transform::RemoveWhitespace,
+            "remove_nulls" => Transform::RemoveNulls,
+            "normalize_path" => Transform::NormalizePath,
+            "base64_decode" => Transform::Base64Decode,
+            "hex_decode" => Transform::HexDecode,
+            "js_decode" => Transform::JsDecode,
+            "css_decode" => Transform::CssDecode,
+            "cmd_line" => Transform::CmdLine,
+            "remove_comments" => Transform::RemoveComments,
+            "utf8_normalize" => Transform::Utf8Normalize,
+            _ => return None,
+        })
+    }
+
+    /// Every transform name, for error messages and the JSON Schema.
+    pub const NAMES: &'static [&'static str] = &[
+        "url_decode",
+        "url_decode_uni",
+        "html_entity_decode",
+        "lowercase",
+        "compress_whitespace",
+        "remove_whitespace",
+        "remove_nulls",
+        "normalize_path",
+        "base64_decode",
+        "hex_decode",
+        "js_decode",
+        "css_decode",
+        "cmd_line",
+        "remove_comments",
+        "utf8_normalize",
+    ];
+
+    /// Applies the transform.
+    pub fn apply<'a>(&self, s: &'a str) -> Cow<'a, str> {
+        match self {
+            Transform::UrlDecode => url_decode(s, false),
+            Transform::UrlDecodeUni => {
+                let mut cur = url_decode(s, true);
+                for _ in 0..3 {
+                    match url_decode(&cur, true) {
+                        Cow::Borrowed(_) => break,
+                        Cow::Owned(next) => cur = Cow::Owned(next),
+                    }
+                }
+                cur
+            }
+            Transform::HtmlEntityDecode => html_decode(s),
+            Transform::Lowercase => {
+                if s.chars().any(char::is_uppercase) {
+                    Cow::Owned(s.to_lowercase())
+                } else {
+                    Cow::Borrowed(s)
+                }
+            }
+            Transform::CompressWhitespace => compress_ws(s),
+            Transform::RemoveWhitespace => {
+                if s.chars().any(char::is_whitespace) {
+                    Cow::Owned(s.chars().filter(|c| !c.is_whitespace()).collect())
+                } else {
+                    Cow::Borrowed(s)
+                }
+            }
+            Transform::RemoveNulls => {
+                if s.contains('\0') {
+                    Cow::Owned(s.replace('\0', ""))
+                } else {
+                    Cow::Borrowed(s)
+                }
+            }
+            Transform::NormalizePath => normalize_path(s),
+            Transform::Base64Decode => base64_decode(s),
+            Transform::HexDecode => hex_decode(s),
+            Transform::JsDecode => js_decode(s),
+            Transform::CssDecode => css_decode(s),
+            Transform::CmdLine => cmd_line(s),
+            Transform::RemoveComments => remove_comments(s),
+            Transform::Utf8Normalize => utf8_normalize(s),
+        }
+    }
+}
+
+/// Applies a chain of transforms.
+pub fn apply_chain<'a>(chain: &[Transform], s: &'a str) -> Cow<'a, str> {
+    let mut cur = Cow::Borrowed(s);
+    for t in chain {
+        cur = match cur {
+            Cow::Borrowed(b) => t.apply(b),
+            Cow::Owned(o) => Cow::Owned(t.apply(&o).into_owned()),
+        };
+    }
+    cur
+}
+
+fn hex_val(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Bytes to text: valid UTF-8 as is; otherwise decode overlong 2-byte sequences of ASCII
+/// (`C0 AE` → `.`, the classic traversal evasion) and replace other invalid bytes.
+fn bytes_to_text(bytes: Vec<u8>) -> String {
+    match String::from_utf8(bytes) {
+        Ok(s) => s,
+        Err(e) => {
+            let b = e.into_bytes();
+            let mut fixed = Vec::with_capacity(b.len());
+            let mut i = 0;
+            while i < b.len() {
+                if (b[i] == 0xC0 || b[i] == 0xC1) && i + 1 < b.len() && (b[i + 1] & 0xC0) == 0x80 {
+                    fixed.push(((b[i] & 0x1F) << 6) | (b[i + 1] & 0x3F));
+                    i += 2;
+                } else if b[i] == 0xE0
+                    && i + 2 < b.len()
+                    && b[i + 1] == 0x80
+                    && (b[i + 2] & 0xC0) == 0x80
+                {
+                    fixed.push(b[i + 2] & 0x3F);
+                    i += 3;
+                } else {
+                    fixed.push(b[i]);
+                    i += 1;
+                }
+            }
+            String::from_utf8_lossy(&fixed).into_owned()
+        }
+    }
+}
+
+fn url_decode(s: &str, uni: bool) -> Cow<'_, str> {
+    if !s.contains(['%', '+']) {
+        return Cow::Borrowed(s);
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b'%' if uni && i + 6 <= b.len() && (b[i + 1] == b'u' || b[i + 1] == b'U') => {
+                let hex = &b[i + 2..i + 6];
+                let v = hex
+                    .iter()
+                    .try_fold(0u32, |acc, &h| hex_val(h).map(|d| acc * 16 + u32::from(d)));
+                match (hex.len() == 4, v.and_then(char::from_u32)) {
+                    (true, Some(c)) => {
+                        let mut buf = [0u8; 4];
+                        out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                        i += 6;
+                    }
+                    _ => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'%' if i + 3 <= b.len() => match (hex_val(b[i + 1]), hex_val(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h * 16 + l);
+                    i += 3;
+                }
+                _ => {
+                    out.push(b'%');
+                    i += 1;
+                }
+            },
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    Cow::Owned(bytes_to_text(out))
+}
+
+fn html_decode(s: &str) -> Cow<'_, str> {
+    if !s.contains('&') {
+        return Cow::Borrowed(s);
+    }
+    // html-escape handles named, decimal and hex entities; entities without `;` (`&#60`) are
+    // common in XSS evasions, so they are completed first.
+    let mut fixed = String::with_capacity(s.len() + 8);
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        fixed.push(b[i] as char);
+        if b[i] == b'&' && i + 1 < b.len() && b[i + 1] == b'#' {
+            let start = i + 2;
+            let mut j = start;
+            let hex = j < b.len() && (b[j] == b'x' || b[j] == b'X');
+            if hex {
+                j += 1;
+            }
+            let digits_start = j;
+            while j < b.len()
+                && (if hex {
+                    b[j].is_ascii_hexdigit()
+                } else {
+                    b[j].is_ascii_digit()
+                })
+            {
+                j += 1;
+            }
+            if j > digits_start && (j >= b.len() || b[j] != b';') {
+                fixed.push_str(&s[i + 1..j]);
+                fixed.push(';');
+                i = j;
+                continue;
+            }
+        }
+        i += 1;
+    }
+    // Bytes pushed one by one above are ASCII-only for the entity parts; rebuild safely from
+    // the original for non-ASCII text.
+    let source = if s.is_ascii() { fixed } else { s.to_string() };
+    Cow::Owned(html_escape::decode_html_entities(&source).into_owned())
+}
+
+fn compress_ws(s: &str) -> Cow<'_, str> {
+    let mut prev_ws = false;
+    let needs = s.chars().any(|c| {
+        let ws = c.is_whitespace();
+        let bad = ws && (prev_ws || c != ' ');
+        prev_ws = ws;
+        bad
+    });
+    if !needs {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut prev_ws = false;
+    for c in s.chars() {
+        if c.is_whitespace() {
+            if !prev_ws {
+                out.push(' ');
+            }
+            prev_ws = true;
+        } else {
+            out.push(c);
+            prev_ws = false;
+        }
+    }
+    Cow::Owned(out)
+}
+
+fn normalize_path(s: &str) -> Cow<'_, str> {
+    if !s.contains(['\\']) && !s.contains("//") && !s.contains("/.") && !s.starts_with('.') {
+        return Cow::Borrowed(s);
+    }
+    let unified = s.replace('\\', "/");
+    let absolute = unified.starts_with('/');
+    let trailing = unified.ends_with('/');
+    let mut parts: Vec<&str> = Vec::new();
+    for seg in unified.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            other => parts.push(other),
+        }
+    }
+    let mut out = String::with_capacity(unified.len());
+    if absolute {
+        out.push('/');
+    }
+    out.push_str(&parts.join("/"));
+    if trailing && !out.ends_with('/') {
+        out.push('/');
+    }
+    Cow::Owned(out)
+}
+
+fn base64_decode(s: &str) -> Cow<'_, str> {
+    let t = s.trim();
+    if t.len() < 4 {
+        return Cow::Borrowed(s);
+    }
+    let engines = [
+        base64::engine::general_purpose::STANDARD,
+        base64::engine::general_purpose::STANDARD_NO_PAD,
+        base64::engine::general_purpose::URL_SAFE,
+        base64::engine::general_purpose::URL_SAFE_NO_PAD,
+    ];
+    for e in engines {
+        if let Ok(bytes) = e.decode(t) {
+            return Cow::Owned(bytes_to_text(bytes));
+        }
+    }
+    Cow::Borrowed(s)
+}
+
+fn hex_decode(s: &str) -> Cow<'_, str> {
+    let t = s.trim().trim_start_matches("0x");
+    if t.len() < 2 || !t.len().is_multiple_of(2) || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Cow::Borrowed(s);
+    }
+    let bytes: Vec<u8> = t
+        .as_bytes()
+        .chunks(2)
+        .filter_map(|p| Some(hex_val(p[0])? * 16 + hex_val(p[1])?))
+        .collect();
+    Cow::Owned(bytes_to_text(bytes))
+}
+
+fn js_decode(s: &str) -> Cow<'_, str> {
+    if !s.contains('\\') {
+        return Cow::Borrowed(s);
+    }
+    let chars: Vec<char> = s.chars().collect();
+    let mut out = String::with_capacity(s.len());
+    let mut i = 0;
+    let hex_at = |from: usize, n: usize| -> Option<u32> {
+        if from + n > chars.len() {
+            return None;
+        }
+        chars[from..from + n]
+            .iter()
+            .try_fold(0u32, |a, c| c.to_digit(16).map(|d| a * 16 + d))
+    };
+    while i < chars.len() {
+        if chars[i] != '\\' || i + 1 >= chars.len() {
+            out.push(chars[i]);
+            i += 1;
+            continue;
+        }
+        let n = chars[i + 1];
+        match n {
+            'x' => match hex_at(i + 2, 2).and_then(char::from_u32) {
+                Some(c) => {
+                    out.push(c);
+                    i += 4;
+                }
+                None => {
+                    out.push(n);
+                    i += 2;
+                }
+            },
+            'u' if chars.get(i + 2) == Some(&'{') => {
+                let end = chars[i + 3..]
+                    .iter()
+                    .position(|c| *c == '}')
+                    .map(|p| p + i + 3);
+                match end.and_then(|e| {
+                    hex_at(i + 3, e - i - 3)
+                        .and_then(char::from_u32)
+                        .map(|c| (c, e))
+                }) {
+                    Some((c, e)) => {
+                        out.push(c);
+                        i = e + 1;
+                    }
+                    None => {
+                        out.push(n);
+                        i += 2;
+                    }
+                }
+            }
+            'u' => match hex_at(i + 2, 4).and_then(char::from_u32) {
+                Some(c) => {
+                    out.push(c);
+                    i += 6;
+                }
+                None => {
+                    out.push(n);
+                    i += 2;
+                }
+            },
+            'n' => {
+                out.push('\n');
+                i += 2;
+            }
+            't' => {
+                out.push('\t');
+                i += 2;
+            }
+            'r' => {
+                out.push('\r');
+                i += 2;
+            }
+            '0'..='7' => {
+                let mut j = i + 1;
+                let mut v = 0u32;
+                while j < chars.len() && j < i + 4 && chars[j].is_digit(8) {
+                    v = v * 8 + chars[j].to_digit(8).unwrap_or(0);
+                    j += 1;
+                }
+                out.push(char::from_u32(v).unwrap_or('\u{fffd}'));
+                i = j;
+            }
+            other => {
+                out.push(other);
+                i += 2;
+            }
+        }
+    }
+    Cow::Owned(out)
+}
+
+fn css_decode(s: &str) -> Cow<'_, str> {
+    if !s.contains('\\') {
+        return Cow::Borrowed(s);
+    }
+    let chars: Vec<char> = s.chars().collect();
+    let mut out = String::with_capacity(s.len());
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i] == '\\' && i + 1 < chars.len() {
+            let mut j = i + 1;
+            let mut v = 0u32;
+            while j < chars.len() && j < i + 7 && chars[j].is_ascii_hexdigit() {
+                v = v * 16 + chars[j].to_digit(16).unwrap_or(0);
+                j += 1;
+            }
+            if j > i + 1 {
+                out.push(char::from_u32(v).unwrap_or('\u{fffd}'));
+                if j < chars.len() && chars[j] == ' ' {
+                    j += 1;
+                }
+                i = j;
+            } else {
+                // `\x` for a non-hex x is just x (CSS drops the backslash).
+                out.push(chars[i + 1]);
+                i += 2;
+            }
+        } else {
+            out.push(chars[i]);
+            i += 1;
+        }
+    }
+    Cow::Owned(out)
+}
+
+fn cmd_line(s: &str) -> Cow<'_, str> {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' | '"' | '\'' | '^' => {}
+            ',' | ';' => out.push(' '),
+            '/' | '(' => {
+                while out.ends_with(' ') {
+                    out.pop();
+                }
+                out.push(c);
+            }
+            c => out.push(c),
+        }
+    }
+    let compressed = compress_ws(&out).into_owned();
+    let lowered = compressed.to_lowercase();
+    if lowered == s {
+        Cow::Borrowed(s)
+    } else {
+        Cow::Owned(lowered)
+    }
+}
+
+fn remove_comments(s: &str) -> Cow<'_, str> {
+    if !s.contains("/*") && !s.contains("--") && !s.contains('#') {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix("/*") {
+            rest = after.find("*/").map_or("", |e| &after[e + 2..]);
+            out.push(' ');
+        } else if rest.starts_with("--") || rest.starts_with('#') {
+            rest = rest.find('\n').map_or("", |e| &rest[e..]);
+            out.push(' ');
+        } else {
+            let c = rest.chars().next().unwrap_or(' ');
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+        }
+    }
+    Cow::Owned(out)
+}
+
+fn utf8_normalize(s: &str) -> Cow<'_, str> {
+    if s.is_ascii() {
+        return Cow::Borrowed(s);
+    }
+    Cow::Owned(s.nfkc().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(tr: Transform, input: &str) -> String {
+        tr.apply(input).into_owned()
+    }
+
+    #[test]
+    fn decoders() {
+        assert_eq!(t(Transform::UrlDecode, "a%20b+c%2"), "a b c%2");
+        assert_eq!(t(Transform::UrlDecode, "%252e%252e%252f"), "%2e%2e%2f");
+        assert_eq!(t(Transform::UrlDecodeUni, "%252e%252e%252f"), "../");
+        assert_eq!(t(Transform::UrlDecodeUni, "%u003cscript%u003e"), "<script>");
+        assert_eq!(
+            t(Transform::UrlDecodeUni, "%c0%ae%c0%ae/etc"),
+            "../etc",
+            "overlong UTF-8"
+        );
+        assert_eq!(
+            t(
+                Transform::HtmlEntityDecode,
+                "&lt;img src=x onerror=&#97;lert(1)&#x3e;"
+            ),
+            "<img src=x onerror=alert(1)>"
+        );
+        assert_eq!(t(Transform::HtmlEntityDecode, "&#60script&#62"), "<script>");
+        assert_eq!(
+            t(Transform::JsDecode, "\\x3cscript\\u003e\\u{61}"),
+            "<script>a"
+        );
+        assert_eq!(t(Transform::CssDecode, "\\6a avascript:"), "javascript:");
+        assert_eq!(t(Transform::Base64Decode, "PHNjcmlwdD4="), "<script>");
+        assert_eq!(t(Transform::Base64Decode, "not base64!"), "not base64!");
+        assert_eq!(t(Transform::HexDecode, "3c7363726970743e"), "<script>");
+        assert_eq!(t(Transform::Utf8Normalize, "ＳＥＬＥＣＴ"), "SELECT");
+    }
+
+    #[test]
+    fn normalizers() {
+        assert_eq!(
+            t(Transform::NormalizePath, "/a/./b/../../../etc//passwd"),
+            "/etc/passwd"
+        );
+        assert_eq!(
+            t(Transform::NormalizePath, "..\\..\\windows\\win.ini"),
+            "windows/win.ini"
+        );
+        assert_eq!(t(Transform::CompressWhitespace, "a \t\n b"), "a b");
+        assert_eq!(t(Transform::RemoveNulls, "a\0b"), "ab");
+        assert_eq!(
+            t(Transform::CmdLine, "C^at \"/etc/pass\"'wd' ; W\\hoami"),
+            "cat/etc/passwd whoami"
+        );
+        assert_eq!(
+            t(Transform::RemoveComments, "1/**/UNION/*x*/SELECT -- rest"),
+            "1 UNION SELECT  "
+        );
+        assert_eq!(t(Transform::Lowercase, "SeLeCt"), "select");
+        assert!(matches!(
+            Transform::Lowercase.apply("plain"),
+            Cow::Borrowed(_)
+        ));
+        assert_eq!(
+            apply_chain(
+                &[Transform::UrlDecodeUni, Transform::Lowercase],
+                "%3CSCRIPT%3E"
+            ),
+            "<script>"
+        );
+    }
+}
