@@ -442,12 +442,34 @@ impl Compiler<'_> {
             };
             ops.push(Op::Label { label, prefix });
         }
-        match ops.len() {
-            1 => ops.pop().map(|op| Leaf {
+        // Count the operators written, not those that compiled: a bad regex is reported once.
+        let given = [
+            f.regex.is_some(),
+            f.phrases.is_some() || f.phrases_file.is_some(),
+            f.contains.is_some(),
+            f.equals.is_some(),
+            f.starts_with.is_some(),
+            f.ends_with.is_some(),
+            f.number.is_some(),
+            f.size.is_some(),
+            f.count.is_some(),
+            f.sqli.is_some(),
+            f.xss.is_some(),
+            f.ip_in.is_some(),
+            f.country_in.is_some(),
+            f.asn_in.is_some(),
+            f.label.is_some(),
+        ]
+        .iter()
+        .filter(|x| **x)
+        .count();
+        match given {
+            1 if ops.len() == 1 => ops.pop().map(|op| Leaf {
                 sources,
                 op,
                 negate: f.negate,
             }),
+            1 => None,
             0 => {
                 self.issue(loc, "a field test needs one operator: regex, phrases, phrases_file, contains, equals, starts_with, ends_with, number, size, count, sqli, xss, ip_in, country_in, asn_in or label".into());
                 None

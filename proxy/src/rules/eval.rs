@@ -227,8 +227,12 @@ impl<'s> SetState<'s> {
             let mut hits = vec![false; n];
             if let Some(rs) = &set.regex_sets[s] {
                 for v in self.values(s, input, labels) {
-                    for i in rs.matches(&v.text).iter() {
-                        hits[i] = true;
+                    // Most values match nothing: the one-pass `is_match` (lazy DFA) rules that
+                    // out cheaply before asking which patterns matched.
+                    if rs.is_match(&v.text) {
+                        for i in rs.matches(&v.text).iter() {
+                            hits[i] = true;
+                        }
                     }
                 }
             }

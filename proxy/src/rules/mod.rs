@@ -79,6 +79,14 @@ impl Stage for RulesStage {
     fn evaluate(&self, req: &RequestView<'_>) -> Decision {
         let input = input_of(req);
         let outcome = evaluate(&self.sets, &input, &mut ());
+        for m in outcome
+            .matches
+            .iter()
+            .filter(|m| m.action == file::RuleAction::Log)
+        {
+            tracing::info!(target: "palisade::rules", rule_set = %m.set, rule = %m.rule,
+                method = %req.head.method, path = %req.head.uri.path(), client = ?req.client_ip, "rule matched (log)");
+        }
         let counted: Vec<Cow<'static, str>> = outcome
             .matches
             .iter()
