@@ -11,6 +11,10 @@ use palisade::rules::compile::load;
 use palisade::rules::eval::{evaluate, AttachedRuleSet};
 use palisade::rules::fields::RuleInput;
 
+/// The proxy's allocator, so allocation costs match production.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// 212 rules of the kinds a managed rule set has: regexes and phrase lists on arguments,
 /// headers, path and cookies, under decode transforms, plus libinjection SQLi/XSS.
 fn ruleset_yaml() -> String {

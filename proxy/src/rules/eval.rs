@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::compile::{CompiledRule, CompiledRuleSet, Cond, Leaf, Mode, Op};
-use super::fields::{Origin, RuleInput};
+use super::fields::{Field, Origin, RuleInput};
 use super::file::RuleAction;
 use super::transforms::apply_chain;
 
@@ -169,20 +169,21 @@ impl Tracer for Vec<String> {
     }
 }
 
-struct SourceValue {
+/// A transformed value; borrows from the request when no transform changed it.
+struct SourceValue<'i> {
     origin: Origin,
-    name: Option<String>,
-    text: String,
+    name: Option<Cow<'i, str>>,
+    text: Cow<'i, str>,
 }
 
 /// Per-request, per-set state: transformed values and RegexSet hits, computed on demand.
-struct SetState<'s> {
+struct SetState<'s, 'i> {
     set: &'s CompiledRuleSet,
-    values: Vec<Option<Vec<SourceValue>>>,
+    values: Vec<Option<Vec<SourceValue<'i>>>>,
     regex_hits: Vec<Option<Vec<bool>>>,
 }
 
-impl<'s> SetState<'s> {
+impl<'s, 'i> SetState<'s, 'i> {
     fn new(set: &'s CompiledRuleSet) -> Self {
         let n = set.sources.len();
         SetState {
@@ -195,18 +196,22 @@ impl<'s> SetState<'s> {
     fn values(
         &mut self,
         s: usize,
-        input: &RuleInput<'_>,
+        input: &'i RuleInput<'_>,
         labels: &[Cow<'static, str>],
-    ) -> &[SourceValue] {
-        if self.values[s].is_none() {
-            let src = &self.set.sources[s];
+    ) -> &[SourceValue<'i>] {
+        let src = &self.set.sources[s];
+        // Labels change while rules run, so that source is never cached.
+        if self.values[s].is_none() || src.field == Field::Labels {
             let vals = input
                 .values(&src.field, labels)
                 .into_iter()
                 .map(|v| SourceValue {
                     origin: v.origin,
-                    name: v.name.map(Cow::into_owned),
-                    text: apply_chain(&src.chain, &v.text).into_owned(),
+                    name: v.name,
+                    text: match v.text {
+                        Cow::Borrowed(b) => apply_chain(&src.chain, b),
+                        Cow::Owned(o) => Cow::Owned(apply_chain(&src.chain, &o).into_owned()),
+                    },
                 })
                 .collect();
             self.values[s] = Some(vals);
@@ -218,7 +223,7 @@ impl<'s> SetState<'s> {
         &mut self,
         s: usize,
         slot: usize,
-        input: &RuleInput<'_>,
+        input: &'i RuleInput<'_>,
         labels: &[Cow<'static, str>],
     ) -> bool {
         if self.regex_hits[s].is_none() {
@@ -271,13 +276,17 @@ fn value_matches(op: &Op, text: &str) -> bool {
 }
 
 struct Ctx<'a, 'i, T: Tracer> {
-    input: &'a RuleInput<'i>,
+    input: &'i RuleInput<'i>,
     labels: &'a [Cow<'static, str>],
     exclusions: &'a [ExclusionTarget],
     trace: &'a mut T,
 }
 
-fn eval_leaf<T: Tracer>(leaf: &Leaf, st: &mut SetState<'_>, cx: &mut Ctx<'_, '_, T>) -> bool {
+fn eval_leaf<'i, T: Tracer>(
+    leaf: &Leaf,
+    st: &mut SetState<'_, 'i>,
+    cx: &mut Ctx<'_, 'i, T>,
+) -> bool {
     let mut hit = false;
     for (k, &s) in leaf.sources.iter().enumerate() {
         // Fast path: a regex on a source without exclusions reads the shared RegexSet scan.
@@ -335,7 +344,7 @@ fn eval_leaf<T: Tracer>(leaf: &Leaf, st: &mut SetState<'_>, cx: &mut Ctx<'_, '_,
     hit != leaf.negate
 }
 
-fn eval_cond<T: Tracer>(c: &Cond, st: &mut SetState<'_>, cx: &mut Ctx<'_, '_, T>) -> bool {
+fn eval_cond<'i, T: Tracer>(c: &Cond, st: &mut SetState<'_, 'i>, cx: &mut Ctx<'_, 'i, T>) -> bool {
     match c {
         Cond::All(v) => v.iter().all(|x| eval_cond(x, st, cx)),
         Cond::Any(v) => v.iter().any(|x| eval_cond(x, st, cx)),

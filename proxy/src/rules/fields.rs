@@ -310,94 +310,77 @@ impl<'a> RuleInput<'a> {
         })
     }
 
-    /// The values of a field.
-    pub fn values(&self, field: &Field, labels: &[Cow<'static, str>]) -> Vec<Value<'_>> {
-        let v = |origin, name: Option<&str>, text: &str| Value {
-            origin,
-            name: name.map(|n| Cow::Owned(n.to_string())),
-            text: Cow::Owned(text.to_string()),
-        };
-        let b = |origin, text: &'a str| Value {
-            origin,
-            name: None,
-            text: Cow::Borrowed(text),
+    /// The values of a field, borrowing from the request wherever possible.
+    pub fn values<'s>(&'s self, field: &Field, labels: &[Cow<'static, str>]) -> Vec<Value<'s>> {
+        fn bv<'s>(origin: Origin, name: Option<&'s str>, text: &'s str) -> Value<'s> {
+            Value {
+                origin,
+                name: name.map(Cow::Borrowed),
+                text: Cow::Borrowed(text),
+            }
+        }
+        fn header_text(v: &http::HeaderValue) -> Cow<'_, str> {
+            match v.to_str() {
+                Ok(s) => Cow::Borrowed(s),
+                Err(_) => String::from_utf8_lossy(v.as_bytes()),
+            }
+        }
+        let pairs = |list: &'s [(String, String)],
+                     origin: Origin,
+                     names: bool,
+                     only: Option<&str>|
+         -> Vec<Value<'s>> {
+            list.iter()
+                .filter(|(k, _)| only.is_none_or(|o| o == k))
+                .map(|(k, x)| bv(origin, Some(k), if names { k } else { x }))
+                .collect()
         };
         match field {
-            Field::Method => vec![b(Origin::Other, self.method)],
-            Field::Path => vec![b(Origin::Path, self.path)],
+            Field::Method => vec![bv(Origin::Other, None, self.method)],
+            Field::Path => vec![bv(Origin::Path, None, self.path)],
             Field::Uri => {
-                let uri = if self.query.is_empty() {
-                    self.path.to_string()
+                let text = if self.query.is_empty() {
+                    Cow::Borrowed(self.path)
                 } else {
-                    format!("{}?{}", self.path, self.query)
+                    Cow::Owned(format!("{}?{}", self.path, self.query))
                 };
                 vec![Value {
                     origin: Origin::Uri,
                     name: None,
-                    text: Cow::Owned(uri),
+                    text,
                 }]
             }
-            Field::QueryString => vec![b(Origin::Uri, self.query)],
-            Field::QueryNames => self
-                .query_pairs()
-                .iter()
-                .map(|(k, _)| v(Origin::Query, Some(k), k))
-                .collect(),
-            Field::QueryValues => self
-                .query_pairs()
-                .iter()
-                .map(|(k, x)| v(Origin::Query, Some(k), x))
-                .collect(),
-            Field::QueryArg(n) => self
-                .query_pairs()
-                .iter()
-                .filter(|(k, _)| k == n)
-                .map(|(k, x)| v(Origin::Query, Some(k), x))
-                .collect(),
+            Field::QueryString => vec![bv(Origin::Uri, None, self.query)],
+            Field::QueryNames => pairs(self.query_pairs(), Origin::Query, true, None),
+            Field::QueryValues => pairs(self.query_pairs(), Origin::Query, false, None),
+            Field::QueryArg(n) => pairs(self.query_pairs(), Origin::Query, false, Some(n)),
             Field::Header(h) => self
                 .headers
                 .get_all(h.as_str())
                 .iter()
-                .map(|x| {
-                    v(
-                        Origin::Header,
-                        Some(h),
-                        &String::from_utf8_lossy(x.as_bytes()),
-                    )
+                .map(|x| Value {
+                    origin: Origin::Header,
+                    name: Some(Cow::Owned(h.clone())),
+                    text: header_text(x),
                 })
                 .collect(),
             Field::HeaderNames => self
                 .headers
                 .keys()
-                .map(|k| v(Origin::Header, Some(k.as_str()), k.as_str()))
+                .map(|k| bv(Origin::Header, Some(k.as_str()), k.as_str()))
                 .collect(),
             Field::HeaderValues => self
                 .headers
                 .iter()
-                .map(|(k, x)| {
-                    v(
-                        Origin::Header,
-                        Some(k.as_str()),
-                        &String::from_utf8_lossy(x.as_bytes()),
-                    )
+                .map(|(k, x)| Value {
+                    origin: Origin::Header,
+                    name: Some(Cow::Borrowed(k.as_str())),
+                    text: header_text(x),
                 })
                 .collect(),
-            Field::CookieNames => self
-                .cookies()
-                .iter()
-                .map(|(k, _)| v(Origin::Cookie, Some(k), k))
-                .collect(),
-            Field::CookieValues => self
-                .cookies()
-                .iter()
-                .map(|(k, x)| v(Origin::Cookie, Some(k), x))
-                .collect(),
-            Field::Cookie(n) => self
-                .cookies()
-                .iter()
-                .filter(|(k, _)| k == n)
-                .map(|(k, x)| v(Origin::Cookie, Some(k), x))
-                .collect(),
+            Field::CookieNames => pairs(self.cookies(), Origin::Cookie, true, None),
+            Field::CookieValues => pairs(self.cookies(), Origin::Cookie, false, None),
+            Field::Cookie(n) => pairs(self.cookies(), Origin::Cookie, false, Some(n)),
             Field::Body => {
                 if self.body.is_empty() {
                     vec![]
@@ -409,43 +392,31 @@ impl<'a> RuleInput<'a> {
                     }]
                 }
             }
-            Field::FormNames => self
-                .form()
-                .fields
-                .iter()
-                .map(|(k, _)| v(Origin::Form, Some(k), k))
-                .collect(),
-            Field::FormValues => self
-                .form()
-                .fields
-                .iter()
-                .map(|(k, x)| v(Origin::Form, Some(k), x))
-                .collect(),
-            Field::FormField(n) => self
-                .form()
-                .fields
-                .iter()
-                .filter(|(k, _)| k == n)
-                .map(|(k, x)| v(Origin::Form, Some(k), x))
-                .collect(),
+            Field::FormNames => pairs(&self.form().fields, Origin::Form, true, None),
+            Field::FormValues => pairs(&self.form().fields, Origin::Form, false, None),
+            Field::FormField(n) => pairs(&self.form().fields, Origin::Form, false, Some(n)),
             Field::FileNames => self
                 .form()
                 .files
                 .iter()
-                .map(|f| v(Origin::Form, None, f))
+                .map(|f| bv(Origin::Form, None, f))
                 .collect(),
             Field::JsonKeys => self
                 .json()
                 .iter()
-                .filter_map(|m| m.key.as_ref().map(|k| v(Origin::Json, Some(&m.pointer), k)))
+                .filter_map(|m| {
+                    m.key
+                        .as_deref()
+                        .map(|k| bv(Origin::Json, Some(&m.pointer), k))
+                })
                 .collect(),
             Field::JsonValues => self
                 .json()
                 .iter()
                 .filter_map(|m| {
                     m.scalar
-                        .as_ref()
-                        .map(|x| v(Origin::Json, Some(&m.pointer), x))
+                        .as_deref()
+                        .map(|x| bv(Origin::Json, Some(&m.pointer), x))
                 })
                 .collect(),
             Field::JsonPointer(ptr) => self
@@ -454,8 +425,8 @@ impl<'a> RuleInput<'a> {
                 .filter(|m| &m.pointer == ptr)
                 .filter_map(|m| {
                     m.scalar
-                        .as_ref()
-                        .map(|x| v(Origin::Json, Some(&m.pointer), x))
+                        .as_deref()
+                        .map(|x| bv(Origin::Json, Some(&m.pointer), x))
                 })
                 .collect(),
             Field::ArgsNames => {
