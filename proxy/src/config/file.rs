@@ -58,7 +58,8 @@ pub struct FileConfig {
     /// Redis for fleet-wide rate limits (`store: redis`).
     #[serde(default)]
     pub redis: Option<RedisConfig>,
-    /// Rule-set files or directories of them (every `*.yaml`), relative to this file.
+    /// Rule-set files or directories of them (every `*.yaml`), relative to this file, or
+    /// `builtin:managed` for the managed rule sets compiled into the binary.
     #[serde(default)]
     #[schemars(with = "Vec<String>")]
     pub rulesets: Vec<Spanned<String>>,

@@ -327,19 +327,36 @@ fn rule_sets(
 ) -> BTreeMap<String, Arc<CompiledRuleSet>> {
     let mut out: BTreeMap<String, Arc<CompiledRuleSet>> = BTreeMap::new();
     for p in paths {
-        let path = resolve_path(base_dir, &p.value);
-        let files = match crate::rules::compile::rule_files(&path) {
-            Ok(f) => f,
-            Err(e) => {
-                issues.at(
-                    &p.referenced,
-                    format!("rulesets: cannot read {}: {e}", path.display()),
-                );
-                continue;
+        let loaded = if p.value == crate::rules::managed::BUILTIN_MANAGED {
+            crate::rules::compile::load_managed(ip_sets)
+        } else if p.value.starts_with("builtin:") {
+            issues.at(
+                &p.referenced,
+                format!(
+                    "rulesets: unknown built-in {:?}; the built-in rule sets are `{}`",
+                    p.value,
+                    crate::rules::managed::BUILTIN_MANAGED
+                ),
+            );
+            continue;
+        } else {
+            let path = resolve_path(base_dir, &p.value);
+            match crate::rules::compile::rule_files(&path) {
+                Ok(files) => files
+                    .iter()
+                    .map(|f| crate::rules::compile::load(f, ip_sets))
+                    .collect(),
+                Err(e) => {
+                    issues.at(
+                        &p.referenced,
+                        format!("rulesets: cannot read {}: {e}", path.display()),
+                    );
+                    continue;
+                }
             }
         };
-        for f in files {
-            match crate::rules::compile::load(&f, ip_sets) {
+        for result in loaded {
+            match result {
                 Ok(set) => {
                     if let Some(prev) = out.get(&set.name) {
                         issues.at(

@@ -607,19 +607,26 @@ pub fn load(
     path: &Path,
     ip_sets: &BTreeMap<String, Arc<IpSet>>,
 ) -> Result<CompiledRuleSet, RuleFileError> {
-    let name = path.display().to_string();
-    let one = |message: String| RuleFileError {
-        path: name.clone(),
+    let text = std::fs::read_to_string(path).map_err(|e| RuleFileError {
+        path: path.display().to_string(),
         issues: vec![RuleIssue {
             line: 0,
             column: 0,
             rule: None,
-            message,
+            message: format!("cannot read rule set: {e}"),
         }],
-    };
-    let text =
-        std::fs::read_to_string(path).map_err(|e| one(format!("cannot read rule set: {e}")))?;
-    let file: RuleSetFile = serde_saphyr::from_str(&text).map_err(|e| {
+    })?;
+    load_text(path, &text, ip_sets)
+}
+
+/// Parses and compiles rule-set text; `path` names it in errors and resolves `phrases_file`.
+pub fn load_text(
+    path: &Path,
+    text: &str,
+    ip_sets: &BTreeMap<String, Arc<IpSet>>,
+) -> Result<CompiledRuleSet, RuleFileError> {
+    let name = path.display().to_string();
+    let file: RuleSetFile = serde_saphyr::from_str(text).map_err(|e| {
         let (line, column) = e
             .location()
             .map(|l| (l.line(), l.column()))
@@ -644,6 +651,19 @@ pub fn load(
         }
     })?;
     compile(path, file, ip_sets)
+}
+
+/// The managed rule sets embedded in the binary (see [`super::managed`]), compiled.
+pub fn load_managed(
+    ip_sets: &BTreeMap<String, Arc<IpSet>>,
+) -> Vec<Result<CompiledRuleSet, RuleFileError>> {
+    super::managed::MANAGED_RULESETS
+        .iter()
+        .map(|(file, text)| {
+            let path = PathBuf::from(format!("{}/{file}", super::managed::BUILTIN_MANAGED));
+            load_text(&path, text, ip_sets)
+        })
+        .collect()
 }
 
 /// Rule-set files under a path: the file itself, or every `*.yaml`/`*.yml` in a directory

@@ -90,7 +90,73 @@ pub enum Field {
     Asn,
     /// Labels added by earlier rules.
     Labels,
+    /// Values of headers other than the standard ones with a fixed grammar (see
+    /// [`STANDARD_HEADERS`]): where custom headers such as `X-Api-Version` carry input.
+    HeadersCustom,
+    /// The body when no parser claims it: not urlencoded, multipart, XML, or valid JSON
+    /// (plain text, GraphQL documents, a malformed JSON or multipart body).
+    BodyUnparsed,
+    /// Text and attribute values of an XML body (entities left encoded; `html_entity_decode`
+    /// decodes them). Also part of `args.values`.
+    XmlValues,
+    /// The body length in bytes: `Content-Length` when given, else the bytes read.
+    BodySize,
 }
+
+/// Request headers whose values have a fixed grammar (or their own rules, like
+/// `user-agent` and `cookie`), left out of `headers.custom`: injection detectors on them only
+/// produce false positives (`sec-ch-ua: "Chromium";v="120"` looks like SQL to a tokenizer).
+pub const STANDARD_HEADERS: &[&str] = &[
+    "accept",
+    "accept-charset",
+    "accept-encoding",
+    "accept-language",
+    "access-control-request-headers",
+    "access-control-request-method",
+    "authorization",
+    "cache-control",
+    "connection",
+    "content-encoding",
+    "content-length",
+    "content-type",
+    "cookie",
+    "dnt",
+    "forwarded",
+    "host",
+    "if-match",
+    "if-modified-since",
+    "if-none-match",
+    "if-range",
+    "if-unmodified-since",
+    "keep-alive",
+    "origin",
+    "pragma",
+    "priority",
+    "proxy-authorization",
+    "range",
+    "referer",
+    "sec-ch-ua",
+    "sec-ch-ua-mobile",
+    "sec-ch-ua-platform",
+    "sec-fetch-dest",
+    "sec-fetch-mode",
+    "sec-fetch-site",
+    "sec-fetch-user",
+    "te",
+    "traceparent",
+    "tracestate",
+    "transfer-encoding",
+    "upgrade",
+    "upgrade-insecure-requests",
+    "user-agent",
+    "via",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-proto",
+    "x-real-ip",
+    "x-request-id",
+];
 
 impl Field {
     /// Parses a field as written in rule files (`query.values`, `header:user-agent`, …).
@@ -133,11 +199,16 @@ impl Field {
             "country" => Field::Country,
             "asn" => Field::Asn,
             "labels" => Field::Labels,
+            "headers.custom" => Field::HeadersCustom,
+            "body.unparsed" => Field::BodyUnparsed,
+            "xml.values" => Field::XmlValues,
+            "body_size" => Field::BodySize,
             _ => return Err(format!(
                 "unknown field {s:?}; fields are method, path, uri, query_string, query.names, query.values, query:NAME, \
                  header:NAME, headers.names, headers.values, cookie:NAME, cookies.names, cookies.values, body, \
                  form.names, form.values, form:NAME, files.names, json.keys, json.values, json:/POINTER, \
-                 args.names, args.values, client_ip, country, asn, labels"
+                 args.names, args.values, headers.custom, body.unparsed, xml.values, body_size, client_ip, country, \
+                 asn, labels"
             )),
         })
     }
@@ -156,6 +227,9 @@ impl Field {
                 | Field::JsonPointer(_)
                 | Field::ArgsNames
                 | Field::ArgsValues
+                | Field::BodyUnparsed
+                | Field::XmlValues
+                | Field::BodySize
         )
     }
 
@@ -197,7 +271,26 @@ pub struct RuleInput<'a> {
     query_pairs: OnceCell<Vec<(String, String)>>,
     cookies: OnceCell<Vec<(String, String)>>,
     form: OnceCell<ParsedForm>,
-    json: OnceCell<Vec<JsonMember>>,
+    json: OnceCell<ParsedJson>,
+    xml: OnceCell<Vec<String>>,
+}
+
+/// The JSON members of a body, and whether it was JSON that parsed.
+#[derive(Debug, Default)]
+struct ParsedJson {
+    members: Vec<JsonMember>,
+    /// The body claimed to be JSON (or looked like it) but did not parse.
+    malformed: bool,
+}
+
+/// How the body is parsed, from its content type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyKind {
+    Form,
+    Multipart,
+    Json,
+    Xml,
+    Other,
 }
 
 /// Form fields and uploaded file names.
@@ -207,6 +300,8 @@ pub struct ParsedForm {
     pub fields: Vec<(String, String)>,
     /// Uploaded file names.
     pub files: Vec<String>,
+    /// The multipart body did not parse to its end.
+    pub malformed: bool,
 }
 
 impl<'a> RuleInput<'a> {
@@ -235,7 +330,38 @@ impl<'a> RuleInput<'a> {
             cookies: OnceCell::new(),
             form: OnceCell::new(),
             json: OnceCell::new(),
+            xml: OnceCell::new(),
         }
+    }
+
+    fn body_kind(&self) -> BodyKind {
+        let ct = self.content_type().trim_start();
+        let starts = |p: &str| ct.len() >= p.len() && ct[..p.len()].eq_ignore_ascii_case(p);
+        let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        if starts("application/x-www-form-urlencoded") {
+            BodyKind::Form
+        } else if starts("multipart/form-data") {
+            BodyKind::Multipart
+        } else if essence.contains("json")
+            || (ct.is_empty() && self.body.first().is_some_and(|b| *b == b'{' || *b == b'['))
+        {
+            BodyKind::Json
+        } else if essence.ends_with("/xml") || essence.ends_with("+xml") {
+            BodyKind::Xml
+        } else {
+            BodyKind::Other
+        }
+    }
+
+    /// Text and attribute values of an XML body.
+    fn xml(&self) -> &[String] {
+        self.xml.get_or_init(|| {
+            if self.body_kind() == BodyKind::Xml {
+                xml_values(self.body)
+            } else {
+                Vec::new()
+            }
+        })
     }
 
     fn content_type(&self) -> &str {
@@ -247,9 +373,7 @@ impl<'a> RuleInput<'a> {
 
     fn query_pairs(&self) -> &[(String, String)] {
         self.query_pairs.get_or_init(|| {
-            form_urlencoded::parse(self.query.as_bytes())
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect()
+            parse_urlencoded(self.query.as_bytes())
         })
     }
 
@@ -279,10 +403,8 @@ impl<'a> RuleInput<'a> {
             let ct = self.content_type().to_ascii_lowercase();
             if ct.starts_with("application/x-www-form-urlencoded") {
                 ParsedForm {
-                    fields: form_urlencoded::parse(self.body)
-                        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                        .collect(),
-                    files: vec![],
+                    fields: parse_urlencoded(self.body),
+                    ..ParsedForm::default()
                 }
             } else if ct.starts_with("multipart/form-data") {
                 super::multipart::parse(self.content_type(), self.body)
@@ -294,19 +416,26 @@ impl<'a> RuleInput<'a> {
 
     /// JSON members, in document order.
     fn json(&self) -> &[JsonMember] {
+        &self.parsed_json().members
+    }
+
+    fn parsed_json(&self) -> &ParsedJson {
         self.json.get_or_init(|| {
-            let ct = self.content_type().to_ascii_lowercase();
-            let looks_json = ct.contains("json")
-                || (ct.is_empty() && self.body.first().is_some_and(|b| *b == b'{' || *b == b'['));
-            if !looks_json {
-                return Vec::new();
+            if self.body_kind() != BodyKind::Json || self.body.is_empty() {
+                return ParsedJson::default();
             }
             let Ok(v) = serde_json::from_slice::<serde_json::Value>(self.body) else {
-                return Vec::new();
+                return ParsedJson {
+                    members: Vec::new(),
+                    malformed: true,
+                };
             };
-            let mut out = Vec::new();
-            flatten_json(&v, &mut String::new(), None, &mut out, 0);
-            out
+            let mut members = Vec::new();
+            flatten_json(&v, &mut String::new(), None, &mut members, 0);
+            ParsedJson {
+                members,
+                malformed: false,
+            }
         })
     }
 
@@ -439,7 +568,53 @@ impl<'a> RuleInput<'a> {
                 let mut out = self.values(&Field::QueryValues, labels);
                 out.extend(self.values(&Field::FormValues, labels));
                 out.extend(self.values(&Field::JsonValues, labels));
+                out.extend(self.values(&Field::XmlValues, labels));
                 out
+            }
+            Field::HeadersCustom => self
+                .headers
+                .iter()
+                .filter(|(k, _)| STANDARD_HEADERS.binary_search(&k.as_str()).is_err())
+                .map(|(k, x)| Value {
+                    origin: Origin::Header,
+                    name: Some(Cow::Borrowed(k.as_str())),
+                    text: header_text(x),
+                })
+                .collect(),
+            Field::BodyUnparsed => {
+                let unparsed = match self.body_kind() {
+                    BodyKind::Other => true,
+                    BodyKind::Json => self.parsed_json().malformed,
+                    BodyKind::Multipart => self.form().malformed,
+                    _ => false,
+                };
+                if unparsed && !self.body.is_empty() {
+                    vec![Value {
+                        origin: Origin::Body,
+                        name: None,
+                        text: String::from_utf8_lossy(self.body),
+                    }]
+                } else {
+                    vec![]
+                }
+            }
+            Field::XmlValues => self
+                .xml()
+                .iter()
+                .map(|x| bv(Origin::Body, None, x))
+                .collect(),
+            Field::BodySize => {
+                let declared = self
+                    .headers
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok());
+                let size = declared.unwrap_or(self.body.len() as u64).max(self.body.len() as u64);
+                vec![Value {
+                    origin: Origin::Other,
+                    name: None,
+                    text: Cow::Owned(size.to_string()),
+                }]
             }
             Field::ClientIp => self
                 .client_ip
@@ -478,6 +653,79 @@ impl<'a> RuleInput<'a> {
                 .collect(),
         }
     }
+}
+
+/// `application/x-www-form-urlencoded` pairs. Unlike `form_urlencoded::parse`, bytes that are
+/// not UTF-8 go through the rules' byte-to-text step, so overlong encodings of ASCII
+/// (`%C0%AE` for `.`, a classic traversal evasion) decode to what old decoders saw.
+fn parse_urlencoded(input: &[u8]) -> Vec<(String, String)> {
+    fn decode(part: &[u8]) -> String {
+        let plus: Cow<'_, [u8]> = if part.contains(&b'+') {
+            Cow::Owned(part.iter().map(|&b| if b == b'+' { b' ' } else { b }).collect())
+        } else {
+            Cow::Borrowed(part)
+        };
+        let bytes: Vec<u8> = percent_encoding::percent_decode(&plus).collect();
+        super::transforms::bytes_to_text(bytes)
+    }
+    input
+        .split(|&b| b == b'&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let mut it = pair.splitn(2, |&b| b == b'=');
+            let k = it.next().unwrap_or_default();
+            let v = it.next().unwrap_or_default();
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+/// At most this many XML values are inspected (bounds work on hostile bodies).
+const MAX_XML_VALUES: usize = 4096;
+
+/// Text runs (with entity references kept as written) and attribute values of an XML
+/// document, in order; stops quietly at the first syntax error, keeping what was read.
+/// Namespace declarations (`xmlns`, `xmlns:*`) are skipped: they are URIs by definition.
+fn xml_values(body: &[u8]) -> Vec<String> {
+    use quick_xml::events::Event;
+    let doc = String::from_utf8_lossy(body);
+    let mut reader = quick_xml::Reader::from_str(&doc);
+    let mut out = Vec::new();
+    let mut text = String::new();
+    let flush = |text: &mut String, out: &mut Vec<String>| {
+        let t = text.trim();
+        if !t.is_empty() {
+            out.push(t.to_string());
+        }
+        text.clear();
+    };
+    while out.len() < MAX_XML_VALUES {
+        match reader.read_event() {
+            Ok(Event::Text(t)) => text.push_str(&t),
+            Ok(Event::CData(t)) => text.push_str(&t),
+            Ok(Event::GeneralRef(r)) => {
+                text.push('&');
+                text.push_str(&r);
+                text.push(';');
+            }
+            Ok(Event::Start(e) | Event::Empty(e)) => {
+                flush(&mut text, &mut out);
+                for a in e.attributes().with_checks(false).flatten() {
+                    let key = a.key.as_ref();
+                    if key == "xmlns" || key.starts_with("xmlns:") {
+                        continue;
+                    }
+                    if !a.value.trim().is_empty() {
+                        out.push(a.value.into_owned());
+                    }
+                }
+            }
+            Ok(Event::Eof) | Err(_) => break,
+            Ok(_) => flush(&mut text, &mut out),
+        }
+    }
+    flush(&mut text, &mut out);
+    out
 }
 
 /// JSON nesting deeper than this is not inspected further (bounds work on hostile bodies).
@@ -549,5 +797,55 @@ fn flatten_json(
                 scalar: Some(text),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standard_headers_sorted_for_binary_search() {
+        assert!(STANDARD_HEADERS.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    fn input<'a>(headers: &'a HeaderMap, body: &'a [u8]) -> RuleInput<'a> {
+        RuleInput::new("POST", "/", "", headers, body, None, None, None)
+    }
+
+    fn texts(v: Vec<Value<'_>>) -> Vec<String> {
+        v.into_iter().map(|v| v.text.into_owned()).collect()
+    }
+
+    #[test]
+    fn xml_values_and_unparsed_bodies() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", "text/xml; charset=utf-8".parse().unwrap());
+        let body = br#"<?xml version="1.0"?><e:Envelope xmlns:e="urn:x"><q id="a&amp;b"> 1 &lt; 2 </q><r><![CDATA[<x>]]></r></e:Envelope>"#;
+        let i = input(&h, body);
+        assert_eq!(texts(i.values(&Field::XmlValues, &[])), ["a&amp;b", "1 &lt; 2", "<x>"]);
+        assert!(i.values(&Field::BodyUnparsed, &[]).is_empty());
+        assert_eq!(i.values(&Field::ArgsValues, &[]).len(), 3);
+
+        h.insert("content-type", "application/json".parse().unwrap());
+        let bad = b"{\"a\": 1' or '1'='1";
+        let i = input(&h, bad);
+        assert_eq!(texts(i.values(&Field::BodyUnparsed, &[])).len(), 1, "malformed JSON is inspected as text");
+        let good = b"{\"a\": \"x\"}";
+        assert!(input(&h, good).values(&Field::BodyUnparsed, &[]).is_empty());
+
+        h.insert("content-type", "application/graphql".parse().unwrap());
+        assert_eq!(texts(input(&h, b"{ __schema { types { name } } }").values(&Field::BodyUnparsed, &[])).len(), 1);
+    }
+
+    #[test]
+    fn custom_headers_and_body_size() {
+        let mut h = HeaderMap::new();
+        h.insert("user-agent", "curl/8".parse().unwrap());
+        h.insert("x-api-version", "${jndi:ldap://x}".parse().unwrap());
+        h.insert("content-length", "9000".parse().unwrap());
+        let i = input(&h, b"");
+        assert_eq!(texts(i.values(&Field::HeadersCustom, &[])), ["${jndi:ldap://x}"]);
+        assert_eq!(texts(i.values(&Field::BodySize, &[])), ["9000"]);
     }
 }

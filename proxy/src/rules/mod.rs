@@ -7,6 +7,7 @@ pub mod compile;
 pub mod eval;
 pub mod fields;
 pub mod file;
+pub mod managed;
 mod multipart;
 pub mod testing;
 pub mod transforms;

@@ -9,24 +9,56 @@ use super::fields::ParsedForm;
 /// Most parts inspected; a body with more is inspected up to this many.
 const MAX_PARTS: usize = 1000;
 
-/// Parses a multipart body. Malformed input yields what was parsed before the error.
+/// Parses a multipart body. Malformed input yields what was parsed before the error, with
+/// `malformed` set (the rules then also see the raw body as `body.unparsed`). Bodies with bare
+/// `\n` line ends, which lenient servers such as PHP accept, are parsed again with `\r\n`.
 pub fn parse(content_type: &str, body: &[u8]) -> ParsedForm {
     let Ok(boundary) = multer::parse_boundary(content_type) else {
-        return ParsedForm::default();
+        return ParsedForm {
+            malformed: true,
+            ..ParsedForm::default()
+        };
     };
-    let data = Bytes::copy_from_slice(body);
+    let first = parse_with(&boundary, Bytes::copy_from_slice(body));
+    if !first.malformed || !body.contains(&b'\n') {
+        return first;
+    }
+    let mut crlf = Vec::with_capacity(body.len() + body.len() / 16);
+    let mut prev = 0u8;
+    for &b in body {
+        if b == b'\n' && prev != b'\r' {
+            crlf.push(b'\r');
+        }
+        crlf.push(b);
+        prev = b;
+    }
+    let second = parse_with(&boundary, Bytes::from(crlf));
+    if second.malformed {
+        first
+    } else {
+        second
+    }
+}
+
+fn parse_with(boundary: &str, data: Bytes) -> ParsedForm {
     let stream =
         futures_util::stream::once(async move { Ok::<Bytes, std::convert::Infallible>(data) });
     let mut mp = multer::Multipart::new(stream, boundary);
     futures_executor::block_on(async move {
         let mut out = ParsedForm::default();
         for _ in 0..MAX_PARTS {
-            let Ok(Some(field)) = mp.next_field().await else {
-                break;
+            let field = match mp.next_field().await {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(_) => {
+                    out.malformed = true;
+                    break;
+                }
             };
             let name = field.name().unwrap_or("").to_string();
             let file = field.file_name().map(str::to_string);
             let Ok(bytes) = field.bytes().await else {
+                out.malformed = true;
                 break;
             };
             match file {
@@ -53,5 +85,15 @@ mod tests {
             vec![("comment".to_string(), "hello <b>".to_string())]
         );
         assert_eq!(f.files, vec!["shell.php".to_string()]);
+        assert!(!f.malformed);
+    }
+
+    #[test]
+    fn bare_newlines_and_garbage() {
+        let lf = "--B\nContent-disposition: form-data; name=\"../../etc/passwd\"\n\nTest\n--B--\n";
+        let f = super::parse("multipart/form-data; boundary=B", lf.as_bytes());
+        assert_eq!(f.fields, vec![("../../etc/passwd".to_string(), "Test".to_string())]);
+        let g = super::parse("multipart/form-data; boundary=B", b"no parts at all");
+        assert!(g.malformed);
     }
 }

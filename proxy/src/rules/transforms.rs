@@ -29,6 +29,10 @@ pub enum Transform {
     NormalizePath,
     /// Base64 (standard or URL-safe, padding optional); undecodable input is left as is.
     Base64Decode,
+    /// Base64 decoding only when the whole value (leading `/` and `+` ignored, as in a path)
+    /// is base64 of printable UTF-8 text (NULs allowed: they are an evasion of their own); anything else is left as is. Lets one chain inspect
+    /// both plain and base64-wrapped payloads without turning random tokens into noise.
+    Base64DecodeText,
     /// Hex pairs to bytes; undecodable input is left as is.
     HexDecode,
     /// JavaScript escapes: `\xHH`, `\uHHHH`, `\u{H…}`, `\n`-style, `\\`.
@@ -58,6 +62,7 @@ impl Transform {
             "remove_nulls" => Transform::RemoveNulls,
             "normalize_path" => Transform::NormalizePath,
             "base64_decode" => Transform::Base64Decode,
+            "base64_decode_text" => Transform::Base64DecodeText,
             "hex_decode" => Transform::HexDecode,
             "js_decode" => Transform::JsDecode,
             "css_decode" => Transform::CssDecode,
@@ -79,6 +84,7 @@ impl Transform {
         "remove_nulls",
         "normalize_path",
         "base64_decode",
+        "base64_decode_text",
         "hex_decode",
         "js_decode",
         "css_decode",
@@ -126,6 +132,7 @@ impl Transform {
             }
             Transform::NormalizePath => normalize_path(s),
             Transform::Base64Decode => base64_decode(s),
+            Transform::Base64DecodeText => base64_decode_text(s),
             Transform::HexDecode => hex_decode(s),
             Transform::JsDecode => js_decode(s),
             Transform::CssDecode => css_decode(s),
@@ -159,7 +166,7 @@ fn hex_val(b: u8) -> Option<u8> {
 
 /// Bytes to text: valid UTF-8 as is; otherwise decode overlong 2-byte sequences of ASCII
 /// (`C0 AE` → `.`, the classic traversal evasion) and replace other invalid bytes.
-fn bytes_to_text(bytes: Vec<u8>) -> String {
+pub(crate) fn bytes_to_text(bytes: Vec<u8>) -> String {
     match String::from_utf8(bytes) {
         Ok(s) => s,
         Err(e) => {
@@ -351,6 +358,47 @@ fn base64_decode(s: &str) -> Cow<'_, str> {
         }
     }
     Cow::Borrowed(s)
+}
+
+/// Shortest value `base64_decode_text` tries: shorter base64 carries no useful payload and
+/// short words (`test`, `admin`) are valid base64 of binary noise.
+const BASE64_TEXT_MIN_LEN: usize = 8;
+
+fn base64_decode_text(s: &str) -> Cow<'_, str> {
+    // Base64 of text never starts with `/` or `+` (they encode a first byte >= 0xF8, which
+    // UTF-8 forbids), so stripping them only removes a path's slash.
+    let t = s.trim().trim_start_matches(['/', '+']);
+    let body = t.trim_end_matches('=');
+    if body.len() < BASE64_TEXT_MIN_LEN
+        || body.len() % 4 == 1
+        || !body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'-' | b'_'))
+        // All letters of one case or all digits: words and numbers, not encodings.
+        || body.bytes().all(|b| b.is_ascii_digit())
+        || body.bytes().all(|b| b.is_ascii_lowercase())
+        || body.bytes().all(|b| b.is_ascii_uppercase())
+    {
+        return Cow::Borrowed(s);
+    }
+    let engine = if body.contains(['-', '_']) {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+    } else {
+        base64::engine::general_purpose::STANDARD_NO_PAD
+    };
+    let Ok(bytes) = engine.decode(body) else {
+        return Cow::Borrowed(s);
+    };
+    match String::from_utf8(bytes) {
+        Ok(text)
+            if text
+                .chars()
+                .all(|c| !c.is_control() || matches!(c, '\t' | '\n' | '\r' | '\0')) =>
+        {
+            Cow::Owned(text)
+        }
+        _ => Cow::Borrowed(s),
+    }
 }
 
 fn hex_decode(s: &str) -> Cow<'_, str> {
@@ -581,6 +629,13 @@ mod tests {
         assert_eq!(t(Transform::CssDecode, "\\6a avascript:"), "javascript:");
         assert_eq!(t(Transform::Base64Decode, "PHNjcmlwdD4="), "<script>");
         assert_eq!(t(Transform::Base64Decode, "not base64!"), "not base64!");
+        let b = Transform::Base64DecodeText;
+        assert_eq!(t(b, "J3x8c2xlZXAoNSk="), "'||sleep(5)");
+        assert_eq!(t(b, "/J3x8c2xlZXAoNSk"), "'||sleep(5)", "as a path, unpadded");
+        assert_eq!(t(b, "PD94bWw_"), "<?xml?", "URL-safe alphabet");
+        for kept in ["password", "TESTCASE", "12345678", "dGVzdA", "hello world", "iVBORw0KGgo="] {
+            assert_eq!(t(b, kept), kept, "{kept}: a word, too short, not base64, or binary");
+        }
         assert_eq!(t(Transform::HexDecode, "3c7363726970743e"), "<script>");
         assert_eq!(t(Transform::Utf8Normalize, "ＳＥＬＥＣＴ"), "SELECT");
     }
