@@ -362,13 +362,19 @@ fn base64_decode(s: &str) -> Cow<'_, str> {
 
 /// Shortest value `base64_decode_text` tries: shorter base64 carries no useful payload and
 /// short words (`test`, `admin`) are valid base64 of binary noise.
-const BASE64_TEXT_MIN_LEN: usize = 8;
+const BASE64_TEXT_MIN_LEN: usize = 6;
 
 fn base64_decode_text(s: &str) -> Cow<'_, str> {
     // Base64 of text never starts with `/` or `+` (they encode a first byte >= 0xF8, which
     // UTF-8 forbids), so stripping them only removes a path's slash.
-    let t = s.trim().trim_start_matches(['/', '+']);
-    let body = t.trim_end_matches('=');
+    let t = s.trim().trim_start_matches(['/', '+', ' ']);
+    // A `+` of base64 sent unescaped in a query or form becomes a space when decoded.
+    let plus: Cow<'_, str> = if t.contains(' ') {
+        Cow::Owned(t.replace(' ', "+"))
+    } else {
+        Cow::Borrowed(t)
+    };
+    let body = plus.trim_end_matches('=');
     if body.len() < BASE64_TEXT_MIN_LEN
         || body.len() % 4 == 1
         || !body
@@ -633,7 +639,9 @@ mod tests {
         assert_eq!(t(b, "J3x8c2xlZXAoNSk="), "'||sleep(5)");
         assert_eq!(t(b, "/J3x8c2xlZXAoNSk"), "'||sleep(5)", "as a path, unpadded");
         assert_eq!(t(b, "PD94bWw_"), "<?xml?", "URL-safe alphabet");
-        for kept in ["password", "TESTCASE", "12345678", "dGVzdA", "hello world", "iVBORw0KGgo="] {
+        assert_eq!(t(b, "PGI PjwvYj4="), "<b>></b>", "`+` decoded to a space");
+        assert_eq!(t(b, "O2lkOw"), ";id;", "short payloads");
+        for kept in ["password", "TESTCASE", "12345678", "dGVz", "hello world", "iVBORw0KGgo="] {
             assert_eq!(t(b, kept), kept, "{kept}: a word, too short, not base64, or binary");
         }
         assert_eq!(t(Transform::HexDecode, "3c7363726970743e"), "<script>");
