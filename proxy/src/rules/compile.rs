@@ -137,6 +137,8 @@ pub struct Leaf {
     pub sources: Vec<usize>,
     /// The operator.
     pub op: Op,
+    /// A regex each value must also match (`confirm`).
+    pub confirm: Option<Regex>,
     /// Inverted.
     pub negate: bool,
 }
@@ -463,10 +465,34 @@ impl Compiler<'_> {
         .iter()
         .filter(|x| **x)
         .count();
+        let confirm = match &f.confirm {
+            None => None,
+            Some(_) if f.regex.is_some() || f.count.is_some() => {
+                self.issue(
+                    loc,
+                    "`confirm` goes with an operator that tests values one by one (not `regex`: write one regex; not `count`)".into(),
+                );
+                None
+            }
+            Some(r) => match RegexBuilder::new(&r.value)
+                .size_limit(REGEX_SIZE_LIMIT)
+                .build()
+            {
+                Ok(regex) => Some(regex),
+                Err(e) => {
+                    self.issue(
+                        &r.referenced,
+                        format!("invalid confirm regex: {}", e.to_string().replace('\n', " ")),
+                    );
+                    None
+                }
+            },
+        };
         match given {
             1 if ops.len() == 1 => ops.pop().map(|op| Leaf {
                 sources,
                 op,
+                confirm,
                 negate: f.negate,
             }),
             1 => None,

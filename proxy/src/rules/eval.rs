@@ -317,7 +317,8 @@ fn eval_leaf<'i, T: Tracer>(
             }
         } else {
             for v in kept {
-                let m = value_matches(&leaf.op, &v.text);
+                let m = leaf.confirm.as_ref().is_none_or(|c| c.is_match(&v.text))
+                    && value_matches(&leaf.op, &v.text);
                 if cx.trace.enabled() {
                     let shown: String = v.text.chars().take(120).collect();
                     cx.trace.line(format!(

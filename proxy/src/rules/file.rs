@@ -162,6 +162,12 @@ pub struct ConditionFile {
     /// An earlier rule added this label (`*` at the end matches a prefix).
     #[serde(default)]
     pub label: Option<String>,
+    /// With an operator other than `regex` and `count`: a value only matches when it also
+    /// matches this regex. Checked first, so a cheap confirmation in front of `sqli`/`xss`
+    /// also saves their cost on values that cannot be injections.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub confirm: Option<Spanned<String>>,
     /// Inverts the field test.
     #[serde(default)]
     pub negate: bool,
