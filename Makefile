@@ -18,6 +18,7 @@ test: deps lint
 	./target/debug/palisade check
 	./target/debug/palisade check --config examples/rules-demo.yaml
 	./target/debug/palisade test --config examples/rules-demo.yaml rulesets/examples
+	./target/debug/palisade test rulesets
 
 build: deps
 	cargo build --release --bin palisade

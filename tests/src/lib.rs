@@ -485,7 +485,7 @@ pub fn repo_path(rel: &str) -> PathBuf {
 pub async fn raw_get(addr: SocketAddr, path: &str) -> Option<RawResponse> {
     raw_request(
         addr,
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: palisade-tests\r\nConnection: close\r\n\r\n").as_bytes(),
     )
     .await
 }

@@ -482,7 +482,10 @@ impl Compiler<'_> {
                 Err(e) => {
                     self.issue(
                         &r.referenced,
-                        format!("invalid confirm regex: {}", e.to_string().replace('\n', " ")),
+                        format!(
+                            "invalid confirm regex: {}",
+                            e.to_string().replace('\n', " ")
+                        ),
                     );
                     None
                 }

@@ -337,7 +337,12 @@ impl<'a> RuleInput<'a> {
     fn body_kind(&self) -> BodyKind {
         let ct = self.content_type().trim_start();
         let starts = |p: &str| ct.len() >= p.len() && ct[..p.len()].eq_ignore_ascii_case(p);
-        let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let essence = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         if starts("application/x-www-form-urlencoded") {
             BodyKind::Form
         } else if starts("multipart/form-data") {
@@ -372,9 +377,8 @@ impl<'a> RuleInput<'a> {
     }
 
     fn query_pairs(&self) -> &[(String, String)] {
-        self.query_pairs.get_or_init(|| {
-            parse_urlencoded(self.query.as_bytes())
-        })
+        self.query_pairs
+            .get_or_init(|| parse_urlencoded(self.query.as_bytes()))
     }
 
     fn cookies(&self) -> &[(String, String)] {
@@ -609,7 +613,9 @@ impl<'a> RuleInput<'a> {
                     .get(http::header::CONTENT_LENGTH)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.trim().parse::<u64>().ok());
-                let size = declared.unwrap_or(self.body.len() as u64).max(self.body.len() as u64);
+                let size = declared
+                    .unwrap_or(self.body.len() as u64)
+                    .max(self.body.len() as u64);
                 vec![Value {
                     origin: Origin::Other,
                     name: None,
@@ -661,7 +667,11 @@ impl<'a> RuleInput<'a> {
 fn parse_urlencoded(input: &[u8]) -> Vec<(String, String)> {
     fn decode(part: &[u8]) -> String {
         let plus: Cow<'_, [u8]> = if part.contains(&b'+') {
-            Cow::Owned(part.iter().map(|&b| if b == b'+' { b' ' } else { b }).collect())
+            Cow::Owned(
+                part.iter()
+                    .map(|&b| if b == b'+' { b' ' } else { b })
+                    .collect(),
+            )
         } else {
             Cow::Borrowed(part)
         };
@@ -801,6 +811,7 @@ fn flatten_json(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
 
@@ -823,19 +834,30 @@ mod tests {
         h.insert("content-type", "text/xml; charset=utf-8".parse().unwrap());
         let body = br#"<?xml version="1.0"?><e:Envelope xmlns:e="urn:x"><q id="a&amp;b"> 1 &lt; 2 </q><r><![CDATA[<x>]]></r></e:Envelope>"#;
         let i = input(&h, body);
-        assert_eq!(texts(i.values(&Field::XmlValues, &[])), ["a&amp;b", "1 &lt; 2", "<x>"]);
+        assert_eq!(
+            texts(i.values(&Field::XmlValues, &[])),
+            ["a&amp;b", "1 &lt; 2", "<x>"]
+        );
         assert!(i.values(&Field::BodyUnparsed, &[]).is_empty());
         assert_eq!(i.values(&Field::ArgsValues, &[]).len(), 3);
 
         h.insert("content-type", "application/json".parse().unwrap());
         let bad = b"{\"a\": 1' or '1'='1";
         let i = input(&h, bad);
-        assert_eq!(texts(i.values(&Field::BodyUnparsed, &[])).len(), 1, "malformed JSON is inspected as text");
+        assert_eq!(
+            texts(i.values(&Field::BodyUnparsed, &[])).len(),
+            1,
+            "malformed JSON is inspected as text"
+        );
         let good = b"{\"a\": \"x\"}";
         assert!(input(&h, good).values(&Field::BodyUnparsed, &[]).is_empty());
 
         h.insert("content-type", "application/graphql".parse().unwrap());
-        assert_eq!(texts(input(&h, b"{ __schema { types { name } } }").values(&Field::BodyUnparsed, &[])).len(), 1);
+        assert_eq!(
+            texts(input(&h, b"{ __schema { types { name } } }").values(&Field::BodyUnparsed, &[]))
+                .len(),
+            1
+        );
     }
 
     #[test]
@@ -845,7 +867,10 @@ mod tests {
         h.insert("x-api-version", "${jndi:ldap://x}".parse().unwrap());
         h.insert("content-length", "9000".parse().unwrap());
         let i = input(&h, b"");
-        assert_eq!(texts(i.values(&Field::HeadersCustom, &[])), ["${jndi:ldap://x}"]);
+        assert_eq!(
+            texts(i.values(&Field::HeadersCustom, &[])),
+            ["${jndi:ldap://x}"]
+        );
         assert_eq!(texts(i.values(&Field::BodySize, &[])), ["9000"]);
     }
 }

@@ -14,7 +14,10 @@ pub const MANAGED_RULESETS: &[(&str, &str)] = &[
     ),
     ("sqli.yaml", include_str!("../../../rulesets/sqli.yaml")),
     ("xss.yaml", include_str!("../../../rulesets/xss.yaml")),
-    ("lfi-rfi.yaml", include_str!("../../../rulesets/lfi-rfi.yaml")),
+    (
+        "lfi-rfi.yaml",
+        include_str!("../../../rulesets/lfi-rfi.yaml"),
+    ),
     ("rce.yaml", include_str!("../../../rulesets/rce.yaml")),
     (
         "injection.yaml",

@@ -92,7 +92,10 @@ mod tests {
     fn bare_newlines_and_garbage() {
         let lf = "--B\nContent-disposition: form-data; name=\"../../etc/passwd\"\n\nTest\n--B--\n";
         let f = super::parse("multipart/form-data; boundary=B", lf.as_bytes());
-        assert_eq!(f.fields, vec![("../../etc/passwd".to_string(), "Test".to_string())]);
+        assert_eq!(
+            f.fields,
+            vec![("../../etc/passwd".to_string(), "Test".to_string())]
+        );
         let g = super::parse("multipart/form-data; boundary=B", b"no parts at all");
         assert!(g.malformed);
     }

@@ -637,12 +637,27 @@ mod tests {
         assert_eq!(t(Transform::Base64Decode, "not base64!"), "not base64!");
         let b = Transform::Base64DecodeText;
         assert_eq!(t(b, "J3x8c2xlZXAoNSk="), "'||sleep(5)");
-        assert_eq!(t(b, "/J3x8c2xlZXAoNSk"), "'||sleep(5)", "as a path, unpadded");
+        assert_eq!(
+            t(b, "/J3x8c2xlZXAoNSk"),
+            "'||sleep(5)",
+            "as a path, unpadded"
+        );
         assert_eq!(t(b, "PD94bWw_"), "<?xml?", "URL-safe alphabet");
         assert_eq!(t(b, "PGI PjwvYj4="), "<b>></b>", "`+` decoded to a space");
         assert_eq!(t(b, "O2lkOw"), ";id;", "short payloads");
-        for kept in ["password", "TESTCASE", "12345678", "dGVz", "hello world", "iVBORw0KGgo="] {
-            assert_eq!(t(b, kept), kept, "{kept}: a word, too short, not base64, or binary");
+        for kept in [
+            "password",
+            "TESTCASE",
+            "12345678",
+            "dGVz",
+            "hello world",
+            "iVBORw0KGgo=",
+        ] {
+            assert_eq!(
+                t(b, kept),
+                kept,
+                "{kept}: a word, too short, not base64, or binary"
+            );
         }
         assert_eq!(t(Transform::HexDecode, "3c7363726970743e"), "<script>");
         assert_eq!(t(Transform::Utf8Normalize, "ＳＥＬＥＣＴ"), "SELECT");
