@@ -129,9 +129,22 @@ fn bench(c: &mut Criterion) {
     .to_string();
     let query = "athlete=1842&since=2026-10-01&limit=25&sort=-started_at";
 
-    for (name, body) in [
-        ("rules_212_benign_json_post", &benign),
-        ("rules_212_malicious_json_post", &malicious),
+    // The managed rule sets, attached in the embedded default config's order.
+    let managed: Vec<AttachedRuleSet> = palisade::rules::compile::load_managed(&BTreeMap::new())
+        .into_iter()
+        .map(|r| AttachedRuleSet::plain(Arc::new(r.unwrap())))
+        .collect();
+    eprintln!(
+        "managed: {} rules in {} sets",
+        managed.iter().map(|s| s.set.rules.len()).sum::<usize>(),
+        managed.len()
+    );
+
+    for (name, sets, body) in [
+        ("rules_212_benign_json_post", &sets, &benign),
+        ("rules_212_malicious_json_post", &sets, &malicious),
+        ("managed_benign_json_post", &managed, &benign),
+        ("managed_malicious_json_post", &managed, &malicious),
     ] {
         let input_body = body.as_bytes().to_vec();
         c.bench_function(name, |b| {
@@ -146,7 +159,7 @@ fn bench(c: &mut Criterion) {
                     None,
                     None,
                 );
-                black_box(evaluate(&sets, &input, &mut ()))
+                black_box(evaluate(sets, &input, &mut ()))
             })
         });
     }

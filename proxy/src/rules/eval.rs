@@ -4,9 +4,10 @@
 //! `RegexSet` scans each value once for all the rules that use it.
 
 use std::borrow::Cow;
+use std::rc::Rc;
 use std::sync::Arc;
 
-use super::compile::{CompiledRule, CompiledRuleSet, Cond, Leaf, Mode, Op};
+use super::compile::{CompiledRule, CompiledRuleSet, Cond, Leaf, Mode, Op, Source};
 use super::fields::{Field, Origin, RuleInput};
 use super::file::RuleAction;
 use super::transforms::apply_chain;
@@ -176,20 +177,28 @@ struct SourceValue<'i> {
     text: Cow<'i, str>,
 }
 
+/// Transformed values of every (field, transforms) source computed so far in this request,
+/// shared by all attached rule sets: sets that inspect the same fields through the same chain
+/// (the managed ones all do) pay for extraction and transforms once. Linear search: a request
+/// meets a few dozen distinct sources at most.
+type SharedSources<'s, 'i> = Vec<(&'s Source, Rc<Vec<SourceValue<'i>>>)>;
+
 /// Per-request, per-set state: transformed values and RegexSet hits, computed on demand.
-struct SetState<'s, 'i> {
+struct SetState<'s, 'i, 'c> {
     set: &'s CompiledRuleSet,
-    values: Vec<Option<Vec<SourceValue<'i>>>>,
+    values: Vec<Option<Rc<Vec<SourceValue<'i>>>>>,
     regex_hits: Vec<Option<Vec<bool>>>,
+    shared: &'c mut SharedSources<'s, 'i>,
 }
 
-impl<'s, 'i> SetState<'s, 'i> {
-    fn new(set: &'s CompiledRuleSet) -> Self {
+impl<'s, 'i, 'c> SetState<'s, 'i, 'c> {
+    fn new(set: &'s CompiledRuleSet, shared: &'c mut SharedSources<'s, 'i>) -> Self {
         let n = set.sources.len();
         SetState {
             set,
             values: (0..n).map(|_| None).collect(),
             regex_hits: (0..n).map(|_| None).collect(),
+            shared,
         }
     }
 
@@ -199,24 +208,43 @@ impl<'s, 'i> SetState<'s, 'i> {
         input: &'i RuleInput<'_>,
         labels: &[Cow<'static, str>],
     ) -> &[SourceValue<'i>] {
-        let src = &self.set.sources[s];
+        let src: &'s Source = &self.set.sources[s];
         // Labels change while rules run, so that source is never cached.
-        if self.values[s].is_none() || src.field == Field::Labels {
-            let vals = input
-                .values(&src.field, labels)
-                .into_iter()
-                .map(|v| SourceValue {
-                    origin: v.origin,
-                    name: v.name,
-                    text: match v.text {
-                        Cow::Borrowed(b) => apply_chain(&src.chain, b),
-                        Cow::Owned(o) => Cow::Owned(apply_chain(&src.chain, &o).into_owned()),
-                    },
-                })
-                .collect();
+        let labels_source = src.field == Field::Labels;
+        if self.values[s].is_none() || labels_source {
+            let cached = if labels_source {
+                None
+            } else {
+                self.shared
+                    .iter()
+                    .find(|(k, _)| *k == src)
+                    .map(|(_, v)| Rc::clone(v))
+            };
+            let vals = cached.unwrap_or_else(|| {
+                let vals: Rc<Vec<SourceValue<'i>>> = Rc::new(
+                    input
+                        .values(&src.field, labels)
+                        .into_iter()
+                        .map(|v| SourceValue {
+                            origin: v.origin,
+                            name: v.name,
+                            text: match v.text {
+                                Cow::Borrowed(b) => apply_chain(&src.chain, b),
+                                Cow::Owned(o) => {
+                                    Cow::Owned(apply_chain(&src.chain, &o).into_owned())
+                                }
+                            },
+                        })
+                        .collect(),
+                );
+                if !labels_source {
+                    self.shared.push((src, Rc::clone(&vals)));
+                }
+                vals
+            });
             self.values[s] = Some(vals);
         }
-        self.values[s].as_deref().unwrap_or(&[])
+        self.values[s].as_ref().map_or(&[], |v| v.as_slice())
     }
 
     fn regex_hit(
@@ -284,7 +312,7 @@ struct Ctx<'a, 'i, T: Tracer> {
 
 fn eval_leaf<'i, T: Tracer>(
     leaf: &Leaf,
-    st: &mut SetState<'_, 'i>,
+    st: &mut SetState<'_, 'i, '_>,
     cx: &mut Ctx<'_, 'i, T>,
 ) -> bool {
     let mut hit = false;
@@ -345,7 +373,11 @@ fn eval_leaf<'i, T: Tracer>(
     hit != leaf.negate
 }
 
-fn eval_cond<'i, T: Tracer>(c: &Cond, st: &mut SetState<'_, 'i>, cx: &mut Ctx<'_, 'i, T>) -> bool {
+fn eval_cond<'i, T: Tracer>(
+    c: &Cond,
+    st: &mut SetState<'_, 'i, '_>,
+    cx: &mut Ctx<'_, 'i, T>,
+) -> bool {
     match c {
         Cond::All(v) => v.iter().all(|x| eval_cond(x, st, cx)),
         Cond::Any(v) => v.iter().any(|x| eval_cond(x, st, cx)),
@@ -362,7 +394,8 @@ pub fn rule_matches<T: Tracer>(
     labels: &[Cow<'static, str>],
     trace: &mut T,
 ) -> bool {
-    let mut st = SetState::new(set);
+    let mut shared = Vec::new();
+    let mut st = SetState::new(set, &mut shared);
     let mut cx = Ctx {
         input,
         labels,
@@ -380,9 +413,10 @@ pub fn evaluate<T: Tracer>(
 ) -> RulesOutcome {
     let mut labels: Vec<Cow<'static, str>> = Vec::new();
     let mut matches = Vec::new();
+    let mut shared: SharedSources<'_, '_> = Vec::new();
     for att in sets {
         let set = &*att.set;
-        let mut st = SetState::new(set);
+        let mut st = SetState::new(set, &mut shared);
         let mut score = 0u32;
         if trace.enabled() {
             trace.line(format!(
