@@ -272,7 +272,7 @@ pub struct RuleInput<'a> {
     cookies: OnceCell<Vec<(String, String)>>,
     form: OnceCell<ParsedForm>,
     json: OnceCell<ParsedJson>,
-    xml: OnceCell<Vec<String>>,
+    xml: OnceCell<(Vec<String>, bool)>,
 }
 
 /// The JSON members of a body, and whether it was JSON that parsed.
@@ -358,13 +358,13 @@ impl<'a> RuleInput<'a> {
         }
     }
 
-    /// Text and attribute values of an XML body.
-    fn xml(&self) -> &[String] {
+    /// Text and attribute values of an XML body, and whether it failed to parse.
+    fn xml(&self) -> &(Vec<String>, bool) {
         self.xml.get_or_init(|| {
-            if self.body_kind() == BodyKind::Xml {
+            if self.body_kind() == BodyKind::Xml && !self.body.is_empty() {
                 xml_values(self.body)
             } else {
-                Vec::new()
+                (Vec::new(), false)
             }
         })
     }
@@ -590,6 +590,7 @@ impl<'a> RuleInput<'a> {
                     BodyKind::Other => true,
                     BodyKind::Json => self.parsed_json().malformed,
                     BodyKind::Multipart => self.form().malformed,
+                    BodyKind::Xml => self.xml().1,
                     _ => false,
                 };
                 if unparsed && !self.body.is_empty() {
@@ -604,6 +605,7 @@ impl<'a> RuleInput<'a> {
             }
             Field::XmlValues => self
                 .xml()
+                .0
                 .iter()
                 .map(|x| bv(Origin::Body, None, x))
                 .collect(),
@@ -694,9 +696,10 @@ fn parse_urlencoded(input: &[u8]) -> Vec<(String, String)> {
 const MAX_XML_VALUES: usize = 4096;
 
 /// Text runs (with entity references kept as written) and attribute values of an XML
-/// document, in order; stops quietly at the first syntax error, keeping what was read.
-/// Namespace declarations (`xmlns`, `xmlns:*`) are skipped: they are URIs by definition.
-fn xml_values(body: &[u8]) -> Vec<String> {
+/// document, in order; stops at the first syntax error, keeping what was read, and reports
+/// the document malformed then (or when it has no element at all), so the rules also see it
+/// as `body.unparsed`. Namespace declarations (`xmlns`, `xmlns:*`) are skipped: they are URIs.
+fn xml_values(body: &[u8]) -> (Vec<String>, bool) {
     use quick_xml::events::Event;
     let doc = String::from_utf8_lossy(body);
     let mut reader = quick_xml::Reader::from_str(&doc);
@@ -709,6 +712,8 @@ fn xml_values(body: &[u8]) -> Vec<String> {
         }
         text.clear();
     };
+    let mut elements = false;
+    let mut malformed = false;
     while out.len() < MAX_XML_VALUES {
         match reader.read_event() {
             Ok(Event::Text(t)) => text.push_str(&t),
@@ -719,8 +724,14 @@ fn xml_values(body: &[u8]) -> Vec<String> {
                 text.push(';');
             }
             Ok(Event::Start(e) | Event::Empty(e)) => {
+                elements = true;
                 flush(&mut text, &mut out);
-                for a in e.attributes().with_checks(false).flatten() {
+                for a in e.attributes().with_checks(false) {
+                    let Ok(a) = a else {
+                        // Unquoted or broken attributes: HTML sent as XML, inspect it raw too.
+                        malformed = true;
+                        continue;
+                    };
                     let key = a.key.as_ref();
                     if key == "xmlns" || key.starts_with("xmlns:") {
                         continue;
@@ -730,12 +741,16 @@ fn xml_values(body: &[u8]) -> Vec<String> {
                     }
                 }
             }
-            Ok(Event::Eof) | Err(_) => break,
+            Ok(Event::Eof) => break,
+            Err(_) => {
+                malformed = true;
+                break;
+            }
             Ok(_) => flush(&mut text, &mut out),
         }
     }
     flush(&mut text, &mut out);
-    out
+    (out, malformed || !elements)
 }
 
 /// JSON nesting deeper than this is not inspected further (bounds work on hostile bodies).
@@ -840,6 +855,13 @@ mod tests {
         );
         assert!(i.values(&Field::BodyUnparsed, &[]).is_empty());
         assert_eq!(i.values(&Field::ArgsValues, &[]).len(), 3);
+
+        let not_xml = input(&h, b";id;");
+        assert_eq!(
+            texts(not_xml.values(&Field::BodyUnparsed, &[])),
+            [";id;"],
+            "text sent as XML"
+        );
 
         h.insert("content-type", "application/json".parse().unwrap());
         let bad = b"{\"a\": 1' or '1'='1";

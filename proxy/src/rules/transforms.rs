@@ -15,7 +15,8 @@ pub enum Transform {
     /// `%XX`, `%uXXXX` and `+` decoding, repeated until stable (at most 4 rounds): double and
     /// IIS-style Unicode encodings.
     UrlDecodeUni,
-    /// HTML entities: named, decimal and hex (`&lt;`, `&#60;`, `&#x3c;`, also without `;`).
+    /// HTML entities: named, decimal and hex (`&lt;`, `&#60;`, `&#x3c;`, also without `;`),
+    /// repeated until stable (at most 3 rounds) for double-encoded text.
     HtmlEntityDecode,
     /// ASCII and Unicode lower-casing.
     Lowercase,
@@ -35,7 +36,8 @@ pub enum Transform {
     Base64DecodeText,
     /// Hex pairs to bytes; undecodable input is left as is.
     HexDecode,
-    /// JavaScript escapes: `\xHH`, `\uHHHH`, `\u{H…}`, `\n`-style, `\\`.
+    /// JavaScript escapes: `\xHH`, `\uHHHH`, `\u{H…}`, octal, `\n` `\t` `\r`, escaped quotes
+    /// and `/`; other backslashes are kept (so Windows paths survive).
     JsDecode,
     /// CSS escapes: `\H…` (1–6 hex digits, optional trailing space).
     CssDecode,
@@ -107,7 +109,17 @@ impl Transform {
                 }
                 cur
             }
-            Transform::HtmlEntityDecode => html_decode(s),
+            Transform::HtmlEntityDecode => {
+                // Repeated like `url_decode_uni`: `&amp;lt;` (double encoding) is an evasion.
+                let mut cur = html_decode(s);
+                for _ in 0..2 {
+                    match html_decode(&cur) {
+                        Cow::Borrowed(_) => break,
+                        Cow::Owned(next) => cur = Cow::Owned(next),
+                    }
+                }
+                cur
+            }
             Transform::Lowercase => {
                 if s.chars().any(char::is_uppercase) {
                     Cow::Owned(s.to_lowercase())
@@ -449,6 +461,7 @@ fn js_decode(s: &str) -> Cow<'_, str> {
                     i += 4;
                 }
                 None => {
+                    out.push('\\');
                     out.push(n);
                     i += 2;
                 }
@@ -468,6 +481,7 @@ fn js_decode(s: &str) -> Cow<'_, str> {
                         i = e + 1;
                     }
                     None => {
+                        out.push('\\');
                         out.push(n);
                         i += 2;
                     }
@@ -479,6 +493,7 @@ fn js_decode(s: &str) -> Cow<'_, str> {
                     i += 6;
                 }
                 None => {
+                    out.push('\\');
                     out.push(n);
                     i += 2;
                 }
@@ -505,7 +520,13 @@ fn js_decode(s: &str) -> Cow<'_, str> {
                 out.push(char::from_u32(v).unwrap_or('\u{fffd}'));
                 i = j;
             }
+            '\'' | '"' | '/' | '`' => {
+                out.push(n);
+                i += 2;
+            }
+            // Unknown escapes keep their backslash: `..\windows` must stay a Windows path.
             other => {
+                out.push('\\');
                 out.push(other);
                 i += 2;
             }
@@ -628,10 +649,16 @@ mod tests {
             "<img src=x onerror=alert(1)>"
         );
         assert_eq!(t(Transform::HtmlEntityDecode, "&#60script&#62"), "<script>");
+        assert_eq!(t(Transform::HtmlEntityDecode, "&amp;#39;&amp;lt;"), "'<");
         assert_eq!(
             t(Transform::JsDecode, "\\x3cscript\\u003e\\u{61}"),
             "<script>a"
         );
+        assert_eq!(
+            t(Transform::JsDecode, "..\\windows\\win.ini"),
+            "..\\windows\\win.ini"
+        );
+        assert_eq!(t(Transform::JsDecode, "\\u0027\\'x"), "''x");
         assert_eq!(t(Transform::CssDecode, "\\6a avascript:"), "javascript:");
         assert_eq!(t(Transform::Base64Decode, "PHNjcmlwdD4="), "<script>");
         assert_eq!(t(Transform::Base64Decode, "not base64!"), "not base64!");
