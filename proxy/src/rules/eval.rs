@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use super::compile::{CompiledRule, CompiledRuleSet, Cond, Leaf, Mode, Op, Source};
+use super::compile::{CompiledRule, CompiledRuleSet, Cond, Leaf, Mode, Op};
 use super::fields::{Field, Origin, RuleInput};
 use super::file::RuleAction;
 use super::transforms::apply_chain;
@@ -178,21 +178,21 @@ struct SourceValue<'i> {
 }
 
 /// Transformed values of every (field, transforms) source computed so far in this request,
-/// shared by all attached rule sets: sets that inspect the same fields through the same chain
-/// (the managed ones all do) pay for extraction and transforms once. Linear search: a request
-/// meets a few dozen distinct sources at most.
-type SharedSources<'s, 'i> = Vec<(&'s Source, Rc<Vec<SourceValue<'i>>>)>;
+/// by process-wide source id, shared by all attached rule sets: sets that inspect the same
+/// fields through the same chain (the managed ones all do) pay for extraction and transforms
+/// once.
+type SharedSources<'i> = Vec<Option<Rc<Vec<SourceValue<'i>>>>>;
 
 /// Per-request, per-set state: transformed values and RegexSet hits, computed on demand.
 struct SetState<'s, 'i, 'c> {
     set: &'s CompiledRuleSet,
     values: Vec<Option<Rc<Vec<SourceValue<'i>>>>>,
     regex_hits: Vec<Option<Vec<bool>>>,
-    shared: &'c mut SharedSources<'s, 'i>,
+    shared: &'c mut SharedSources<'i>,
 }
 
 impl<'s, 'i, 'c> SetState<'s, 'i, 'c> {
-    fn new(set: &'s CompiledRuleSet, shared: &'c mut SharedSources<'s, 'i>) -> Self {
+    fn new(set: &'s CompiledRuleSet, shared: &'c mut SharedSources<'i>) -> Self {
         let n = set.sources.len();
         SetState {
             set,
@@ -208,17 +208,14 @@ impl<'s, 'i, 'c> SetState<'s, 'i, 'c> {
         input: &'i RuleInput<'_>,
         labels: &[Cow<'static, str>],
     ) -> &[SourceValue<'i>] {
-        let src: &'s Source = &self.set.sources[s];
+        let src = &self.set.sources[s];
+        let gid = self.set.source_ids.get(s).copied();
         // Labels change while rules run, so that source is never cached.
         let labels_source = src.field == Field::Labels;
         if self.values[s].is_none() || labels_source {
-            let cached = if labels_source {
-                None
-            } else {
-                self.shared
-                    .iter()
-                    .find(|(k, _)| *k == src)
-                    .map(|(_, v)| Rc::clone(v))
+            let cached = match gid {
+                Some(g) if !labels_source => self.shared.get(g).and_then(Clone::clone),
+                _ => None,
             };
             let vals = cached.unwrap_or_else(|| {
                 let vals: Rc<Vec<SourceValue<'i>>> = Rc::new(
@@ -237,8 +234,11 @@ impl<'s, 'i, 'c> SetState<'s, 'i, 'c> {
                         })
                         .collect(),
                 );
-                if !labels_source {
-                    self.shared.push((src, Rc::clone(&vals)));
+                if let (Some(g), false) = (gid, labels_source) {
+                    if self.shared.len() <= g {
+                        self.shared.resize(g + 1, None);
+                    }
+                    self.shared[g] = Some(Rc::clone(&vals));
                 }
                 vals
             });
@@ -413,7 +413,7 @@ pub fn evaluate<T: Tracer>(
 ) -> RulesOutcome {
     let mut labels: Vec<Cow<'static, str>> = Vec::new();
     let mut matches = Vec::new();
-    let mut shared: SharedSources<'_, '_> = Vec::new();
+    let mut shared: SharedSources<'_> = Vec::new();
     for att in sets {
         let set = &*att.set;
         let mut st = SetState::new(set, &mut shared);

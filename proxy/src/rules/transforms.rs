@@ -121,7 +121,12 @@ impl Transform {
                 cur
             }
             Transform::Lowercase => {
-                if s.chars().any(char::is_uppercase) {
+                let upper = if s.is_ascii() {
+                    s.bytes().any(|b| b.is_ascii_uppercase())
+                } else {
+                    s.chars().any(char::is_uppercase)
+                };
+                if upper {
                     Cow::Owned(s.to_lowercase())
                 } else {
                     Cow::Borrowed(s)
@@ -207,7 +212,8 @@ pub(crate) fn bytes_to_text(bytes: Vec<u8>) -> String {
 }
 
 fn url_decode(s: &str, uni: bool) -> Cow<'_, str> {
-    if !s.contains(['%', '+']) {
+    // Byte scan: `str::contains` with a char array walks chars one by one (hot: every value).
+    if !s.bytes().any(|b| b == b'%' || b == b'+') {
         return Cow::Borrowed(s);
     }
     let b = s.as_bytes();
@@ -300,12 +306,21 @@ fn html_decode(s: &str) -> Cow<'_, str> {
 
 fn compress_ws(s: &str) -> Cow<'_, str> {
     let mut prev_ws = false;
-    let needs = s.chars().any(|c| {
-        let ws = c.is_whitespace();
-        let bad = ws && (prev_ws || c != ' ');
-        prev_ws = ws;
-        bad
-    });
+    let needs = if s.is_ascii() {
+        s.bytes().any(|b| {
+            let ws = b.is_ascii_whitespace() || b == 0x0b;
+            let bad = ws && (prev_ws || b != b' ');
+            prev_ws = ws;
+            bad
+        })
+    } else {
+        s.chars().any(|c| {
+            let ws = c.is_whitespace();
+            let bad = ws && (prev_ws || c != ' ');
+            prev_ws = ws;
+            bad
+        })
+    };
     if !needs {
         return Cow::Borrowed(s);
     }
