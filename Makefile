@@ -17,6 +17,7 @@ test: deps lint
 	cargo test --workspace -- --test-threads=4
 	./target/debug/palisade check
 	./target/debug/palisade check --config examples/rules-demo.yaml
+	./target/debug/palisade check --config examples/managed.yaml
 	./target/debug/palisade test --config examples/rules-demo.yaml rulesets/examples
 	./target/debug/palisade test rulesets
 
