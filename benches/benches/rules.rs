@@ -140,6 +140,30 @@ fn bench(c: &mut Criterion) {
         managed.len()
     );
 
+    if std::env::var_os("PALISADE_BENCH_PER_SET").is_some() {
+        // Where the managed sets' time goes: each set alone on the benign request.
+        for one in &managed {
+            let single = vec![one.clone()];
+            let name = format!("managed_only_{}", one.set.name);
+            let input_body = benign.as_bytes().to_vec();
+            c.bench_function(&name, |b| {
+                b.iter(|| {
+                    let input = RuleInput::new(
+                        "POST",
+                        "/api/v1/activities",
+                        query,
+                        &headers,
+                        &input_body,
+                        None,
+                        None,
+                        None,
+                    );
+                    black_box(evaluate(&single, &input, &mut ()))
+                })
+            });
+        }
+    }
+
     for (name, sets, body) in [
         ("rules_212_benign_json_post", &sets, &benign),
         ("rules_212_malicious_json_post", &sets, &malicious),
