@@ -318,23 +318,30 @@ pub struct Overrides {
     pub threads: Option<usize>,
 }
 
+/// Line, column (1-based, 0 when unknown) and message of a YAML error: the error's own
+/// Display repeats the location and adds a snippet; keep just the message. Shared by config
+/// and rule-set files.
+pub fn yaml_error_parts(e: &serde_saphyr::Error) -> (u64, u64, String) {
+    let (line, column) = e
+        .location()
+        .map(|l| (l.line(), l.column()))
+        .unwrap_or((0, 0));
+    let full = e.to_string();
+    let first = full.lines().next().unwrap_or_default();
+    let message = first
+        .strip_prefix("error: ")
+        .unwrap_or(first)
+        .split_once(": ")
+        .filter(|(loc, _)| loc.starts_with("line "))
+        .map(|(_, m)| m.to_string())
+        .unwrap_or_else(|| first.to_string());
+    (line, column, message)
+}
+
 /// Parses YAML text into the file shapes; the error carries line and column.
 pub fn parse(source_name: &str, text: &str) -> Result<file::FileConfig, ConfigError> {
     serde_saphyr::from_str::<file::FileConfig>(text).map_err(|e| {
-        let (line, column) = e
-            .location()
-            .map(|l| (l.line(), l.column()))
-            .unwrap_or((0, 0));
-        // The error's own Display repeats the location and adds a snippet; keep just the message.
-        let full = e.to_string();
-        let first = full.lines().next().unwrap_or_default();
-        let message = first
-            .strip_prefix("error: ")
-            .unwrap_or(first)
-            .split_once(": ")
-            .filter(|(loc, _)| loc.starts_with("line "))
-            .map(|(_, m)| m.to_string())
-            .unwrap_or_else(|| first.to_string());
+        let (line, column, message) = yaml_error_parts(&e);
         ConfigError {
             source_name: source_name.to_string(),
             issues: vec![ConfigIssue {

@@ -678,19 +678,7 @@ pub fn load_text(
 ) -> Result<CompiledRuleSet, RuleFileError> {
     let name = path.display().to_string();
     let file: RuleSetFile = serde_saphyr::from_str(text).map_err(|e| {
-        let (line, column) = e
-            .location()
-            .map(|l| (l.line(), l.column()))
-            .unwrap_or((0, 0));
-        let full = e.to_string();
-        let first = full.lines().next().unwrap_or_default();
-        let message = first
-            .strip_prefix("error: ")
-            .unwrap_or(first)
-            .split_once(": ")
-            .filter(|(l, _)| l.starts_with("line "))
-            .map(|(_, m)| m.to_string())
-            .unwrap_or_else(|| first.to_string());
+        let (line, column, message) = crate::config::yaml_error_parts(&e);
         RuleFileError {
             path: name.clone(),
             issues: vec![RuleIssue {
