@@ -273,6 +273,7 @@ pub struct RuleInput<'a> {
     form: OnceCell<ParsedForm>,
     json: OnceCell<ParsedJson>,
     xml: OnceCell<(Vec<String>, bool)>,
+    body_kind: OnceCell<BodyKind>,
 }
 
 /// The JSON members of a body, and whether it was JSON that parsed.
@@ -331,10 +332,16 @@ impl<'a> RuleInput<'a> {
             form: OnceCell::new(),
             json: OnceCell::new(),
             xml: OnceCell::new(),
+            body_kind: OnceCell::new(),
         }
     }
 
+    /// How the body is parsed, decided once per request from the content type.
     fn body_kind(&self) -> BodyKind {
+        *self.body_kind.get_or_init(|| self.detect_body_kind())
+    }
+
+    fn detect_body_kind(&self) -> BodyKind {
         let ct = self.content_type().trim_start();
         let starts = |p: &str| ct.len() >= p.len() && ct[..p.len()].eq_ignore_ascii_case(p);
         let essence = ct
@@ -403,18 +410,13 @@ impl<'a> RuleInput<'a> {
 
     /// Form fields from an urlencoded or multipart body.
     pub fn form(&self) -> &ParsedForm {
-        self.form.get_or_init(|| {
-            let ct = self.content_type().to_ascii_lowercase();
-            if ct.starts_with("application/x-www-form-urlencoded") {
-                ParsedForm {
-                    fields: parse_urlencoded(self.body),
-                    ..ParsedForm::default()
-                }
-            } else if ct.starts_with("multipart/form-data") {
-                super::multipart::parse(self.content_type(), self.body)
-            } else {
-                ParsedForm::default()
-            }
+        self.form.get_or_init(|| match self.body_kind() {
+            BodyKind::Form => ParsedForm {
+                fields: parse_urlencoded(self.body),
+                ..ParsedForm::default()
+            },
+            BodyKind::Multipart => super::multipart::parse(self.content_type(), self.body),
+            _ => ParsedForm::default(),
         })
     }
 
