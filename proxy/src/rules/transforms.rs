@@ -99,27 +99,9 @@ impl Transform {
     pub fn apply<'a>(&self, s: &'a str) -> Cow<'a, str> {
         match self {
             Transform::UrlDecode => url_decode(s, false),
-            Transform::UrlDecodeUni => {
-                let mut cur = url_decode(s, true);
-                for _ in 0..3 {
-                    match url_decode(&cur, true) {
-                        Cow::Borrowed(_) => break,
-                        Cow::Owned(next) => cur = Cow::Owned(next),
-                    }
-                }
-                cur
-            }
-            Transform::HtmlEntityDecode => {
-                // Repeated like `url_decode_uni`: `&amp;lt;` (double encoding) is an evasion.
-                let mut cur = html_decode(s);
-                for _ in 0..2 {
-                    match html_decode(&cur) {
-                        Cow::Borrowed(_) => break,
-                        Cow::Owned(next) => cur = Cow::Owned(next),
-                    }
-                }
-                cur
-            }
+            Transform::UrlDecodeUni => until_stable(s, 4, |x| url_decode(x, true)),
+            // `&amp;lt;` (double encoding) is an evasion too.
+            Transform::HtmlEntityDecode => until_stable(s, 3, html_decode),
             Transform::Lowercase => {
                 let upper = if s.is_ascii() {
                     s.bytes().any(|b| b.is_ascii_uppercase())
@@ -158,6 +140,23 @@ impl Transform {
             Transform::Utf8Normalize => utf8_normalize(s),
         }
     }
+}
+
+/// Applies `decode` until it changes nothing, at most `rounds` times: double (and triple)
+/// encodings decode fully, and hostile input cannot make it loop.
+fn until_stable<'a>(
+    s: &'a str,
+    rounds: usize,
+    decode: impl Fn(&str) -> Cow<'_, str>,
+) -> Cow<'a, str> {
+    let mut cur = Cow::Borrowed(s);
+    for _ in 0..rounds {
+        match decode(&cur) {
+            Cow::Borrowed(_) => break,
+            Cow::Owned(next) => cur = Cow::Owned(next),
+        }
+    }
+    cur
 }
 
 /// Applies a chain of transforms.
