@@ -143,24 +143,15 @@ fn bench(c: &mut Criterion) {
     if std::env::var_os("PALISADE_BENCH_PER_SET").is_some() {
         // Where the managed sets' time goes: each set alone on the benign request.
         for one in &managed {
-            let single = vec![one.clone()];
             let name = format!("managed_only_{}", one.set.name);
-            let input_body = benign.as_bytes().to_vec();
-            c.bench_function(&name, |b| {
-                b.iter(|| {
-                    let input = RuleInput::new(
-                        "POST",
-                        "/api/v1/activities",
-                        query,
-                        &headers,
-                        &input_body,
-                        None,
-                        None,
-                        None,
-                    );
-                    black_box(evaluate(&single, &input, &mut ()))
-                })
-            });
+            bench_post(
+                c,
+                &name,
+                std::slice::from_ref(one),
+                query,
+                &headers,
+                benign.as_bytes(),
+            );
         }
     }
 
@@ -170,53 +161,54 @@ fn bench(c: &mut Criterion) {
         ("managed_benign_json_post", &managed, &benign),
         ("managed_malicious_json_post", &managed, &malicious),
     ] {
-        let input_body = body.as_bytes().to_vec();
-        c.bench_function(name, |b| {
-            b.iter(|| {
-                let input = RuleInput::new(
-                    "POST",
-                    "/api/v1/activities",
-                    query,
-                    &headers,
-                    &input_body,
-                    None,
-                    None,
-                    None,
-                );
-                black_box(evaluate(sets, &input, &mut ()))
-            })
-        });
+        bench_post(c, name, sets, query, &headers, body.as_bytes());
     }
-    let out = evaluate(
-        &sets,
-        &RuleInput::new(
-            "POST",
-            "/api/v1/activities",
-            query,
-            &headers,
-            malicious.as_bytes(),
-            None,
-            None,
-            None,
-        ),
-        &mut (),
-    );
-    eprintln!("malicious verdict: {:?}", out.verdict);
-    let out = evaluate(
-        &sets,
-        &RuleInput::new(
-            "POST",
-            "/api/v1/activities",
-            query,
-            &headers,
-            benign.as_bytes(),
-            None,
-            None,
-            None,
-        ),
-        &mut (),
-    );
-    eprintln!("benign verdict: {:?}", out.verdict);
+    for (what, body) in [("malicious", &malicious), ("benign", &benign)] {
+        let out = evaluate(
+            &sets,
+            &activity_post(query, &headers, body.as_bytes()),
+            &mut (),
+        );
+        eprintln!("{what} verdict: {:?}", out.verdict);
+    }
+}
+
+/// The benchmarked request: a POST to the activities API with this body.
+fn activity_post<'a>(
+    query: &'a str,
+    headers: &'a http::HeaderMap,
+    body: &'a [u8],
+) -> RuleInput<'a> {
+    RuleInput::new(
+        "POST",
+        "/api/v1/activities",
+        query,
+        headers,
+        body,
+        None,
+        None,
+        None,
+    )
+}
+
+/// One criterion benchmark: `sets` evaluated on the POST with `body`.
+fn bench_post(
+    c: &mut Criterion,
+    name: &str,
+    sets: &[AttachedRuleSet],
+    query: &str,
+    headers: &http::HeaderMap,
+    body: &[u8],
+) {
+    c.bench_function(name, |b| {
+        b.iter(|| {
+            black_box(evaluate(
+                sets,
+                &activity_post(query, headers, body),
+                &mut (),
+            ))
+        })
+    });
 }
 
 criterion_group!(benches, bench);
