@@ -13,5 +13,6 @@ pub mod metrics;
 pub mod pipeline;
 pub mod ratelimit;
 pub mod rules;
+pub mod schema;
 pub mod server;
 pub mod snapshot;

@@ -38,6 +38,11 @@ pub const REDIS_DURATION: &str = "palisade_redis_duration_seconds";
 /// `palisade_redis_errors_total{kind}`: Redis failures (`timeout`, `error`).
 pub const REDIS_ERRORS_TOTAL: &str = "palisade_redis_errors_total";
 
+/// `palisade_validation_failures_total{route, operation, reason}`: requests that failed
+/// request validation (blocked, or forwarded in count mode), by operation (`METHOD /path`
+/// from the config or OpenAPI document, `-` when none matched) and reason.
+pub const VALIDATION_FAILURES_TOTAL: &str = "palisade_validation_failures_total";
+
 /// Decision label values.
 pub mod decision {
     /// Forwarded to the upstream.
@@ -79,6 +84,8 @@ pub struct Metrics {
     pub redis_duration: Histogram,
     /// Redis failures.
     pub redis_errors: IntCounterVec,
+    /// Request validation failures by route, operation and reason.
+    pub validation_failures: IntCounterVec,
 }
 
 /// Handles for one route, resolved once at load time so the request path does no label
@@ -193,6 +200,14 @@ impl Metrics {
             ),
             &["kind"],
         )?;
+        let validation_failures = IntCounterVec::new(
+            Opts::new(
+                VALIDATION_FAILURES_TOTAL,
+                "Requests that failed request validation, by route, operation and reason.",
+            ),
+            &["route", "operation", "reason"],
+        )?;
+        registry.register(Box::new(validation_failures.clone()))?;
         registry.register(Box::new(ratelimit_limited.clone()))?;
         registry.register(Box::new(ratelimit_keys.clone()))?;
         registry.register(Box::new(ratelimit_fallback.clone()))?;
@@ -220,6 +235,7 @@ impl Metrics {
             ratelimit_fallback,
             redis_duration,
             redis_errors,
+            validation_failures,
         })
     }
 

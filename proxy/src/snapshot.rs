@@ -10,6 +10,7 @@ use crate::metrics::{Metrics, RouteMetrics};
 use crate::pipeline::Pipeline;
 use crate::ratelimit::{CompiledRateLimit, RateLimitStage};
 use crate::rules::RulesStage;
+use crate::schema::ValidateStage;
 use crate::server::upstreams::UpstreamGroup;
 
 /// A route compiled for the request path.
@@ -86,12 +87,19 @@ impl Snapshot {
                 let rate_limit = RateLimitStage::for_route(&r.name, rate_limits, metrics);
                 let rules = RulesStage::new(r.policy.rulesets.clone());
                 let rules_need_geo = rules.as_ref().is_some_and(RulesStage::needs_geo);
+                let validate = r.policy.validation.as_ref().map(|v| {
+                    ValidateStage::new(
+                        Arc::clone(v),
+                        &r.name,
+                        metrics.validation_failures.clone(),
+                    )
+                });
                 CompiledRoute {
                     name: r.name.clone(),
                     host: r.host.clone(),
                     prefix: r.path_prefix.clone(),
                     upstream: r.upstream,
-                    pipeline: Pipeline::for_route(&r.policy, rules),
+                    pipeline: Pipeline::for_route(&r.policy, rules, validate),
                     inspect_limit: r.policy.inspect_limit,
                     oversize: r.policy.oversize,
                     metrics: metrics.route(&r.name),

@@ -279,6 +279,137 @@ pub struct PolicyConfig {
     /// Fields that given rules must not inspect on this route (the cure for false positives).
     #[serde(default)]
     pub exclusions: Vec<ExclusionConfig>,
+    /// Request validation against JSON Schemas or an OpenAPI document (API Gateway's request
+    /// validators).
+    #[serde(default)]
+    pub validate: Option<ValidateConfig>,
+}
+
+/// Request validation for a route: operations written here, imported from OpenAPI, or both.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ValidateConfig {
+    /// What is checked: `body` (content type, size, JSON body), `params` (query, headers,
+    /// path, cookies) or `all` (default).
+    #[serde(default)]
+    pub mode: Option<ValidateMode>,
+    /// `block` (default: 400/413/415) or `count` (dry run: log and count, then forward).
+    #[serde(default)]
+    pub action: Option<ValidateAction>,
+    /// Whether clients see the violations in the 400 body (default true). With `false` they
+    /// get only `{"error", "request_id"}` and the details go to the log.
+    #[serde(default)]
+    pub expose_details: Option<bool>,
+    /// Most violations reported per request (default 10).
+    #[serde(default)]
+    pub max_violations: Option<usize>,
+    /// Body size limit for every operation (413 above); at most `body.inspect_limit` when a
+    /// body schema must see the whole body.
+    #[serde(default)]
+    pub max_body: Option<HumanSize>,
+    /// An OpenAPI 3.0/3.1 document (JSON or YAML) whose operations are validated.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub openapi: Option<Spanned<String>>,
+    /// Path prefix of the OpenAPI paths; default: the path of the document's first server URL.
+    #[serde(default)]
+    pub base_path: Option<String>,
+    /// Requests matching no operation: `block` (404, or 405 for a known path) or `allow`.
+    /// Default `block` with `openapi`, `allow` with only hand-written operations.
+    #[serde(default)]
+    pub unknown_operation: Option<UnknownOperation>,
+    /// Hand-written operations (checked before the OpenAPI ones on equal paths).
+    #[serde(default)]
+    pub operations: Vec<OperationConfig>,
+}
+
+/// What request validation checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ValidateMode {
+    /// Content type, body size and the JSON body.
+    Body,
+    /// Query, header, path and cookie parameters.
+    Params,
+    /// Both.
+    All,
+}
+
+/// What a validation failure does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ValidateAction {
+    /// Reject the request.
+    Block,
+    /// Log and count it, then forward it (dry run).
+    Count,
+}
+
+/// Requests that match no declared operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownOperation {
+    /// 404 `unknown_operation` (405 `method_not_allowed` when only the method is unknown).
+    Block,
+    /// Forward unvalidated.
+    Allow,
+}
+
+/// One operation: methods, a path template and what its requests must look like.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OperationConfig {
+    /// Methods (default: any).
+    #[serde(default)]
+    pub methods: Option<Vec<Method>>,
+    /// Full path template, e.g. `/v1/activities/{id}` (default: every path of the route).
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub path: Option<Spanned<String>>,
+    /// Accepted `Content-Type`s (`application/json`, `application/*`, `*/*`); default
+    /// `[application/json]` when `body` is set, else no check.
+    #[serde(default)]
+    pub content_types: Option<Vec<String>>,
+    /// JSON Schema of the JSON body: inline, or a string `file.json` / `file.yaml#/$defs/X`
+    /// relative to this config file.
+    #[serde(default)]
+    #[schemars(with = "Option<serde_json::Value>")]
+    pub body: Option<Spanned<serde_json::Value>>,
+    /// Whether a body is required (default true when `body` is set).
+    #[serde(default)]
+    pub body_required: Option<bool>,
+    /// Body size limit of this operation.
+    #[serde(default)]
+    pub max_body: Option<HumanSize>,
+    /// Query parameters by name.
+    #[serde(default)]
+    pub query: BTreeMap<String, ParamConfig>,
+    /// Headers by name (case-insensitive).
+    #[serde(default)]
+    pub headers: BTreeMap<String, ParamConfig>,
+    /// Path template parameters by name.
+    #[serde(default)]
+    pub path_params: BTreeMap<String, ParamConfig>,
+    /// Cookies by name.
+    #[serde(default)]
+    pub cookies: BTreeMap<String, ParamConfig>,
+}
+
+/// One parameter: whether it is required and the schema of its (coerced) value.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ParamConfig {
+    /// Must be present (path parameters always are).
+    #[serde(default)]
+    pub required: bool,
+    /// JSON Schema of the value; strings are coerced to the declared `type` first
+    /// (`"10"` → 10 for `type: integer`). Inline, or a string reference as for `body`.
+    #[serde(default)]
+    #[schemars(with = "Option<serde_json::Value>")]
+    pub schema: Option<Spanned<serde_json::Value>>,
+    /// Arrays: `?tags=a&tags=b` (true, default for query and cookies) or `?tags=a,b` (false).
+    #[serde(default)]
+    pub explode: Option<bool>,
 }
 
 /// A rule set attached to a route.

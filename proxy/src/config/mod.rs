@@ -214,6 +214,8 @@ pub struct RoutePolicy {
     pub asn: Option<AsnPolicy>,
     /// Rule sets with this route's overrides and exclusions, in priority order.
     pub rulesets: Vec<AttachedRuleSet>,
+    /// Request validation (JSON Schema / OpenAPI), compiled.
+    pub validation: Option<Arc<crate::schema::RouteValidation>>,
 }
 
 /// A route's IP policy, with the sets resolved.

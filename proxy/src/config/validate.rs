@@ -74,6 +74,8 @@ pub fn validate(
         .as_ref()
         .and_then(|r| redis_settings(r, &mut issues));
     let rule_sets = rule_sets(&file.rulesets, base_dir, &ip_sets, &mut issues);
+    // Schema documents are read once per load, whichever routes refer to them.
+    let schema_store = crate::schema::DocumentStore::new();
 
     let listeners: Vec<Listener> = if overrides.listen.is_empty() {
         file.listeners
@@ -243,6 +245,17 @@ pub fn validate(
             .asn
             .as_ref()
             .and_then(|c| asn_policy(&name, &r.name.referenced, c, geo.as_deref(), &mut issues));
+        let validation = p.validate.as_ref().and_then(|c| {
+            validation(
+                &name,
+                &r.name.referenced,
+                c,
+                inspect_limit,
+                base_dir,
+                &schema_store,
+                &mut issues,
+            )
+        });
         routes.push(Route {
             name,
             host,
@@ -265,6 +278,7 @@ pub fn validate(
                 geo: geo_policy,
                 asn,
                 rulesets: attached,
+                validation,
             },
         });
     }
@@ -882,6 +896,41 @@ fn asn_policy(
 
 /// An allow-list admits only what is on it, so by default it turns away clients the database
 /// does not know; a deny-list lets them through. `unknown:` overrides either default.
+/// Compiles a route's `validate:` section; problems become config issues at the item they
+/// concern (the route name when the schema library cannot say more).
+fn validation(
+    route: &str,
+    route_at: &Location,
+    cfg: &super::file::ValidateConfig,
+    inspect_limit: usize,
+    base_dir: &Path,
+    store: &crate::schema::DocumentStore,
+    issues: &mut Issues,
+) -> Option<Arc<crate::schema::RouteValidation>> {
+    match crate::schema::compile(cfg, base_dir, store) {
+        Ok(v) => {
+            if v.needs_body() && v.max_body().is_some_and(|m| m > inspect_limit) {
+                issues.at(
+                    route_at,
+                    format!(
+                        "route {route:?}: validate.max_body is above body.inspect_limit \
+                         ({inspect_limit} bytes): bodies in between could not be checked against \
+                         their schema; raise inspect_limit (up to 64KiB) or lower max_body"
+                    ),
+                );
+            }
+            Some(Arc::new(v))
+        }
+        Err(errors) => {
+            for e in errors {
+                let at = e.at.unwrap_or(*route_at);
+                issues.at(&at, format!("route {route:?}: {}", e.message));
+            }
+            None
+        }
+    }
+}
+
 fn unknown_blocks<T>(unknown: Option<UnknownPolicy>, list: &ListMode<T>) -> bool {
     match unknown {
         Some(u) => u == UnknownPolicy::Block,

@@ -41,6 +41,7 @@ impl Stage for AccessStage {
                 status: *status,
                 reason: reason.clone().into(),
                 headers: vec![],
+                details: None,
             });
         }
         if let Some(methods) = &self.methods {
@@ -50,6 +51,7 @@ impl Stage for AccessStage {
                     status: 405,
                     reason: "method_not_allowed".into(),
                     headers: vec![("allow", self.allow_header.clone())],
+                    details: None,
                 });
             }
         }

@@ -108,6 +108,8 @@ pub enum Outcome {
         status: u16,
         /// Reason.
         reason: Cow<'static, str>,
+        /// Structured details (validation violations), for the log line.
+        details: Option<std::sync::Arc<super::BlockDetails>>,
     },
     /// Not routed (no route matched).
     NoRoute,

@@ -47,6 +47,7 @@ impl Stage for GeoStage {
                 status: 403,
                 reason: "geo_denied".into(),
                 headers: vec![],
+                details: None,
             })
         }
     }

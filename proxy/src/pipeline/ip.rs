@@ -20,6 +20,7 @@ fn denied() -> Decision {
         status: 403,
         reason: "ip_denied".into(),
         headers: vec![],
+        details: None,
     })
 }
 

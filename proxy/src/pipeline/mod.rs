@@ -21,6 +21,7 @@ mod ip;
 
 use std::borrow::Cow;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 pub use access::AccessStage;
 pub use ctx::{BodyState, RequestCtx, RequestId};
@@ -71,6 +72,17 @@ pub struct Block {
     pub reason: Cow<'static, str>,
     /// Extra response headers (e.g. `Allow`, `Retry-After`).
     pub headers: Vec<(&'static str, String)>,
+    /// Structured details (validation violations …), logged, and sent when `expose` is set.
+    pub details: Option<Arc<BlockDetails>>,
+}
+
+/// Details of a block beyond its reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockDetails {
+    /// Fields added to the JSON error body next to `error` and `request_id`.
+    pub fields: serde_json::Map<String, serde_json::Value>,
+    /// Whether the client sees them (otherwise they are only logged).
+    pub expose: bool,
 }
 
 /// What a stage decided about a request.
@@ -132,11 +144,18 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Builds a route's pipeline from its policy and its attached rule sets.
-    pub fn for_route(policy: &RoutePolicy, rules: Option<crate::rules::RulesStage>) -> Pipeline {
+    /// Builds a route's pipeline from its policy, its attached rule sets and its validator.
+    pub fn for_route(
+        policy: &RoutePolicy,
+        rules: Option<crate::rules::RulesStage>,
+        validate: Option<crate::schema::ValidateStage>,
+    ) -> Pipeline {
         let mut stages: Vec<Box<dyn Stage>> = Vec::new();
         if let Some(r) = rules {
             stages.push(Box::new(r));
+        }
+        if let Some(v) = validate {
+            stages.push(Box::new(v));
         }
         if let Some(access) = AccessStage::new(policy) {
             stages.push(Box::new(access));
@@ -236,6 +255,7 @@ mod tests {
             status: 403,
             reason: reason.into(),
             headers: vec![],
+            details: None,
         })
     }
 

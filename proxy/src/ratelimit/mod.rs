@@ -183,6 +183,7 @@ impl AsyncStage for RateLimitStage {
                             status: 503,
                             reason: "rate_limit_unavailable".into(),
                             headers: vec![("retry-after", "1".into())],
+                            details: None,
                         }),
                         headers: None,
                     };
@@ -216,6 +217,7 @@ impl AsyncStage for RateLimitStage {
                                     ("ratelimit-policy", r.policy_header.clone()),
                                     ("ratelimit", state_header(&r.rule.name, 0, retry_after)),
                                 ],
+                                details: None,
                             }),
                             headers: None,
                         };

@@ -99,6 +99,7 @@ impl Stage for RulesStage {
                 status,
                 reason: reason.into(),
                 headers: vec![],
+                details: None,
             }),
             RulesVerdict::Allow { .. } => Decision::Allow,
             RulesVerdict::Pass if !counted.is_empty() => Decision::Counted(counted),

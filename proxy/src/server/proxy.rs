@@ -95,15 +95,24 @@ fn is_chunked(req: &RequestHeader) -> bool {
         })
 }
 
-/// Writes a JSON error `{"error": reason, "request_id": id}` and ends the response.
+/// Writes a JSON error `{"error": reason, "request_id": id, ...fields}` and ends the response.
 pub async fn respond_json_error(
     session: &mut Session,
     request_id: &str,
     status: u16,
     reason: &str,
     extra_headers: &[(&'static str, String)],
+    fields: Option<&serde_json::Map<String, serde_json::Value>>,
 ) -> Result<()> {
-    let body = serde_json::json!({ "error": reason, "request_id": request_id }).to_string();
+    let mut body = serde_json::Map::new();
+    body.insert("error".into(), reason.into());
+    body.insert("request_id".into(), request_id.into());
+    if let Some(fields) = fields {
+        for (k, v) in fields {
+            body.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+    let body = serde_json::Value::Object(body).to_string();
     let mut resp = ResponseHeader::build(status, Some(4 + extra_headers.len()))?;
     resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
@@ -130,11 +139,25 @@ impl PalisadeProxy {
         block: Block,
     ) -> Result<bool> {
         let id = ctx.request_id.to_string();
-        respond_json_error(session, &id, block.status, &block.reason, &block.headers).await?;
+        let shown = block
+            .details
+            .as_deref()
+            .filter(|d| d.expose)
+            .map(|d| &d.fields);
+        respond_json_error(
+            session,
+            &id,
+            block.status,
+            &block.reason,
+            &block.headers,
+            shown,
+        )
+        .await?;
         ctx.outcome = Outcome::Blocked {
             stage,
             status: block.status,
             reason: block.reason,
+            details: block.details,
         };
         Ok(true)
     }
@@ -237,7 +260,7 @@ impl ProxyHttp for PalisadeProxy {
         let Some(ri) = snapshot.route_for(request_host(req), req.uri.path()) else {
             ctx.outcome = Outcome::NoRoute;
             let id = ctx.request_id.to_string();
-            respond_json_error(session, &id, 404, "no_route", &[]).await?;
+            respond_json_error(session, &id, 404, "no_route", &[], None).await?;
             return Ok(true);
         };
         ctx.route = Some(ri);
@@ -296,6 +319,7 @@ impl ProxyHttp for PalisadeProxy {
                     status: 413,
                     reason: Cow::Borrowed("body_too_large"),
                     headers: vec![],
+                    details: None,
                 };
                 return self.block(session, ctx, StageKind::Access, b).await;
             }
@@ -480,7 +504,7 @@ impl ProxyHttp for PalisadeProxy {
         if status > 0 {
             let id = ctx.request_id.to_string();
             // If the response head already went out this fails; the connection is closed anyway.
-            if let Err(werr) = respond_json_error(session, &id, status, reason, &[]).await {
+            if let Err(werr) = respond_json_error(session, &id, status, reason, &[], None).await {
                 tracing::debug!(error = %werr, "could not send the error response");
             }
         }
@@ -531,6 +555,7 @@ impl ProxyHttp for PalisadeProxy {
                 stage,
                 status,
                 reason,
+                details,
             } => {
                 m.blocked.inc();
                 self.metrics
@@ -550,6 +575,10 @@ impl ProxyHttp for PalisadeProxy {
                     asn = ?ctx.geo.asn,
                     method = %req.method,
                     path = %req.uri.path(),
+                    details = %details
+                        .as_deref()
+                        .map(|d| serde_json::Value::Object(d.fields.clone()).to_string())
+                        .unwrap_or_default(),
                     "request blocked"
                 );
             }

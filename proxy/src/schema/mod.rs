@@ -1,0 +1,534 @@
+//! The `validate` stage: request validation against JSON Schemas and OpenAPI documents, as API
+//! Gateway's request validators do, in front of any backend.
+//!
+//! ```text
+//!  load:    palisade.yaml `validate:` ─┬─ operations (inline / file schemas) ─┐
+//!           OpenAPI 3.0/3.1 document ──┴─ openapi::import ────────────────────┴─▶ OperationTable
+//!                                          (every schema compiled once by `jsonschema`)
+//!  request: method + path ─▶ operation ─▶ 413 size ─▶ 415 content type ─▶ parameters (coerced)
+//!           ─▶ JSON body (400 invalid_json) ─▶ schema ─▶ 400 with violations, or forward
+//! ```
+//!
+//! Runs last in the pipeline, after the rule sets, on the pre-read body (see
+//! `shared/notes/pingora-body-inspection.md`): a body that cannot be read whole cannot be
+//! validated and gets 413. Evaluation takes no lock; it allocates only for the parsed body,
+//! the query pairs of operations that declare query parameters, and failures.
+
+mod documents;
+pub mod openapi;
+pub mod operations;
+mod params;
+mod violation;
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use prometheus::IntCounterVec;
+use serde_json::{json, Map, Value};
+
+pub use documents::{absolute, file_uri, DocumentStore};
+use operations::{BodySpec, Lookup, MediaMatch, OperationSpec, OperationTable, ParamSpec, ParamStyle};
+pub use violation::{Violation, Violations};
+
+use crate::config::file::{
+    OperationConfig, ParamConfig, UnknownOperation, ValidateAction, ValidateConfig, ValidateMode,
+};
+use crate::pipeline::{Block, BlockDetails, Decision, RequestView, Stage, StageKind};
+
+/// Default cap on reported violations.
+const DEFAULT_MAX_VIOLATIONS: usize = 10;
+
+/// Which part of a request a parameter or violation concerns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamIn {
+    /// The request body.
+    Body,
+    /// The query string.
+    Query,
+    /// A header.
+    Header,
+    /// A path template parameter.
+    Path,
+    /// A cookie.
+    Cookie,
+}
+
+impl ParamIn {
+    /// Name in violation reports (`in`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ParamIn::Body => "body",
+            ParamIn::Query => "query",
+            ParamIn::Header => "header",
+            ParamIn::Path => "path",
+            ParamIn::Cookie => "cookie",
+        }
+    }
+
+    /// Noun in messages.
+    pub fn noun(self) -> &'static str {
+        match self {
+            ParamIn::Body => "body",
+            ParamIn::Query => "query parameter",
+            ParamIn::Header => "header",
+            ParamIn::Path => "path parameter",
+            ParamIn::Cookie => "cookie",
+        }
+    }
+
+    /// Block reason when the first violation is here.
+    fn reason(self) -> &'static str {
+        match self {
+            ParamIn::Body => "invalid_body",
+            ParamIn::Query => "invalid_query",
+            ParamIn::Header => "invalid_header",
+            ParamIn::Path => "invalid_path",
+            ParamIn::Cookie => "invalid_cookie",
+        }
+    }
+}
+
+/// A route's compiled validation.
+#[derive(Debug)]
+pub struct RouteValidation {
+    mode: ValidateMode,
+    action: ValidateAction,
+    expose_details: bool,
+    max_violations: usize,
+    max_body: Option<usize>,
+    unknown_block: bool,
+    table: OperationTable,
+    /// Schema and OpenAPI files this validation was built from.
+    pub files: Vec<PathBuf>,
+}
+
+/// A problem in a route's `validate:` section; `at` is the config item it concerns.
+#[derive(Debug)]
+pub struct ValidateConfigError {
+    /// Location in the config file, when known.
+    pub at: Option<serde_saphyr::Location>,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// A schema written in the config: a string is a reference (`file.json#/$defs/X`), anything
+/// else an inline schema.
+fn config_schema(v: &Value) -> Value {
+    match v {
+        Value::String(r) => json!({ "$ref": r }),
+        other => other.clone(),
+    }
+}
+
+fn param_specs(
+    out: &mut Vec<ParamSpec>,
+    map: &std::collections::BTreeMap<String, ParamConfig>,
+    location: ParamIn,
+) {
+    for (name, p) in map {
+        out.push(ParamSpec {
+            name: name.clone(),
+            location,
+            required: p.required || location == ParamIn::Path,
+            schema: p.schema.as_ref().map(|s| config_schema(&s.value)),
+            style: ParamStyle::Form,
+            explode: p
+                .explode
+                .unwrap_or(matches!(location, ParamIn::Query | ParamIn::Cookie)),
+            json_content: false,
+        });
+    }
+}
+
+fn operation_spec(op: &OperationConfig) -> OperationSpec {
+    let methods: Vec<http::Method> = op
+        .methods
+        .as_ref()
+        .map(|m| m.iter().map(|m| m.0.clone()).collect())
+        .unwrap_or_default();
+    let path = op.path.as_ref().map(|p| p.value.clone());
+    let method_text = if methods.is_empty() {
+        "ANY".to_string()
+    } else {
+        methods
+            .iter()
+            .map(http::Method::as_str)
+            .collect::<Vec<_>>()
+            .join("|")
+    };
+    let mut params = Vec::new();
+    param_specs(&mut params, &op.query, ParamIn::Query);
+    param_specs(&mut params, &op.headers, ParamIn::Header);
+    param_specs(&mut params, &op.path_params, ParamIn::Path);
+    param_specs(&mut params, &op.cookies, ParamIn::Cookie);
+    let schema = op.body.as_ref().map(|b| config_schema(&b.value));
+    let content_types = op.content_types.clone().unwrap_or_else(|| {
+        if schema.is_some() {
+            vec!["application/json".into()]
+        } else {
+            Vec::new()
+        }
+    });
+    let body = (schema.is_some() || !content_types.is_empty()).then(|| BodySpec {
+        required: op.body_required.unwrap_or(schema.is_some()),
+        media_types: content_types
+            .iter()
+            .map(|t| {
+                let s = schema.clone().filter(|_| openapi::is_json(t) || t.contains('*'));
+                (t.clone(), s)
+            })
+            .collect(),
+    });
+    OperationSpec {
+        label: format!("{method_text} {}", path.as_deref().unwrap_or("*")),
+        methods,
+        path,
+        params,
+        body,
+        draft: None,
+        max_body: op.max_body.map(|s| s.0 as usize),
+    }
+}
+
+/// Compiles a route's `validate:` section. `base_dir` is the config file's directory (file
+/// references are relative to it); `store` is shared by every route of the config so each
+/// document is read once.
+pub fn compile(
+    cfg: &ValidateConfig,
+    base_dir: &Path,
+    store: &DocumentStore,
+) -> Result<RouteValidation, Vec<ValidateConfigError>> {
+    let base_dir = absolute(base_dir);
+    // Inline schemas and references written in the config resolve against its directory.
+    let base_uri = file_uri(&base_dir.join("palisade-config"));
+    let mut specs: Vec<OperationSpec> = cfg.operations.iter().map(operation_spec).collect();
+    let mut locations: Vec<Option<serde_saphyr::Location>> = cfg
+        .operations
+        .iter()
+        .map(|o| {
+            o.path
+                .as_ref()
+                .map(|p| p.referenced)
+                .or_else(|| o.body.as_ref().map(|b| b.referenced))
+        })
+        .collect();
+    let imported_from = specs.len();
+    let mut errors = Vec::new();
+    if let Some(doc) = &cfg.openapi {
+        let path = base_dir.join(&doc.value);
+        match openapi::import(store, &path, cfg.base_path.as_deref()) {
+            Ok(imported) => {
+                locations.extend(imported.operations.iter().map(|_| Some(doc.referenced)));
+                specs.extend(imported.operations);
+            }
+            Err(es) => errors.extend(es.into_iter().map(|message| ValidateConfigError {
+                at: Some(doc.referenced),
+                message: format!("validate.openapi: {message}"),
+            })),
+        }
+    }
+    if specs.is_empty() && errors.is_empty() {
+        errors.push(ValidateConfigError {
+            at: None,
+            message: "validate: no operations; add `operations:` or `openapi:`".into(),
+        });
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let table = OperationTable::compile(&specs, imported_from, store, &base_uri).map_err(|es| {
+        es.into_iter()
+            .map(|(i, message)| ValidateConfigError {
+                at: locations.get(i).copied().flatten(),
+                message: format!("validate: operation {message}"),
+            })
+            .collect::<Vec<_>>()
+    })?;
+    let unknown_default = if cfg.openapi.is_some() {
+        UnknownOperation::Block
+    } else {
+        UnknownOperation::Allow
+    };
+    Ok(RouteValidation {
+        mode: cfg.mode.unwrap_or(ValidateMode::All),
+        action: cfg.action.unwrap_or(ValidateAction::Block),
+        expose_details: cfg.expose_details.unwrap_or(true),
+        max_violations: cfg.max_violations.unwrap_or(DEFAULT_MAX_VIOLATIONS),
+        max_body: cfg.max_body.map(|s| s.0 as usize),
+        unknown_block: cfg.unknown_operation.unwrap_or(unknown_default) == UnknownOperation::Block,
+        table,
+        files: store.files(),
+    })
+}
+
+impl RouteValidation {
+    /// Whether bodies must be pre-read (a JSON body schema is checked).
+    pub fn needs_body(&self) -> bool {
+        self.mode != ValidateMode::Params && (self.table.needs_body() || self.has_size_limit())
+    }
+
+    /// Whether a body size limit applies to some operation.
+    pub fn has_size_limit(&self) -> bool {
+        self.max_body.is_some() || self.table.has_size_limit()
+    }
+
+    /// The largest body size limit that applies to a body validated against a schema.
+    pub fn max_body(&self) -> Option<usize> {
+        self.max_body
+    }
+
+    /// Number of operations.
+    pub fn operations(&self) -> usize {
+        self.table.len()
+    }
+}
+
+/// The validate stage of one route.
+pub struct ValidateStage {
+    validation: Arc<RouteValidation>,
+    route: String,
+    failures: IntCounterVec,
+}
+
+impl ValidateStage {
+    /// The stage for `route`; failures are counted in `failures`
+    /// (`palisade_validation_failures_total{route, operation, reason}`).
+    pub fn new(validation: Arc<RouteValidation>, route: &str, failures: IntCounterVec) -> Self {
+        ValidateStage {
+            validation,
+            route: route.to_string(),
+            failures,
+        }
+    }
+
+    fn reject(
+        &self,
+        operation: &str,
+        status: u16,
+        reason: &'static str,
+        fields: Map<String, Value>,
+        headers: Vec<(&'static str, String)>,
+    ) -> Decision {
+        self.failures
+            .with_label_values(&[self.route.as_str(), operation, reason])
+            .inc();
+        match self.validation.action {
+            ValidateAction::Count => {
+                let details = Value::Object(fields).to_string();
+                tracing::info!(
+                    target: "palisade::validation",
+                    route = %self.route,
+                    operation,
+                    reason,
+                        details = %details,
+                    "request failed validation (count mode: forwarded)"
+                );
+                Decision::Count(Cow::Owned(format!("validate:{reason}")))
+            }
+            ValidateAction::Block => Decision::Block(Block {
+                status,
+                reason: Cow::Borrowed(reason),
+                headers,
+                details: Some(Arc::new(BlockDetails {
+                    fields,
+                    expose: self.validation.expose_details,
+                })),
+            }),
+        }
+    }
+}
+
+fn content_length(head: &http::request::Parts) -> Option<u64> {
+    head.headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Values of one parameter in the request.
+fn param_values<'r>(
+    req: &'r RequestView<'_>,
+    location: ParamIn,
+    name: &str,
+    query: &'r [(Cow<'r, str>, Cow<'r, str>)],
+    captures: &'r [(&str, Cow<'r, str>)],
+) -> Vec<Cow<'r, str>> {
+    match location {
+        ParamIn::Query => query
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| Cow::Borrowed(v.as_ref()))
+            .collect(),
+        ParamIn::Header => req
+            .head
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()))
+            .collect(),
+        ParamIn::Path => captures
+            .iter()
+            .filter(|(k, _)| *k == name)
+            .map(|(_, v)| Cow::Borrowed(v.as_ref()))
+            .collect(),
+        ParamIn::Cookie => req
+            .head
+            .headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|c| c.trim().split_once('='))
+            .filter(|(k, _)| *k == name)
+            .map(|(_, v)| Cow::Borrowed(v.trim_matches('"')))
+            .collect(),
+        ParamIn::Body => Vec::new(),
+    }
+}
+
+impl Stage for ValidateStage {
+    fn kind(&self) -> StageKind {
+        StageKind::Validate
+    }
+
+    fn needs_body(&self) -> bool {
+        self.validation.needs_body()
+    }
+
+    fn evaluate(&self, req: &RequestView<'_>) -> Decision {
+        let v = &*self.validation;
+        let head = req.head;
+        let preflight = head.method == http::Method::OPTIONS
+            && head.headers.contains_key("access-control-request-method");
+        let (op, captures) = match v.table.lookup(&head.method, head.uri.path(), preflight) {
+            Lookup::Found(op, captures) => (op, captures),
+            Lookup::Preflight => return Decision::Continue,
+            Lookup::MethodNotAllowed(allow) if v.unknown_block => {
+                let mut fields = Map::new();
+                fields.insert("allowed".into(), json!(allow));
+                return self.reject("-", 405, "method_not_allowed", fields, vec![("allow", allow)]);
+            }
+            Lookup::Unknown if v.unknown_block => {
+                return self.reject("-", 404, "unknown_operation", Map::new(), vec![]);
+            }
+            Lookup::MethodNotAllowed(_) | Lookup::Unknown => return Decision::Continue,
+        };
+        let label = op.label.as_str();
+        let mut violations = Violations::new(v.max_violations);
+        let check_body = v.mode != ValidateMode::Params;
+
+        let declared_length = content_length(head);
+        let chunked = head.headers.contains_key(http::header::TRANSFER_ENCODING);
+        let has_body = declared_length.is_some_and(|n| n > 0)
+            || chunked
+            || req.body.is_some_and(|b| !b.is_empty());
+        if check_body {
+            if let Some(limit) = op.max_body.or(v.max_body) {
+                let seen = req.body.map_or(0, <[u8]>::len) as u64;
+                // A body cut at the inspection limit is longer than what was seen.
+                let cut = req.body.is_some() && !req.body_complete;
+                if declared_length.unwrap_or(0).max(seen) > limit as u64
+                    || (cut && seen >= limit as u64)
+                {
+                    let mut fields = Map::new();
+                    fields.insert("limit".into(), json!(limit));
+                    return self.reject(label, 413, "body_too_large", fields, vec![]);
+                }
+            }
+        }
+        // Body: content type and, for JSON types with a schema, the parsed document.
+        let mut body_validator = None;
+        if let (true, Some(body)) = (check_body, &op.body) {
+            if has_body {
+                let content_type = head
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|c| c.to_str().ok());
+                match body.media_for(content_type) {
+                    MediaMatch::Accepted(validator) => body_validator = validator,
+                    MediaMatch::Rejected(accepted) => {
+                        let mut fields = Map::new();
+                        fields.insert("accepted".into(), json!(accepted));
+                        return self.reject(label, 415, "unsupported_media_type", fields, vec![]);
+                    }
+                }
+            } else if body.required {
+                violations.push(Violation::new(
+                    ParamIn::Body,
+                    String::new(),
+                    "required",
+                    "a request body is required".into(),
+                ));
+            }
+        }
+
+        if v.mode != ValidateMode::Body {
+            let wants_query = op.params.iter().any(|p| p.location == ParamIn::Query);
+            let query: Vec<(Cow<'_, str>, Cow<'_, str>)> = match head.uri.query() {
+                Some(q) if wants_query => form_urlencoded::parse(q.as_bytes()).collect(),
+                _ => Vec::new(),
+            };
+            for p in &op.params {
+                let values = param_values(req, p.location, &p.name, &query, &captures);
+                p.check(&values, &mut violations);
+            }
+        }
+
+        if let Some(validator) = body_validator {
+            let body = match req.body {
+                Some(b) if req.body_complete => b,
+                // Longer than the inspection limit (or not read): it cannot be checked whole.
+                _ => {
+                    let mut fields = Map::new();
+                    fields.insert(
+                        "message".into(),
+                        json!("the body is larger than the inspection limit and cannot be validated"),
+                    );
+                    return self.reject(label, 413, "body_too_large", fields, vec![]);
+                }
+            };
+            match serde_json::from_slice::<Value>(body) {
+                Err(e) => {
+                    let mut fields = Map::new();
+                    fields.insert("operation".into(), json!(label));
+                    fields.insert(
+                        "position".into(),
+                        json!({ "line": e.line(), "column": e.column() }),
+                    );
+                    fields.insert("message".into(), json!(e.to_string()));
+                    return self.reject(label, 400, "invalid_json", fields, vec![]);
+                }
+                Ok(doc) => {
+                    if !validator.is_valid(&doc) {
+                        for e in validator.iter_errors(&doc) {
+                            if violations.is_full() {
+                                violations.mark_truncated();
+                                break;
+                            }
+                            violations.push(Violation::new(
+                                ParamIn::Body,
+                                e.instance_path().to_string(),
+                                e.kind().keyword(),
+                                e.to_string(),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+
+        match violations.items().first() {
+            None => Decision::Continue,
+            Some(first) => {
+                let reason = first.location.reason();
+                let mut fields = Map::new();
+                fields.insert("operation".into(), json!(label));
+                if let Value::Object(report) = violations.to_json() {
+                    fields.extend(report);
+                }
+                self.reject(label, 400, reason, fields, vec![])
+            }
+        }
+    }
+}
