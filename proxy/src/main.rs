@@ -311,6 +311,20 @@ fn main() -> ExitCode {
                     c.upstreams.len(),
                     c.routes.len()
                 );
+                for r in &c.routes {
+                    if let Some(v) = &r.policy.validation {
+                        println!(
+                            "  route {:?}: validates {} operation(s); schema files: {}",
+                            r.name,
+                            v.operations(),
+                            v.files
+                                .iter()
+                                .map(|f| f.display().to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        );
+                    }
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

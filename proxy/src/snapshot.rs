@@ -88,11 +88,7 @@ impl Snapshot {
                 let rules = RulesStage::new(r.policy.rulesets.clone());
                 let rules_need_geo = rules.as_ref().is_some_and(RulesStage::needs_geo);
                 let validate = r.policy.validation.as_ref().map(|v| {
-                    ValidateStage::new(
-                        Arc::clone(v),
-                        &r.name,
-                        metrics.validation_failures.clone(),
-                    )
+                    ValidateStage::new(Arc::clone(v), &r.name, metrics.validation_failures.clone())
                 });
                 CompiledRoute {
                     name: r.name.clone(),

@@ -62,9 +62,12 @@ fn uri_path(uri: &str) -> Option<PathBuf> {
     ))
 }
 
-/// Makes `path` absolute against the current directory, so URIs and messages are stable.
+/// Makes `path` absolute against the current directory (and canonical when it exists), so
+/// URIs, messages and the document cache are stable.
 pub fn absolute(path: &Path) -> PathBuf {
-    if path.is_absolute() {
+    if let Ok(p) = std::fs::canonicalize(path) {
+        p
+    } else if path.is_absolute() {
         path.to_path_buf()
     } else {
         std::env::current_dir()
@@ -96,7 +99,10 @@ pub fn read_document(path: &Path) -> Result<Value, String> {
     let yaml = || {
         serde_saphyr::from_str::<Value>(&text).map_err(|e| {
             let (line, column, message) = crate::config::yaml_error_parts(&e);
-            format!("{}:{line}:{column}: invalid YAML: {message}", path.display())
+            format!(
+                "{}:{line}:{column}: invalid YAML: {message}",
+                path.display()
+            )
         })
     };
     let mut doc = match ext.as_str() {
@@ -249,15 +255,22 @@ impl DocumentStore {
             return format!("unresolvable $ref: {message}");
         }
         let mut out = String::new();
-        if let Some(loc) = e.absolute_keyword_location() {
-            let loc = loc.as_str();
-            let file = uri_path(loc).map(|p| p.display().to_string());
-            let fragment = loc.split_once('#').map(|(_, f)| f).unwrap_or("");
-            let _ = write!(out, "{}: {fragment}: ", file.unwrap_or_else(|| loc.into()));
-        } else if !e.instance_path().as_str().is_empty() {
-            let _ = write!(out, "at {}: ", e.instance_path());
+        // A keyword location in one of our files names it; one in a meta-schema (the schema
+        // itself is malformed) does not help: then the instance path is the place in the
+        // schema being compiled.
+        match e
+            .absolute_keyword_location()
+            .map(|l| l.as_str())
+            .and_then(|l| Some((uri_path(l)?, l.split_once('#').map_or("", |(_, f)| f))))
+        {
+            Some((file, fragment)) => {
+                let _ = write!(out, "{}: {fragment}: invalid schema: ", file.display());
+            }
+            None if !e.instance_path().as_str().is_empty() => {
+                let _ = write!(out, "invalid schema at {}: ", e.instance_path());
+            }
+            None => out.push_str("invalid schema: "),
         }
-        out.push_str("invalid schema: ");
         out.push_str(&message);
         out
     }
@@ -307,7 +320,10 @@ fn join_uri(base: &str, reference: &str) -> (String, String) {
     } else if target.starts_with('/') {
         format!("file://{target}")
     } else {
-        let dir = base_doc.rsplit_once('/').map(|(d, _)| d).unwrap_or(base_doc);
+        let dir = base_doc
+            .rsplit_once('/')
+            .map(|(d, _)| d)
+            .unwrap_or(base_doc);
         let mut parts: Vec<&str> = dir.split('/').collect();
         for seg in target.split('/') {
             match seg {
@@ -376,7 +392,9 @@ mod tests {
         ]);
         let store = DocumentStore::new();
         let base = file_uri(&dir.path().join("config.yaml"));
-        let v = store.build(&json!({"$ref": "a.json"}), &base, None).unwrap();
+        let v = store
+            .build(&json!({"$ref": "a.json"}), &base, None)
+            .unwrap();
         assert!(v.is_valid(&json!({"hr": 100})));
         assert!(!v.is_valid(&json!({"hr": 300})));
         assert_eq!(store.files().len(), 2);

@@ -28,7 +28,9 @@ use prometheus::IntCounterVec;
 use serde_json::{json, Map, Value};
 
 pub use documents::{absolute, file_uri, DocumentStore};
-use operations::{BodySpec, Lookup, MediaMatch, OperationSpec, OperationTable, ParamSpec, ParamStyle};
+use operations::{
+    BodySpec, Lookup, MediaMatch, OperationSpec, OperationTable, ParamSpec, ParamStyle,
+};
 pub use violation::{Violation, Violations};
 
 use crate::config::file::{
@@ -99,7 +101,7 @@ pub struct RouteValidation {
     max_body: Option<usize>,
     unknown_block: bool,
     table: OperationTable,
-    /// Schema and OpenAPI files this validation was built from.
+    /// Schema and OpenAPI files the configuration had loaded once this route was compiled.
     pub files: Vec<PathBuf>,
 }
 
@@ -175,7 +177,9 @@ fn operation_spec(op: &OperationConfig) -> OperationSpec {
         media_types: content_types
             .iter()
             .map(|t| {
-                let s = schema.clone().filter(|_| openapi::is_json(t) || t.contains('*'));
+                let s = schema
+                    .clone()
+                    .filter(|_| openapi::is_json(t) || t.contains('*'));
                 (t.clone(), s)
             })
             .collect(),
@@ -216,7 +220,7 @@ pub fn compile(
     let imported_from = specs.len();
     let mut errors = Vec::new();
     if let Some(doc) = &cfg.openapi {
-        let path = base_dir.join(&doc.value);
+        let path = absolute(&base_dir.join(&doc.value));
         match openapi::import(store, &path, cfg.base_path.as_deref()) {
             Ok(imported) => {
                 locations.extend(imported.operations.iter().map(|_| Some(doc.referenced)));
@@ -307,9 +311,14 @@ impl ValidateStage {
         operation: &str,
         status: u16,
         reason: &'static str,
-        fields: Map<String, Value>,
+        mut fields: Map<String, Value>,
         headers: Vec<(&'static str, String)>,
     ) -> Decision {
+        if operation != "-" {
+            fields
+                .entry("operation")
+                .or_insert_with(|| Value::from(operation));
+        }
         self.failures
             .with_label_values(&[self.route.as_str(), operation, reason])
             .inc();
@@ -407,7 +416,13 @@ impl Stage for ValidateStage {
             Lookup::MethodNotAllowed(allow) if v.unknown_block => {
                 let mut fields = Map::new();
                 fields.insert("allowed".into(), json!(allow));
-                return self.reject("-", 405, "method_not_allowed", fields, vec![("allow", allow)]);
+                return self.reject(
+                    "-",
+                    405,
+                    "method_not_allowed",
+                    fields,
+                    vec![("allow", allow)],
+                );
             }
             Lookup::Unknown if v.unknown_block => {
                 return self.reject("-", 404, "unknown_operation", Map::new(), vec![]);
@@ -483,7 +498,9 @@ impl Stage for ValidateStage {
                     let mut fields = Map::new();
                     fields.insert(
                         "message".into(),
-                        json!("the body is larger than the inspection limit and cannot be validated"),
+                        json!(
+                            "the body is larger than the inspection limit and cannot be validated"
+                        ),
                     );
                     return self.reject(label, 413, "body_too_large", fields, vec![]);
                 }
@@ -491,7 +508,6 @@ impl Stage for ValidateStage {
             match serde_json::from_slice::<Value>(body) {
                 Err(e) => {
                     let mut fields = Map::new();
-                    fields.insert("operation".into(), json!(label));
                     fields.insert(
                         "position".into(),
                         json!({ "line": e.line(), "column": e.column() }),
@@ -523,7 +539,6 @@ impl Stage for ValidateStage {
             Some(first) => {
                 let reason = first.location.reason();
                 let mut fields = Map::new();
-                fields.insert("operation".into(), json!(label));
                 if let Value::Object(report) = violations.to_json() {
                     fields.extend(report);
                 }

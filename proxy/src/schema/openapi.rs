@@ -10,6 +10,7 @@
 
 use http::Method;
 use jsonschema::Draft;
+use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use serde_json::{json, Map, Value};
 
 use super::documents::{file_uri, DocumentStore};
@@ -131,7 +132,9 @@ fn normalize_schema(schema: &mut Value, v30: bool) {
         // `format: int32/int64` is a range in OpenAPI; JSON Schema's `format` only checks
         // strings, so the range becomes `minimum`/`maximum` unless the author set tighter ones.
         let is_integer = obj.get("type").is_some_and(|t| {
-            t == "integer" || t.as_array().is_some_and(|a| a.iter().any(|x| x == "integer"))
+            t == "integer"
+                || t.as_array()
+                    .is_some_and(|a| a.iter().any(|x| x == "integer"))
         });
         let range = match obj.get("format").and_then(Value::as_str) {
             Some("int32") if is_integer => Some((json!(i32::MIN), json!(i32::MAX))),
@@ -206,9 +209,30 @@ fn drop_read_only_required(obj: &mut Map<String, Value>) {
     }
 }
 
-/// JSON-pointer escaping of one reference token.
+/// Characters escaped in a URI fragment (a JSON pointer may hold any of them: `{id}`).
+const FRAGMENT_ESCAPES: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'<')
+    .add(b'>')
+    .add(b'[')
+    .add(b']')
+    .add(b'\\')
+    .add(b'^')
+    .add(b'`')
+    .add(b'{')
+    .add(b'|')
+    .add(b'}');
+
+/// JSON-pointer escaping of one reference token, percent-encoded for a URI fragment.
 fn escape(token: &str) -> String {
-    token.replace('~', "~0").replace('/', "~1")
+    utf8_percent_encode(
+        &token.replace('~', "~0").replace('/', "~1"),
+        FRAGMENT_ESCAPES,
+    )
+    .to_string()
 }
 
 /// An imported document: its operations and the draft its schemas follow.
@@ -224,7 +248,11 @@ pub struct Imported {
 
 /// Follows a local `$ref` (`#/components/...`) inside the document, at most 8 hops; returns
 /// the object and its pointer.
-fn deref<'a>(doc: &'a Value, value: &'a Value, pointer: String) -> Result<(&'a Value, String), String> {
+fn deref<'a>(
+    doc: &'a Value,
+    value: &'a Value,
+    pointer: String,
+) -> Result<(&'a Value, String), String> {
     let mut current = (value, pointer);
     for _ in 0..8 {
         let Some(r) = current.0.get("$ref").and_then(Value::as_str) else {
@@ -301,7 +329,10 @@ pub fn import(
     let mut errors = Vec::new();
     let mut operations = Vec::new();
     let Some(paths) = doc.get("paths").and_then(Value::as_object) else {
-        return Err(vec![format!("{}: the document has no `paths`", path.display())]);
+        return Err(vec![format!(
+            "{}: the document has no `paths`",
+            path.display()
+        )]);
     };
     for (template, item) in paths {
         let item_ptr = format!("/paths/{}", escape(template));
@@ -325,8 +356,8 @@ pub fn import(
                 continue;
             };
             let op_ptr = format!("{item_ptr}/{name}");
-            let result = operation(&doc, op, &op_ptr, &uri, &shared).map(|(params, body)| {
-                OperationSpec {
+            let result =
+                operation(&doc, op, &op_ptr, &uri, &shared).map(|(params, body)| OperationSpec {
                     label: format!("{} {}{}", method, base_path, template),
                     methods: vec![method.clone()],
                     path: Some(format!("{base_path}{template}")),
@@ -334,8 +365,7 @@ pub fn import(
                     body,
                     draft: Some(draft),
                     max_body: None,
-                }
-            });
+                });
             match result {
                 Ok(spec) => operations.push(spec),
                 Err(e) => errors.push(format!("{}: {e}", path.display())),
@@ -384,7 +414,11 @@ fn parameter(p: &Value, ptr: &str, uri: &str) -> Result<ParamSpec, String> {
         Some("spaceDelimited") => ParamStyle::SpaceDelimited,
         Some("pipeDelimited") => ParamStyle::PipeDelimited,
         Some("deepObject") | Some("matrix") | Some("label") => ParamStyle::Unsupported,
-        Some(other) => return Err(format!("{ptr}: parameter {name:?}: unknown style {other:?}")),
+        Some(other) => {
+            return Err(format!(
+                "{ptr}: parameter {name:?}: unknown style {other:?}"
+            ))
+        }
     };
     // OpenAPI: `explode` defaults to true for form style (query, cookie), false otherwise.
     let explode = p
@@ -432,7 +466,10 @@ fn operation(
 ) -> Result<OperationParts, String> {
     let mut params: Vec<ParamSpec> = Vec::new();
     // Operation-level parameters override path-level ones with the same name and location.
-    for p in params_of(doc, op, ptr, uri).into_iter().chain(shared.iter().cloned()) {
+    for p in params_of(doc, op, ptr, uri)
+        .into_iter()
+        .chain(shared.iter().cloned())
+    {
         let p = p?;
         if !params
             .iter()
@@ -496,7 +533,10 @@ mod tests {
         let doc = json!({"servers": [{"url": "https://{host}/api/{v}/", "variables": {
             "host": {"default": "x.example"}, "v": {"default": "v2"}}}]});
         assert_eq!(server_base_path(&doc), "/api/v2");
-        assert_eq!(server_base_path(&json!({"servers": [{"url": "/v1"}]})), "/v1");
+        assert_eq!(
+            server_base_path(&json!({"servers": [{"url": "/v1"}]})),
+            "/v1"
+        );
         assert_eq!(server_base_path(&json!({})), "");
     }
 

@@ -17,8 +17,8 @@ use regex::Regex;
 use serde_json::Value;
 
 use super::documents::DocumentStore;
-use super::params::{CompiledParam, Coercion};
 pub use super::params::ParamStyle;
+use super::params::{Coercion, CompiledParam};
 use super::ParamIn;
 
 /// A parameter as declared (config or OpenAPI).
@@ -118,7 +118,9 @@ fn parse_template(path: &str) -> Result<Template, String> {
             .filter(|n| !n.contains(['{', '}']))
         {
             if name.is_empty() {
-                return Err(format!("path template {path:?}: empty parameter name `{{}}`"));
+                return Err(format!(
+                    "path template {path:?}: empty parameter name `{{}}`"
+                ));
             }
             segments.push(Segment::Param(name.to_string()));
             shape.push_str("{}");
@@ -141,8 +143,7 @@ fn parse_template(path: &str) -> Result<Template, String> {
             pattern.push_str(&regex::escape(rest));
             pattern.push('$');
             shape.push_str(rest);
-            let re = Regex::new(&pattern)
-                .map_err(|e| format!("path template {path:?}: {e}"))?;
+            let re = Regex::new(&pattern).map_err(|e| format!("path template {path:?}: {e}"))?;
             segments.push(Segment::Mixed(re, names));
         } else {
             segments.push(Segment::Literal(seg.to_string()));
@@ -232,10 +233,7 @@ impl MediaRange {
     fn score(&self, essence: &str) -> Option<u8> {
         match self {
             MediaRange::Exact(e) => (e == essence).then_some(2),
-            MediaRange::Type(t) => essence
-                .split_once('/')
-                .filter(|(et, _)| et == t)
-                .map(|_| 1),
+            MediaRange::Type(t) => essence.split_once('/').filter(|(et, _)| et == t).map(|_| 1),
             MediaRange::Any => Some(0),
         }
     }
@@ -268,7 +266,13 @@ impl CompiledBody {
             return MediaMatch::Accepted(None);
         }
         let essence = content_type
-            .map(|c| c.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+            .map(|c| {
+                c.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase()
+            })
             .unwrap_or_default();
         let best = self
             .media
@@ -478,7 +482,9 @@ impl OperationTable {
             };
             let op = find(method).or_else(|| {
                 // HEAD is GET without a body unless the API declares it.
-                (method == Method::HEAD).then(|| find(&Method::GET)).flatten()
+                (method == Method::HEAD)
+                    .then(|| find(&Method::GET))
+                    .flatten()
             });
             if let Some(op) = op {
                 return Lookup::Found(op, captures);
@@ -523,7 +529,7 @@ fn compile_operation(
             Some(s) => match store.build(s, base_uri, spec.draft) {
                 Ok(v) => Some(v),
                 Err(e) => {
-                    errors.push(format!("{} parameter {:?}: {e}", p.location.noun(), p.name));
+                    errors.push(format!("{} {:?}: {e}", p.location.noun(), p.name));
                     continue;
                 }
             },
@@ -605,8 +611,13 @@ mod tests {
     }
 
     fn table(specs: &[OperationSpec]) -> OperationTable {
-        OperationTable::compile(specs, specs.len(), &DocumentStore::new(), "file:///tmp/c.yaml")
-            .unwrap()
+        OperationTable::compile(
+            specs,
+            specs.len(),
+            &DocumentStore::new(),
+            "file:///tmp/c.yaml",
+        )
+        .unwrap()
     }
 
     fn found(t: &OperationTable, m: Method, p: &str) -> String {
@@ -629,13 +640,19 @@ mod tests {
             spec(Method::POST, "/v1/activities"),
             spec(Method::GET, "/v1/files/{name}.{ext}"),
         ]);
-        assert_eq!(found(&t, Method::GET, "/v1/activities/stats"), "GET /v1/activities/stats ");
+        assert_eq!(
+            found(&t, Method::GET, "/v1/activities/stats"),
+            "GET /v1/activities/stats "
+        );
         assert_eq!(
             found(&t, Method::GET, "/v1/activities/a%20b/"),
             "GET /v1/activities/{id} id=a b"
         );
         assert_eq!(found(&t, Method::DELETE, "/v1/activities"), "405 POST");
-        assert_eq!(found(&t, Method::HEAD, "/v1/activities/7"), "GET /v1/activities/{id} id=7");
+        assert_eq!(
+            found(&t, Method::HEAD, "/v1/activities/7"),
+            "GET /v1/activities/{id} id=7"
+        );
         assert_eq!(
             found(&t, Method::GET, "/v1/files/report.tar.gz"),
             "GET /v1/files/{name}.{ext} name=report,ext=tar.gz"
@@ -667,7 +684,11 @@ mod tests {
         let body = CompiledBody {
             required: true,
             media: vec![
-                (MediaRange::parse("application/json"), "application/json".into(), None),
+                (
+                    MediaRange::parse("application/json"),
+                    "application/json".into(),
+                    None,
+                ),
                 (MediaRange::parse("text/*"), "text/*".into(), None),
             ],
         };
@@ -675,7 +696,10 @@ mod tests {
             body.media_for(Some("Application/JSON; charset=utf-8")),
             MediaMatch::Accepted(_)
         ));
-        assert!(matches!(body.media_for(Some("text/csv")), MediaMatch::Accepted(_)));
+        assert!(matches!(
+            body.media_for(Some("text/csv")),
+            MediaMatch::Accepted(_)
+        ));
         assert!(matches!(
             body.media_for(Some("application/xml")),
             MediaMatch::Rejected(_)

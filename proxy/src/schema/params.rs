@@ -120,9 +120,9 @@ fn coerce_scalar(raw: &str, types: &[Scalar]) -> Value {
             Scalar::Number => {
                 // Only plain decimal notation: "inf", "NaN" and "0x10" stay strings.
                 let plain = !raw.is_empty()
-                    && raw
-                        .bytes()
-                        .all(|b| b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E'));
+                    && raw.bytes().all(|b| {
+                        b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E')
+                    });
                 if plain {
                     if let Some(n) = raw.parse::<f64>().ok().and_then(Number::from_f64) {
                         return Value::Number(n);
@@ -203,7 +203,11 @@ impl CompiledParam {
                             self.location,
                             format!("/{}", self.name),
                             "type",
-                            format!("{} {:?} is not valid JSON: {e}", self.location.noun(), self.name),
+                            format!(
+                                "{} {:?} is not valid JSON: {e}",
+                                self.location.noun(),
+                                self.name
+                            ),
                         )),
                     }
                 }

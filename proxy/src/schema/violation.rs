@@ -36,12 +36,7 @@ fn cap(mut s: String) -> String {
 
 impl Violation {
     /// A violation; texts longer than the cap are cut.
-    pub fn new(
-        location: ParamIn,
-        pointer: String,
-        keyword: &str,
-        message: String,
-    ) -> Violation {
+    pub fn new(location: ParamIn, pointer: String, keyword: &str, message: String) -> Violation {
         Violation {
             location,
             pointer: cap(pointer),
