@@ -190,7 +190,7 @@ async fn chunked_bodies_are_validated_and_forwarded_intact() {
     let good = br#"{"type":"ride","started_at":"2026-11-20T07:30:00Z","duration_s":3600}"#;
     let bad = br#"{"type":"ride","started_at":"2026-11-20T07:30:00Z","duration_s":0}"#;
     for (body, status) in [(&good[..], 200), (&bad[..], 400)] {
-        let mut req = format!(
+        let mut req = String::from(
             "POST /v1/activities HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
              Content-Type: application/json\r\nIdempotency-Key: 6f1c2b4e-8a3d-4f5e-9b7c-0d1e2f3a4b5c\r\n\
              Transfer-Encoding: chunked\r\n\r\n"

@@ -340,9 +340,16 @@ pub fn yaml_error_parts(e: &serde_saphyr::Error) -> (u64, u64, String) {
     (line, column, message)
 }
 
+/// The YAML options of every file Palisade reads (config, rule sets, schemas): YAML 1.2
+/// booleans only, so `enum: [yes, no]`, `name: n` or the country `NO` stay strings instead of
+/// silently becoming `true`/`false` as YAML 1.1 would have it.
+pub fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! { strict_booleans: true }
+}
+
 /// Parses YAML text into the file shapes; the error carries line and column.
 pub fn parse(source_name: &str, text: &str) -> Result<file::FileConfig, ConfigError> {
-    serde_saphyr::from_str::<file::FileConfig>(text).map_err(|e| {
+    serde_saphyr::from_str_with_options::<file::FileConfig>(text, yaml_options()).map_err(|e| {
         let (line, column, message) = yaml_error_parts(&e);
         ConfigError {
             source_name: source_name.to_string(),

@@ -677,18 +677,19 @@ pub fn load_text(
     ip_sets: &BTreeMap<String, Arc<IpSet>>,
 ) -> Result<CompiledRuleSet, RuleFileError> {
     let name = path.display().to_string();
-    let file: RuleSetFile = serde_saphyr::from_str(text).map_err(|e| {
-        let (line, column, message) = crate::config::yaml_error_parts(&e);
-        RuleFileError {
-            path: name.clone(),
-            issues: vec![RuleIssue {
-                line,
-                column,
-                rule: None,
-                message,
-            }],
-        }
-    })?;
+    let file: RuleSetFile =
+        serde_saphyr::from_str_with_options(text, crate::config::yaml_options()).map_err(|e| {
+            let (line, column, message) = crate::config::yaml_error_parts(&e);
+            RuleFileError {
+                path: name.clone(),
+                issues: vec![RuleIssue {
+                    line,
+                    column,
+                    rule: None,
+                    message,
+                }],
+            }
+        })?;
     compile(path, file, ip_sets)
 }
 

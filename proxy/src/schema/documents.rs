@@ -97,13 +97,15 @@ pub fn read_document(path: &Path) -> Result<Value, String> {
         })
     };
     let yaml = || {
-        serde_saphyr::from_str::<Value>(&text).map_err(|e| {
-            let (line, column, message) = crate::config::yaml_error_parts(&e);
-            format!(
-                "{}:{line}:{column}: invalid YAML: {message}",
-                path.display()
-            )
-        })
+        serde_saphyr::from_str_with_options::<Value>(&text, crate::config::yaml_options()).map_err(
+            |e| {
+                let (line, column, message) = crate::config::yaml_error_parts(&e);
+                format!(
+                    "{}:{line}:{column}: invalid YAML: {message}",
+                    path.display()
+                )
+            },
+        )
     };
     let mut doc = match ext.as_str() {
         "json" => json()?,

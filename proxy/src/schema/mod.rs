@@ -547,3 +547,155 @@ impl Stage for ValidateStage {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic, reason = "tests")]
+mod tests {
+    use super::*;
+    use crate::identity::geo::ClientGeo;
+
+    fn stage(dir: &Path, yaml: &str) -> ValidateStage {
+        let cfg: ValidateConfig =
+            serde_saphyr::from_str_with_options(yaml, crate::config::yaml_options()).unwrap();
+        let v = compile(&cfg, dir, &DocumentStore::new()).unwrap_or_else(|e| panic!("{e:?}"));
+        let metric = IntCounterVec::new(
+            prometheus::Opts::new("t", "t"),
+            &["route", "operation", "reason"],
+        )
+        .unwrap();
+        ValidateStage::new(Arc::new(v), "r", metric)
+    }
+
+    /// The block reason and violations of one request (`"pass"` when it goes on).
+    fn check(
+        s: &ValidateStage,
+        method: &str,
+        uri: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (String, Value) {
+        let mut b = http::Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        if !body.is_empty() {
+            b = b.header("content-length", body.len().to_string());
+        }
+        let (parts, ()) = b.body(()).unwrap().into_parts();
+        let view = RequestView {
+            head: &parts,
+            client_ip: None,
+            geo: ClientGeo::default(),
+            body: (!body.is_empty()).then_some(body.as_bytes()),
+            body_complete: true,
+        };
+        match s.evaluate(&view) {
+            Decision::Continue => ("pass".into(), Value::Null),
+            Decision::Block(b) => {
+                let d = b
+                    .details
+                    .map(|d| Value::Object(d.fields.clone()))
+                    .unwrap_or_default();
+                (b.reason.into_owned(), d)
+            }
+            Decision::Count(l) => (l.into_owned(), Value::Null),
+            d => panic!("unexpected {d:?}"),
+        }
+    }
+
+    #[test]
+    fn openapi_31_with_external_refs_and_shared_parameters() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("order.schema.json"),
+            r#"{"$schema":"https://json-schema.org/draft/2020-12/schema","type":"object",
+                "required":["sku","qty"],"additionalProperties":false,
+                "properties":{"sku":{"type":"string"},"qty":{"type":"integer","exclusiveMinimum":0},
+                "note":{"type":["string","null"]}}}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("api.json"),
+            r##"{"openapi":"3.1.0","info":{"title":"t","version":"1"},
+              "paths":{"/shops/{shop}/orders":{
+                "parameters":[{"name":"shop","in":"path","required":true,"schema":{"type":"integer","minimum":1}}],
+                "post":{"parameters":[{"$ref":"#/components/parameters/Trace"},
+                          {"name":"filter","in":"query","content":{"application/json":{"schema":{"type":"object","required":["q"]}}}}],
+                        "requestBody":{"$ref":"#/components/requestBodies/Order"}}}},
+              "components":{
+                "parameters":{"Trace":{"name":"X-Trace","in":"header","required":true,"schema":{"type":"string","minLength":4}}},
+                "requestBodies":{"Order":{"required":true,"content":{"application/json":{"schema":{"$ref":"order.schema.json"}}}}}}}"##,
+        )
+        .unwrap();
+        let s = stage(dir.path(), "openapi: api.json\nbase_path: /api\n");
+        let ok = r#"{"sku":"a-1","qty":2,"note":null}"#;
+        let trace = [("x-trace", "abcd"), ("content-type", "application/json")];
+        assert_eq!(
+            check(&s, "POST", "/api/shops/7/orders", &trace, ok).0,
+            "pass"
+        );
+        assert_eq!(
+            check(
+                &s,
+                "POST",
+                "/api/shops/7/orders?filter=%7B%22q%22%3A1%7D",
+                &trace,
+                ok
+            )
+            .0,
+            "pass"
+        );
+        let (reason, d) = check(&s, "POST", "/api/shops/7/orders?filter=%7B%7D", &trace, ok);
+        assert_eq!(
+            (reason.as_str(), &d["violations"][0]["pointer"]),
+            ("invalid_query", &json!("/filter"))
+        );
+        let (reason, d) = check(&s, "POST", "/api/shops/0/orders", &trace, ok);
+        assert_eq!(reason, "invalid_path", "{d}");
+        let (reason, d) = check(&s, "POST", "/api/shops/7/orders", &trace[1..], ok);
+        assert_eq!(reason, "invalid_header", "{d}");
+        let (reason, d) = check(
+            &s,
+            "POST",
+            "/api/shops/7/orders",
+            &trace,
+            r#"{"sku":"a","qty":0}"#,
+        );
+        assert_eq!(
+            d["violations"][0]["keyword"], "exclusiveMinimum",
+            "{reason} {d}"
+        );
+        assert_eq!(
+            check(&s, "GET", "/api/shops/7/orders", &trace, "").0,
+            "method_not_allowed"
+        );
+        assert_eq!(
+            check(&s, "GET", "/shops/7/orders", &[], "").0,
+            "unknown_operation"
+        );
+    }
+
+    #[test]
+    fn manual_operation_overrides_the_imported_one_and_modes_limit_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("api.yaml"),
+            "openapi: 3.0.3\ninfo: {title: t, version: '1'}\npaths:\n  /items:\n    get:\n      parameters:\n        - {name: n, in: query, required: true, schema: {type: integer}}\n      responses: {}\n",
+        )
+        .unwrap();
+        let s = stage(
+            dir.path(),
+            "openapi: api.yaml\noperations:\n  - methods: [GET]\n    path: /items\n    query:\n      n: {schema: {type: integer, maximum: 5}}\n",
+        );
+        // The hand-written operation replaced the imported one: `n` is optional and at most 5.
+        assert_eq!(check(&s, "GET", "/items", &[], "").0, "pass");
+        assert_eq!(check(&s, "GET", "/items?n=9", &[], "").0, "invalid_query");
+        let body_only = stage(dir.path(), "mode: body\nopenapi: api.yaml\n");
+        assert_eq!(check(&body_only, "GET", "/items?n=x", &[], "").0, "pass");
+        let count = stage(dir.path(), "action: count\nopenapi: api.yaml\n");
+        assert_eq!(
+            check(&count, "GET", "/items?n=x", &[], "").0,
+            "validate:invalid_query"
+        );
+    }
+}

@@ -1,0 +1,124 @@
+//! Request validation cost per request, through the stage the proxy runs: the example fitness
+//! API (`examples/openapi.yaml`, imported from `schemas/fitness/openapi.yaml`), a valid and an
+//! invalid 1 KB JSON body, and a GET whose query parameters are coerced and checked.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark setup")]
+
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use palisade::config::{load_file, Overrides};
+use palisade::identity::geo::ClientGeo;
+use palisade::pipeline::{Decision, RequestView, Stage};
+use palisade::schema::ValidateStage;
+
+/// The proxy's allocator, so allocation costs match production.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn stage(config: &str) -> ValidateStage {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let cfg = load_file(&root.join(config), &Overrides::default()).unwrap();
+    let route = cfg
+        .routes
+        .iter()
+        .find(|r| r.policy.validation.is_some())
+        .unwrap();
+    let metric = prometheus::IntCounterVec::new(
+        prometheus::Opts::new("bench_failures", "bench"),
+        &["route", "operation", "reason"],
+    )
+    .unwrap();
+    ValidateStage::new(
+        Arc::clone(route.policy.validation.as_ref().unwrap()),
+        &route.name,
+        metric,
+    )
+}
+
+/// A valid activity of about 1 KB (eight laps, tags, device, notes).
+fn body_1k() -> String {
+    let laps: Vec<String> = (0..8)
+        .map(|i| {
+            format!(
+                r#"{{"duration_s":{},"distance_m":{}.5,"avg_hr":{}}}"#,
+                300 + i,
+                1000 + i,
+                140 + i
+            )
+        })
+        .collect();
+    let body = format!(
+        r#"{{"type":"run","started_at":"2026-11-20T07:30:00Z","duration_s":2710,"distance_m":8012.5,"elevation_gain_m":64,"heart_rate":{{"avg":151,"max":178,"min":96}},"title":"Morning run by the river","notes":"Felt good. Negative split, easy first half, pushed the last two kilometres along the river path; wind from the west, 6 degrees, dry. Shoes: trail pair, 420 km. Stretching afterwards, ten minutes, calves and hamstrings; breakfast at the cafe by the bridge.","tags":["easy","river-loop","long"],"laps":[{}],"device":{{"vendor":"Garmin","model":"Forerunner 265","firmware":"19.22"}}}}"#,
+        laps.join(",")
+    );
+    assert!(
+        (950..1150).contains(&body.len()),
+        "body is {} bytes",
+        body.len()
+    );
+    body
+}
+
+fn request(method: &str, uri: &str, body: &str) -> http::request::Parts {
+    let (parts, ()) = http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", "application/json")
+        .header("content-length", body.len().to_string())
+        .header("idempotency-key", "6f1c2b4e-8a3d-4f5e-9b7c-0d1e2f3a4b5c")
+        .header("x-client-version", "2.31.0")
+        .body(())
+        .unwrap()
+        .into_parts();
+    parts
+}
+
+fn bench(c: &mut Criterion) {
+    let s = stage("examples/openapi.yaml");
+    let good = body_1k();
+    let bad = good
+        .replace(r#""type":"run""#, r#""type":"teleport""#)
+        .replace(r#""avg":151"#, r#""avg":351"#);
+    let post = request("POST", "/v1/activities", &good);
+    let get = request(
+        "GET",
+        "/v1/activities?limit=20&cursor=eyJvIjoyMH0&type=run&type=ride&since=2026-11-01T00:00:00Z",
+        "",
+    );
+    let view = |parts: &'static http::request::Parts, body: Option<&'static [u8]>| RequestView {
+        head: parts,
+        client_ip: None,
+        geo: ClientGeo::default(),
+        body,
+        body_complete: true,
+    };
+    let post: &'static http::request::Parts = Box::leak(Box::new(post));
+    let get: &'static http::request::Parts = Box::leak(Box::new(get));
+    let good: &'static [u8] = Box::leak(good.into_bytes().into_boxed_slice());
+    let bad: &'static [u8] = Box::leak(bad.into_bytes().into_boxed_slice());
+
+    let v = view(post, Some(good));
+    assert!(matches!(s.evaluate(&v), Decision::Continue));
+    c.bench_function("validate_post_1k_valid", |b| {
+        b.iter(|| black_box(s.evaluate(black_box(&v))))
+    });
+    let v = view(post, Some(bad));
+    assert!(matches!(s.evaluate(&v), Decision::Block(_)));
+    c.bench_function("validate_post_1k_invalid", |b| {
+        b.iter(|| black_box(s.evaluate(black_box(&v))))
+    });
+    let v = view(get, None);
+    assert!(matches!(s.evaluate(&v), Decision::Continue));
+    c.bench_function("validate_get_query_params", |b| {
+        b.iter(|| black_box(s.evaluate(black_box(&v))))
+    });
+    // Parsing alone, to separate JSON parsing from schema evaluation.
+    c.bench_function("parse_1k_json_only", |b| {
+        b.iter(|| black_box(serde_json::from_slice::<serde_json::Value>(black_box(good)).unwrap()))
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
