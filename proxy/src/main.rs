@@ -261,7 +261,47 @@ fn explain(config: Option<&PathBuf>, request: &std::path::Path, host: &str) -> E
     }
     println!("verdict: {:?}", outcome.verdict);
     println!("labels: {:?}", outcome.labels);
+    if let Some(validation) = &route.policy.validation {
+        explain_validation(route, validation, &owned, &metrics);
+    }
     ExitCode::SUCCESS
+}
+
+/// Runs the route's request validation on an `explain` request and prints the outcome.
+fn explain_validation(
+    route: &config::Route,
+    validation: &std::sync::Arc<palisade::schema::RouteValidation>,
+    req: &palisade::rules::testing::OwnedRequest,
+    metrics: &palisade::metrics::Metrics,
+) {
+    use palisade::pipeline::{Decision, Stage as _};
+    let Some((head, body)) = req.head() else {
+        println!("validate: the request is not valid HTTP (method or path)");
+        return;
+    };
+    let stage = palisade::schema::ValidateStage::new(
+        std::sync::Arc::clone(validation),
+        &route.name,
+        metrics.validation_failures.clone(),
+    );
+    let view = palisade::pipeline::RequestView {
+        head: &head,
+        client_ip: None,
+        geo: Default::default(),
+        body: (!body.is_empty()).then_some(body),
+        body_complete: true,
+    };
+    match stage.evaluate(&view) {
+        Decision::Block(b) => {
+            let details = b
+                .details
+                .map(|d| serde_json::Value::Object(d.fields.clone()).to_string())
+                .unwrap_or_default();
+            println!("validate: {} {} {details}", b.status, b.reason);
+        }
+        Decision::Count(label) => println!("validate: counted {label}"),
+        _ => println!("validate: pass"),
+    }
 }
 
 fn load(config: Option<&PathBuf>, overrides: &Overrides) -> Result<Config, config::ConfigError> {

@@ -99,6 +99,27 @@ impl OwnedRequest {
             self.asn,
         )
     }
+
+    /// The request head as the proxy's stages see it (with `Content-Length` for the body),
+    /// and the body. `None` when the method or target is not valid HTTP.
+    pub fn head(&self) -> Option<(http::request::Parts, &[u8])> {
+        let target = if self.query.is_empty() {
+            self.path.clone()
+        } else {
+            format!("{}?{}", self.path, self.query)
+        };
+        let mut b = http::Request::builder()
+            .method(self.method.as_str())
+            .uri(target);
+        for (k, v) in &self.headers {
+            b = b.header(k, v);
+        }
+        if !self.body.is_empty() && !self.headers.contains_key(http::header::CONTENT_LENGTH) {
+            b = b.header(http::header::CONTENT_LENGTH, self.body.len());
+        }
+        let (parts, ()) = b.body(()).ok()?.into_parts();
+        Some((parts, &self.body))
+    }
 }
 
 /// Result of one file's tests.
