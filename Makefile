@@ -20,6 +20,7 @@ test: deps lint
 	./target/debug/palisade check --config examples/managed.yaml
 	./target/debug/palisade check --config examples/validation.yaml
 	./target/debug/palisade check --config examples/openapi.yaml
+	./target/debug/palisade check --config examples/validation-bench.yaml
 	./target/debug/palisade test --config examples/rules-demo.yaml rulesets/examples
 	./target/debug/palisade test rulesets
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end load comparison on loopback, side by side in one run:
 #   nginx (no WAF) · Palisade passthrough · Palisade default policy · Palisade with the managed
-#   rule sets  [· nginx+ModSecurity+CRS]
+#   rule sets · Palisade with JSON Schema validation  [· nginx+ModSecurity+CRS]
 # Every proxy runs one worker pinned to CPU ${PROXY_CPU:-1}; the backend and wrk share CPU 0
 # (../shared/peer conventions). Runs are interleaved (A B C A B C …) so drift on this shared,
 # noisy machine hits all targets alike; the report gives per-target medians and ratios to nginx.
@@ -41,12 +41,14 @@ sed -e 's/18100/18102/; s/18101/18103/; s/oversize: continue/oversize: block/' \
 start_palisade policy "$out/policy.yaml"
 # Managed rule sets on every request.
 start_palisade managed "$root/examples/managed.yaml"
+# JSON Schema request validation (query parameters, 1 KB JSON body), no rule sets.
+start_palisade validate "$root/examples/validation-bench.yaml"
 
-for port in 18100 18102 18104; do
+for port in 18100 18102 18104 18106; do
   for _ in $(seq 100); do curl -fsS -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
 done
 
-targets=("nginx=http://127.0.0.1:18081" "palisade-passthrough=http://127.0.0.1:18100" "palisade-policy=http://127.0.0.1:18102" "palisade-managed=http://127.0.0.1:18104")
+targets=("nginx=http://127.0.0.1:18081" "palisade-passthrough=http://127.0.0.1:18100" "palisade-policy=http://127.0.0.1:18102" "palisade-managed=http://127.0.0.1:18104" "palisade-validate=http://127.0.0.1:18106")
 [ "${MODSEC:-0}" = 1 ] && targets+=("nginx-modsec=http://127.0.0.1:18080")
 
 results=$out/results.txt

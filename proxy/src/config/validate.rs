@@ -256,6 +256,21 @@ pub fn validate(
                 &mut issues,
             )
         });
+        if let Some(v) = &validation {
+            let outside = v.outside_prefix(&path_prefix);
+            if let Some(first) = outside.first() {
+                issues.at(
+                    &r.name.referenced,
+                    format!(
+                        "route {name:?}: {} validated operation(s) can never match under \
+                         path_prefix {path_prefix:?} (first: {first}); operation paths are full \
+                         request paths: set validate.base_path for an OpenAPI document or fix \
+                         the paths",
+                        outside.len()
+                    ),
+                );
+            }
+        }
         routes.push(Route {
             name,
             host,

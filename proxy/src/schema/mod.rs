@@ -286,6 +286,11 @@ impl RouteValidation {
     pub fn operations(&self) -> usize {
         self.table.len()
     }
+
+    /// Operations a route with this `path_prefix` can never send here.
+    pub fn outside_prefix(&self, prefix: &str) -> Vec<&str> {
+        self.table.outside_prefix(prefix)
+    }
 }
 
 /// The validate stage of one route.

@@ -446,6 +446,31 @@ impl OperationTable {
             .any(|o| o.body.as_ref().is_some_and(CompiledBody::has_schema))
     }
 
+    /// Labels of operations whose path template can never match a path under `prefix` (a
+    /// route's `path_prefix`): typically an OpenAPI document whose paths lack the base path.
+    pub fn outside_prefix(&self, prefix: &str) -> Vec<&str> {
+        let wanted: Vec<&str> = prefix.split('/').filter(|s| !s.is_empty()).collect();
+        let mut out = Vec::new();
+        for entry in &self.entries {
+            let Some(t) = &entry.template else {
+                continue;
+            };
+            let reachable = wanted
+                .iter()
+                .enumerate()
+                .all(|(i, w)| match t.segments.get(i) {
+                    Some(Segment::Literal(l)) => l == w,
+                    Some(_) => true,
+                    // Shorter than the prefix: never under it.
+                    None => false,
+                });
+            if !reachable {
+                out.extend(entry.ops.iter().map(|&i| self.ops[i].label.as_str()));
+            }
+        }
+        out
+    }
+
     /// Whether some operation has its own body size limit.
     pub fn has_size_limit(&self) -> bool {
         self.ops.iter().any(|o| o.max_body.is_some())
@@ -677,6 +702,19 @@ mod tests {
         assert!(err[0].1.contains("same method and path"), "{err:?}");
         assert!(parse_template("/a/{").is_err());
         assert!(parse_template("a").is_err());
+    }
+
+    #[test]
+    fn operations_outside_the_route_prefix_are_found() {
+        let t = table(&[
+            spec(Method::GET, "/activities"),
+            spec(Method::GET, "/v1/activities"),
+            spec(Method::GET, "/{version}/stats"),
+            spec(Method::GET, "/v1"),
+        ]);
+        assert_eq!(t.outside_prefix("/v1"), vec!["GET /activities"]);
+        assert!(t.outside_prefix("/").is_empty());
+        assert_eq!(t.outside_prefix("/v1/activities").len(), 3);
     }
 
     #[test]
