@@ -465,7 +465,20 @@ impl Stage for ValidateStage {
                     .headers
                     .get(http::header::CONTENT_TYPE)
                     .and_then(|c| c.to_str().ok());
+                let encoded = head
+                    .headers
+                    .get(http::header::CONTENT_ENCODING)
+                    .is_some_and(|e| !e.as_bytes().eq_ignore_ascii_case(b"identity"));
                 match body.media_for(content_type) {
+                    // A compressed body cannot be checked (and is not decompressed at the edge).
+                    MediaMatch::Accepted(Some(_)) if encoded => {
+                        let mut fields = Map::new();
+                        fields.insert(
+                            "message".into(),
+                            json!("a body with a Content-Encoding cannot be validated; send it uncompressed"),
+                        );
+                        return self.reject(label, 415, "unsupported_media_type", fields, vec![]);
+                    }
                     MediaMatch::Accepted(validator) => body_validator = validator,
                     MediaMatch::Rejected(accepted) => {
                         let mut fields = Map::new();
@@ -674,10 +687,60 @@ mod tests {
             check(&s, "GET", "/api/shops/7/orders", &trace, "").0,
             "method_not_allowed"
         );
+        let gzip = [trace[0], trace[1], ("content-encoding", "gzip")];
+        assert_eq!(
+            check(&s, "POST", "/api/shops/7/orders", &gzip, ok).0,
+            "unsupported_media_type"
+        );
         assert_eq!(
             check(&s, "GET", "/shops/7/orders", &[], "").0,
             "unknown_operation"
         );
+    }
+
+    #[test]
+    fn hostile_inputs_get_a_reason_not_a_panic() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let cfg = "openapi: ../schemas/fitness/openapi.yaml\nmax_violations: 3\n";
+        let s = stage(&root, cfg);
+        let json = [
+            ("content-type", "application/json"),
+            ("idempotency-key", "6f1c2b4e-8a3d-4f5e-9b7c-0d1e2f3a4b5c"),
+        ];
+        let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+        let (reason, d) = check(&s, "POST", "/v1/activities", &json, &deep);
+        assert_eq!(reason, "invalid_json", "{d}");
+        let huge = r#"{"type":"run","started_at":"2026-11-20T07:30:00Z","duration_s":1e999}"#;
+        assert_eq!(
+            check(&s, "POST", "/v1/activities", &json, huge).0,
+            "invalid_json"
+        );
+        // Many violations: capped, and marked truncated.
+        let many = format!(
+            r#"{{"type":1,"started_at":2,"duration_s":"x","title":4,"notes":5,"tags":{}}}"#,
+            serde_json::to_string(&vec![7; 50]).unwrap()
+        );
+        let (reason, d) = check(&s, "POST", "/v1/activities", &json, &many);
+        assert_eq!(reason, "invalid_body");
+        assert_eq!(d["violations"].as_array().unwrap().len(), 3);
+        assert_eq!(d["truncated"], true);
+        // Long and odd values are cut in messages.
+        let long = format!(
+            "/v1/activities?cursor={}&limit=%FF%FE{}",
+            "A".repeat(5000),
+            "9".repeat(400)
+        );
+        let (reason, d) = check(&s, "GET", &long, &[], "");
+        assert_eq!(reason, "invalid_query");
+        assert!(d.to_string().len() < 2000, "{d}");
+        let (reason, _) = check(
+            &s,
+            "GET",
+            &format!("/v1/activities/{}", "%C3%28".repeat(300)),
+            &[],
+            "",
+        );
+        assert_eq!(reason, "invalid_path");
     }
 
     #[test]
