@@ -476,6 +476,28 @@ pub async fn get_from(src: &str, addr: SocketAddr, path: &str, headers: &[&str])
         .unwrap_or_else(|| panic!("no response from {addr} for {src} {path}"))
 }
 
+/// Raw HTTP/1.1 request bytes (`Connection: close`, `Content-Length` for bodies and for
+/// POST/PUT/PATCH) with the given header lines; headers with an empty value are left out.
+pub fn http1_request(
+    method: &str,
+    target: &str,
+    host: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> Vec<u8> {
+    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for (k, v) in headers.iter().filter(|(_, v)| !v.is_empty()) {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
 /// Path of a file in the repository.
 pub fn repo_path(rel: &str) -> PathBuf {
     workspace_root().join(rel)

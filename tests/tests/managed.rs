@@ -73,16 +73,8 @@ fn build(entry: &Value, addr: std::net::SocketAddr) -> (Vec<u8>, Vec<u8>) {
     } else {
         entry["body"].as_str().unwrap_or("").as_bytes().to_vec()
     };
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in &headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
-        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
-    }
-    req.push_str("\r\n");
-    let mut bytes = req.into_bytes();
-    bytes.extend_from_slice(&body);
+    // An empty header value in a fixture means "do not send this header".
+    let bytes = http1_request(method, path, &addr.to_string(), &headers, &body);
     (bytes, body)
 }
 

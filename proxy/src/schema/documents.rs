@@ -23,8 +23,9 @@ use serde_json::Value;
 
 use super::openapi;
 
-/// Characters escaped when a file path becomes a `file://` URI.
-const PATH_ESCAPES: &AsciiSet = &CONTROLS
+/// Characters escaped in the paths and fragments (JSON pointers such as `/paths/~1a~1{id}`) of
+/// the `file://` URIs built here.
+pub const URI_ESCAPES: &AsciiSet = &CONTROLS
     .add(b' ')
     .add(b'"')
     .add(b'#')
@@ -32,8 +33,13 @@ const PATH_ESCAPES: &AsciiSet = &CONTROLS
     .add(b'<')
     .add(b'>')
     .add(b'?')
+    .add(b'[')
+    .add(b']')
+    .add(b'\\')
+    .add(b'^')
     .add(b'`')
     .add(b'{')
+    .add(b'|')
     .add(b'}');
 
 /// Formats OpenAPI defines on top of JSON Schema. `format` only constrains strings, so the
@@ -45,7 +51,7 @@ const OPENAPI_ANNOTATION_FORMATS: [&str; 6] =
 /// `file://` URI of an absolute path.
 pub fn file_uri(path: &Path) -> String {
     let text = path.to_string_lossy();
-    let encoded = utf8_percent_encode(&text, PATH_ESCAPES).to_string();
+    let encoded = utf8_percent_encode(&text, URI_ESCAPES).to_string();
     if encoded.starts_with('/') {
         format!("file://{encoded}")
     } else {

@@ -10,10 +10,10 @@
 
 use http::Method;
 use jsonschema::Draft;
-use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
+use percent_encoding::utf8_percent_encode;
 use serde_json::{json, Map, Value};
 
-use super::documents::{file_uri, DocumentStore};
+use super::documents::{file_uri, DocumentStore, URI_ESCAPES};
 use super::operations::{BodySpec, OperationSpec, ParamSpec, ParamStyle};
 use super::ParamIn;
 
@@ -209,30 +209,9 @@ fn drop_read_only_required(obj: &mut Map<String, Value>) {
     }
 }
 
-/// Characters escaped in a URI fragment (a JSON pointer may hold any of them: `{id}`).
-const FRAGMENT_ESCAPES: &AsciiSet = &CONTROLS
-    .add(b' ')
-    .add(b'"')
-    .add(b'#')
-    .add(b'%')
-    .add(b'<')
-    .add(b'>')
-    .add(b'[')
-    .add(b']')
-    .add(b'\\')
-    .add(b'^')
-    .add(b'`')
-    .add(b'{')
-    .add(b'|')
-    .add(b'}');
-
 /// JSON-pointer escaping of one reference token, percent-encoded for a URI fragment.
 fn escape(token: &str) -> String {
-    utf8_percent_encode(
-        &token.replace('~', "~0").replace('/', "~1"),
-        FRAGMENT_ESCAPES,
-    )
-    .to_string()
+    utf8_percent_encode(&token.replace('~', "~0").replace('/', "~1"), URI_ESCAPES).to_string()
 }
 
 /// An imported document: its operations and the draft its schemas follow.
