@@ -15,6 +15,7 @@
 //! the query pairs of operations that declare query parameters, and failures.
 
 mod documents;
+mod json;
 pub mod openapi;
 pub mod operations;
 mod params;
@@ -440,9 +441,11 @@ impl Stage for ValidateStage {
 
         let declared_length = content_length(head);
         let chunked = head.headers.contains_key(http::header::TRANSFER_ENCODING);
-        let has_body = declared_length.is_some_and(|n| n > 0)
-            || chunked
-            || req.body.is_some_and(|b| !b.is_empty());
+        let has_body = match req.body {
+            // Read whole: it speaks for itself (an empty chunked body is no body).
+            Some(b) if req.body_complete => !b.is_empty(),
+            _ => declared_length.is_some_and(|n| n > 0) || chunked,
+        };
         if check_body {
             if let Some(limit) = op.max_body.or(v.max_body) {
                 let seen = req.body.map_or(0, <[u8]>::len) as u64;
@@ -523,14 +526,14 @@ impl Stage for ValidateStage {
                     return self.reject(label, 413, "body_too_large", fields, vec![]);
                 }
             };
-            match serde_json::from_slice::<Value>(body) {
+            match json::parse_strict(body) {
                 Err(e) => {
                     let mut fields = Map::new();
                     fields.insert(
                         "position".into(),
                         json!({ "line": e.line(), "column": e.column() }),
                     );
-                    fields.insert("message".into(), json!(e.to_string()));
+                    fields.insert("message".into(), json!(violation::cap(e.to_string())));
                     return self.reject(label, 400, "invalid_json", fields, vec![]);
                 }
                 Ok(doc) => {

@@ -22,7 +22,8 @@ pub struct Violation {
     pub message: String,
 }
 
-fn cap(mut s: String) -> String {
+/// Cuts `s` to the longest text kept in reports.
+pub fn cap(mut s: String) -> String {
     if s.len() > MAX_TEXT {
         let mut end = MAX_TEXT;
         while !s.is_char_boundary(end) {
