@@ -1,11 +1,12 @@
 //! Validate step, load time: schema documents (JSON or YAML files under `schemas/`) and the
 //! `jsonschema` validators built from them.
 //!
-//! `$ref` between files is resolved by [`DocumentStore`], a `jsonschema` retriever that reads
-//! only local `file://` documents, parses them once and keeps them for the whole load (a
-//! document referenced by forty operations is read once). Remote `http(s)://` references are
-//! refused: a proxy must not fetch code-like input from the network while loading, and a
-//! schema that changes under a running proxy would change what it accepts.
+//! `$ref` between files is resolved by [`DocumentStore`]: before a build it reads every local
+//! `file://` document reachable through `$ref` (each once per load), and every build shares
+//! one prepared `jsonschema` registry of them (a document referenced by forty operations is
+//! parsed once and never copied). Remote `http(s)://` references are refused: a proxy must not
+//! fetch code-like input from the network while loading, and a schema that changes under a
+//! running proxy would change what it accepts.
 //!
 //! Every validator is built with the same options: formats are assertions (an unknown format
 //! is a load error), OpenAPI's numeric formats are known, and `pattern` uses the `regex`
@@ -17,7 +18,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use jsonschema::{Draft, PatternOptions, Retrieve, Uri, Validator};
+use jsonschema::{Draft, PatternOptions, Registry, Validator};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
 use serde_json::Value;
 
@@ -130,6 +131,10 @@ struct Loaded {
     docs: HashMap<PathBuf, Arc<Value>>,
     /// Read errors by path (kept to name the file when `jsonschema` reports a failed retrieve).
     errors: HashMap<PathBuf, String>,
+    /// Other documents each document refers to (`file://` URIs).
+    refs: HashMap<PathBuf, Vec<String>>,
+    /// Prepared registries by the set of documents they hold.
+    registries: HashMap<Vec<PathBuf>, Arc<Registry<'static>>>,
 }
 
 /// The schema documents loaded for one configuration, shared by every validator built from it.
@@ -157,10 +162,16 @@ impl DocumentStore {
         }
         match read_document(path) {
             Ok(doc) => {
+                // The documents it refers to, found once (a large OpenAPI document is walked
+                // once, not once per operation).
+                let mut refs = Vec::new();
+                collect_refs(&doc, &file_uri(path), &mut refs);
+                refs.sort();
+                refs.dedup();
                 let doc = Arc::new(doc);
-                self.lock()
-                    .docs
-                    .insert(path.to_path_buf(), Arc::clone(&doc));
+                let mut loaded = self.lock();
+                loaded.docs.insert(path.to_path_buf(), Arc::clone(&doc));
+                loaded.refs.insert(path.to_path_buf(), refs);
                 Ok(doc)
             }
             Err(e) => {
@@ -201,16 +212,74 @@ impl DocumentStore {
         None
     }
 
+    /// Loads every local document reachable through `$ref` from `schema` (whose relative
+    /// references resolve against `base`) and returns their paths, sorted. A document that
+    /// cannot be read is recorded (and left out); the build then names it.
+    fn load_reachable(&self, schema: &Value, base: &str) -> Vec<PathBuf> {
+        let mut queue = Vec::new();
+        collect_refs(schema, base, &mut queue);
+        let mut seen = std::collections::BTreeSet::new();
+        let mut found = Vec::new();
+        while let Some(uri) = queue.pop() {
+            let Some(path) = uri_path(&uri) else {
+                continue;
+            };
+            if !seen.insert(path.clone()) {
+                continue;
+            }
+            if self.document(&path).is_ok() {
+                if let Some(refs) = self.lock().refs.get(&path) {
+                    queue.extend(refs.iter().cloned());
+                }
+                found.push(path);
+            }
+        }
+        found.sort();
+        found
+    }
+
+    /// A registry holding `paths` (cached per set: every operation of one OpenAPI document
+    /// shares one). The documents are shared (`Arc`), not copied, so building hundreds of
+    /// operation validators from one large document stays cheap. One registry per set, not
+    /// one for all: preparing a registry resolves every reference in it, and a broken document
+    /// must fail only the schemas that use it.
+    fn registry(&self, paths: Vec<PathBuf>) -> Result<Arc<Registry<'static>>, String> {
+        let mut loaded = self.lock();
+        if let Some(r) = loaded.registries.get(&paths) {
+            return Ok(Arc::clone(r));
+        }
+        let mut builder = Registry::new();
+        for path in &paths {
+            if let Some(doc) = loaded.docs.get(path) {
+                builder = builder
+                    .add(file_uri(path), Arc::clone(doc))
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+        }
+        let registry = match builder.prepare() {
+            Ok(r) => Arc::new(r),
+            Err(e) => {
+                let message = e.to_string();
+                return Err(explain_message(&loaded, &message).unwrap_or(message));
+            }
+        };
+        loaded.registries.insert(paths, Arc::clone(&registry));
+        Ok(registry)
+    }
+
     /// Builds a validator for `schema`, whose relative `$ref`s resolve against `base_uri`
-    /// (a `file://` URI). `draft` is the default for documents without `$schema`.
+    /// (a `file://` URI). `draft` applies to `schema` itself when it has no `$schema`;
+    /// documents name their own (default 2020-12; OpenAPI documents get theirs on load).
     pub fn build(
         &self,
         schema: &Value,
         base_uri: &str,
         draft: Option<Draft>,
     ) -> Result<Validator, String> {
+        let paths = self.load_reachable(schema, base_uri);
+        let registry = self.registry(paths)?;
         let mut options = jsonschema::options()
-            .with_retriever(Retriever(self.clone()))
+            .with_registry(&registry)
             .with_base_uri(base_uri.to_string())
             .should_validate_formats(true)
             .should_ignore_unknown_formats(false)
@@ -228,39 +297,8 @@ impl DocumentStore {
     /// A build error, with the file it comes from whenever that can be found out.
     fn explain(&self, e: &jsonschema::ValidationError<'_>) -> String {
         let message = e.to_string();
-        // jsonschema names the keyword location but not the document for unknown formats:
-        // find the document that uses the format.
-        if let Some(name) = message
-            .strip_prefix("Unknown format: '")
-            .and_then(|m| m.split('\'').next())
-        {
-            let loaded = self.lock();
-            let mut paths: Vec<&PathBuf> = loaded.docs.keys().collect();
-            paths.sort();
-            for path in paths {
-                if let Some(pointer) = find_format(&loaded.docs[path], name, &mut String::new()) {
-                    return format!(
-                        "{}: {pointer}: unknown format {name:?}; use a format JSON Schema or \
-                         OpenAPI defines (date-time, email, uuid, int32 …) or remove it",
-                        path.display()
-                    );
-                }
-            }
-            return format!(
-                "unknown format {name:?}; use a format JSON Schema or OpenAPI defines \
-                 (date-time, email, uuid, int32 …) or remove it"
-            );
-        }
-        // A failed retrieve: prefer our own error (it has the line and column of a parse
-        // error) over jsonschema's wrapper.
-        if message.contains("retrieving it failed") {
-            let loaded = self.lock();
-            for (path, err) in &loaded.errors {
-                if message.contains(&*path.to_string_lossy()) || message.contains(err.as_str()) {
-                    return format!("unresolvable $ref: {err}");
-                }
-            }
-            return format!("unresolvable $ref: {message}");
+        if let Some(m) = explain_message(&self.lock(), &message) {
+            return m;
         }
         let mut out = String::new();
         // A keyword location in one of our files names it; one in a meta-schema (the schema
@@ -281,6 +319,67 @@ impl DocumentStore {
         }
         out.push_str(&message);
         out
+    }
+}
+
+/// The unknown-format and unresolvable-reference errors of `jsonschema`, restated with the
+/// file they concern; `None` for other errors.
+fn explain_message(loaded: &Loaded, message: &str) -> Option<String> {
+    // jsonschema names the keyword location but not the document for unknown formats: find
+    // the document that uses the format.
+    if let Some(name) = message
+        .strip_prefix("Unknown format: '")
+        .and_then(|m| m.split('\'').next())
+    {
+        let hint = "use a format JSON Schema or OpenAPI defines (date-time, email, uuid, int32 …) \
+                    or remove it";
+        let mut paths: Vec<&PathBuf> = loaded.docs.keys().collect();
+        paths.sort();
+        for path in paths {
+            if let Some(pointer) = find_format(&loaded.docs[path], name, &mut String::new()) {
+                return Some(format!(
+                    "{}: {pointer}: unknown format {name:?}; {hint}",
+                    path.display()
+                ));
+            }
+        }
+        return Some(format!("unknown format {name:?}; {hint}"));
+    }
+    // A failed retrieve: prefer our own error (it has the line and column of a parse error)
+    // over jsonschema's wrapper.
+    if message.contains("retrieving it failed") {
+        let uri = message
+            .split_once("Resource '")
+            .and_then(|(_, r)| r.split('\'').next())
+            .unwrap_or_default();
+        let Some(path) = uri_path(uri) else {
+            return Some(format!(
+                "unresolvable $ref {uri:?}: only local files can be referenced; download the \
+                 schema into the schemas directory and refer to it by a relative path"
+            ));
+        };
+        return Some(match loaded.errors.get(&path) {
+            Some(err) => format!("unresolvable $ref: {err}"),
+            None => format!("unresolvable $ref {uri:?}"),
+        });
+    }
+    None
+}
+
+/// Pushes the document URI of every `$ref` in `v` that points outside the document `base`.
+fn collect_refs(v: &Value, base: &str, out: &mut Vec<String>) {
+    match v {
+        Value::Object(map) => {
+            if let Some(Value::String(r)) = map.get("$ref") {
+                let (doc, _) = join_uri(base, r);
+                if doc != base.split('#').next().unwrap_or(base) {
+                    out.push(doc);
+                }
+            }
+            map.values().for_each(|v| collect_refs(v, base, out));
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_refs(v, base, out)),
+        _ => {}
     }
 }
 
@@ -353,26 +452,6 @@ fn join_uri(base: &str, reference: &str) -> (String, String) {
 fn is_base64(s: &str) -> bool {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.decode(s).is_ok()
-}
-
-/// The `jsonschema` retriever: local files only.
-struct Retriever(DocumentStore);
-
-impl Retrieve for Retriever {
-    fn retrieve(
-        &self,
-        uri: &Uri<String>,
-    ) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
-        let Some(path) = uri_path(uri.as_str()) else {
-            return Err(format!(
-                "{uri}: only local files can be referenced; download the schema into the \
-                 schemas directory and refer to it by a relative path"
-            )
-            .into());
-        };
-        let doc = self.0.document(&path)?;
-        Ok((*doc).clone())
-    }
 }
 
 #[cfg(test)]

@@ -51,6 +51,13 @@ pub fn normalize_document(doc: &mut Value) {
     let Some(root) = doc.as_object_mut() else {
         return;
     };
+    // The dialect of its schemas, for `$ref`s into the document (3.0: draft 4 semantics).
+    let dialect = if v30 {
+        "http://json-schema.org/draft-04/schema#"
+    } else {
+        "https://json-schema.org/draft/2020-12/schema"
+    };
+    root.insert("$schema".into(), json!(dialect));
     if let Some(components) = root.get_mut("components").and_then(Value::as_object_mut) {
         if let Some(schemas) = components.get_mut("schemas").and_then(Value::as_object_mut) {
             for s in schemas.values_mut() {
