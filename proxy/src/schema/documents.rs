@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
 use jsonschema::{Draft, PatternOptions, Registry, Validator};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
@@ -48,6 +48,49 @@ pub const URI_ESCAPES: &AsciiSet = &CONTROLS
 /// when an OpenAPI document is imported).
 const OPENAPI_ANNOTATION_FORMATS: [&str; 6] =
     ["int32", "int64", "float", "double", "binary", "password"];
+
+/// Formats JSON Schema defined after draft 4 (or 6/7) that schemas of every draft use in
+/// practice: OpenAPI 3.0 documents follow draft 4, yet `uuid`, `uri-reference` or `duration`
+/// are in OpenAPI's format registry and all over real API descriptions. `jsonschema` only
+/// knows them from the draft that introduced them, so they are checked in every draft with
+/// its own 2020-12 checkers (see [`later_format_checker`]) instead of being load errors.
+const LATER_FORMATS: [&str; 9] = [
+    "uuid",
+    "duration",
+    "uri-reference",
+    "uri-template",
+    "json-pointer",
+    "relative-json-pointer",
+    "iri",
+    "iri-reference",
+    "idn-hostname",
+];
+
+/// One `{"format": name}` validator per [`LATER_FORMATS`] entry, built once with draft
+/// 2020-12: delegating to `jsonschema`'s checkers keeps one definition of each format instead
+/// of a second, hand-written one.
+static LATER_FORMAT_VALIDATORS: LazyLock<HashMap<&'static str, Validator>> = LazyLock::new(|| {
+    LATER_FORMATS
+        .iter()
+        .filter_map(|&name| {
+            let validator = jsonschema::options()
+                .with_draft(Draft::Draft202012)
+                .should_validate_formats(true)
+                .should_ignore_unknown_formats(false)
+                .build(&serde_json::json!({"format": name}))
+                .ok()?;
+            Some((name, validator))
+        })
+        .collect()
+});
+
+/// The checker registered for `name`, one of [`LATER_FORMATS`] (`None` if this `jsonschema`
+/// build lacks it: the format then stays unknown, a load error, rather than passing anything).
+fn later_format_checker(name: &'static str) -> Option<impl Fn(&str) -> bool + Send + Sync> {
+    let validator = LATER_FORMAT_VALIDATORS.get(name)?;
+    // One short string copy per checked value: `jsonschema` checks formats on JSON values.
+    Some(move |s: &str| validator.is_valid(&Value::String(s.to_owned())))
+}
 
 /// `file://` URI of an absolute path.
 pub fn file_uri(path: &Path) -> String {
@@ -287,6 +330,11 @@ impl DocumentStore {
             .with_format("byte", is_base64);
         for name in OPENAPI_ANNOTATION_FORMATS {
             options = options.with_format(name, |_: &str| true);
+        }
+        for name in LATER_FORMATS {
+            if let Some(check) = later_format_checker(name) {
+                options = options.with_format(name, check);
+            }
         }
         if let Some(d) = draft {
             options = options.with_draft(d);
@@ -550,6 +598,34 @@ mod tests {
             "type": "integer", "exclusiveMinimum": 5});
         let d7 = store.build(&s7, "file:///tmp/x.yaml", None).unwrap();
         assert!(!d7.is_valid(&json!(5)) && d7.is_valid(&json!(6)));
+    }
+
+    #[test]
+    fn later_formats_are_checked_in_every_draft() {
+        let store = DocumentStore::new();
+        for draft in [Draft::Draft4, Draft::Draft7, Draft::Draft202012] {
+            let v = store
+                .build(
+                    &json!({"properties": {"id": {"type": "string", "format": "uuid"},
+                        "every": {"type": "string", "format": "duration"},
+                        "next": {"type": "string", "format": "uri-reference"}}}),
+                    "file:///tmp/x.yaml",
+                    Some(draft),
+                )
+                .unwrap();
+            let good = json!({"id": "0b6f1c2e-8d4a-4c1e-9f3b-2a7d5e6c8b90",
+                "every": "PT15M", "next": "/activities?cursor=2"});
+            assert!(v.is_valid(&good), "{draft:?}");
+            for (field, bad) in [
+                ("id", "0b6f1c2e8d4a4c1e9f3b2a7d5e6c8b90x"),
+                ("every", "15 minutes"),
+                ("next", "/a b\\c"),
+            ] {
+                let mut instance = good.clone();
+                instance[field] = json!(bad);
+                assert!(!v.is_valid(&instance), "{draft:?} {field}={bad}");
+            }
+        }
     }
 
     #[test]
