@@ -28,11 +28,25 @@ pub const READY_DEADLINE: Duration = Duration::from_secs(30);
 /// A free loopback TCP port (bound then released; collisions are unlikely and retried by
 /// callers that care).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_ports::<1>()[0]
+}
+
+/// `N` distinct free loopback TCP ports: all are held until each is chosen (two calls of
+/// [`free_port`] in a row may get the same port back from the kernel).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| listeners[i].local_addr().unwrap().port())
+}
+
+/// Two distinct loopback addresses: a client listener and an admin listener.
+fn proxy_addrs() -> (SocketAddr, SocketAddr) {
+    let [a, b] = free_ports::<2>();
+    (
+        SocketAddr::from(([127, 0, 0, 1], a)),
+        SocketAddr::from(([127, 0, 0, 1], b)),
+    )
 }
 
 fn workspace_root() -> PathBuf {
@@ -232,7 +246,7 @@ pub struct Palisade {
     pub addr6: Option<SocketAddr>,
     /// The directory holding the config (fixtures may be written next to it).
     pub dir: PathBuf,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
     log_path: PathBuf,
 }
 
@@ -250,46 +264,64 @@ impl Palisade {
     /// Like [`Palisade::start`], with an extra listener on `[::1]` and the config written into
     /// `dir` (so relative paths in it resolve there).
     pub async fn start_in(dir: tempfile::TempDir, config_body: &str, ipv6: bool) -> Palisade {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut yaml = listeners_yaml(addr, admin);
-        let addr6 = ipv6.then(|| {
-            let l = TcpListener::bind("[::1]:0").unwrap();
-            l.local_addr().unwrap()
-        });
-        if let Some(a6) = addr6 {
-            yaml = yaml.replacen("admin:", &format!("  - address: \"{a6}\"\nadmin:"), 1);
+        let mut dir = dir;
+        for attempt in 1.. {
+            let (addr, admin) = proxy_addrs();
+            let mut yaml = listeners_yaml(addr, admin);
+            let addr6 = ipv6.then(|| {
+                let l = TcpListener::bind("[::1]:0").unwrap();
+                l.local_addr().unwrap()
+            });
+            if let Some(a6) = addr6 {
+                yaml = yaml.replacen("admin:", &format!("  - address: \"{a6}\"\nadmin:"), 1);
+            }
+            yaml.push_str(config_body);
+            let path = dir.path().join("palisade.yaml");
+            std::fs::write(&path, yaml).unwrap();
+            let args = ["run", "--config", path.to_str().unwrap(), "--threads", "2"];
+            match Palisade::spawn(&args, addr, admin, dir).await {
+                Ok(mut p) => {
+                    p.addr6 = addr6;
+                    return p;
+                }
+                Err((d, log)) => dir = Palisade::retry_or_panic(attempt, d, log),
+            }
         }
-        yaml.push_str(config_body);
-        let path = dir.path().join("palisade.yaml");
-        std::fs::write(&path, yaml).unwrap();
-        let mut p = Palisade::spawn(
-            &["run", "--config", path.to_str().unwrap(), "--threads", "2"],
-            addr,
-            admin,
-            dir,
-        )
-        .await;
-        p.addr6 = addr6;
-        p
+        unreachable!()
     }
 
     /// Starts `palisade run` with extra arguments on free ports (no config file).
     pub async fn start_args(extra: &[&str]) -> Palisade {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let (a, b) = (addr.to_string(), admin.to_string());
-        let mut args = vec!["run", "--listen", &a, "--admin", &b];
-        args.extend_from_slice(extra);
-        Palisade::spawn(&args, addr, admin, tempfile::tempdir().unwrap()).await
+        let mut dir = tempfile::tempdir().unwrap();
+        for attempt in 1.. {
+            let (addr, admin) = proxy_addrs();
+            let (a, b) = (addr.to_string(), admin.to_string());
+            let mut args = vec!["run", "--listen", &a, "--admin", &b];
+            args.extend_from_slice(extra);
+            match Palisade::spawn(&args, addr, admin, dir).await {
+                Ok(p) => return p,
+                Err((d, log)) => dir = Palisade::retry_or_panic(attempt, d, log),
+            }
+        }
+        unreachable!()
     }
 
+    /// After a start that failed with `log`: hands `dir` back for another try when another
+    /// test took one of the free ports in between (at most 3 tries); panics otherwise.
+    fn retry_or_panic(attempt: u32, dir: tempfile::TempDir, log: String) -> tempfile::TempDir {
+        let port_race = log.contains("cannot listen on") || log.contains("in use");
+        assert!(port_race && attempt < 3, "palisade exited early:\n{log}");
+        dir
+    }
+
+    /// Starts the process and waits until it is ready; if it exits first, its directory and
+    /// log come back.
     async fn spawn(
         args: &[&str],
         addr: SocketAddr,
         admin: SocketAddr,
         dir: tempfile::TempDir,
-    ) -> Palisade {
+    ) -> Result<Palisade, (tempfile::TempDir, String)> {
         let log_path = dir.path().join("palisade.log");
         let log = std::fs::File::create(&log_path).unwrap();
         let child = Command::new(palisade_bin())
@@ -305,25 +337,27 @@ impl Palisade {
             admin,
             addr6: None,
             dir: dir.path().to_path_buf(),
-            _dir: dir,
+            _dir: Some(dir),
             log_path,
         };
-        p.wait_ready().await;
-        p
+        match p.wait_ready().await {
+            Ok(()) => Ok(p),
+            Err(log) => Err((p._dir.take().unwrap(), log)),
+        }
     }
 
-    async fn wait_ready(&mut self) {
+    async fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + READY_DEADLINE;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("palisade exited early ({status}):\n{}", self.log());
+                return Err(format!("({status})\n{}", self.log()));
             }
             let admin_up = raw_get(self.admin, "/healthz")
                 .await
                 .is_some_and(|r| r.status == 200);
             let proxy_up = tokio::net::TcpStream::connect(self.addr).await.is_ok();
             if admin_up && proxy_up {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,
