@@ -354,6 +354,19 @@ impl ValidateStage {
     }
 }
 
+/// Whether a `Content-Type` value's `charset` parameter, if any, names UTF-8.
+fn charset_is_utf8(content_type: Option<&str>) -> bool {
+    content_type
+        .into_iter()
+        .flat_map(|c| c.split(';').skip(1))
+        .filter_map(|param| param.split_once('='))
+        .filter(|(name, _)| name.trim().eq_ignore_ascii_case("charset"))
+        .all(|(_, value)| {
+            let value = value.trim().trim_matches('"');
+            value.eq_ignore_ascii_case("utf-8") || value.eq_ignore_ascii_case("utf8")
+        })
+}
+
 fn content_length(head: &http::request::Parts) -> Option<u64> {
     head.headers
         .get(http::header::CONTENT_LENGTH)
@@ -464,15 +477,32 @@ impl Stage for ValidateStage {
         let mut body_validator = None;
         if let (true, Some(body)) = (check_body, &op.body) {
             if has_body {
-                let content_type = head
-                    .headers
-                    .get(http::header::CONTENT_TYPE)
-                    .and_then(|c| c.to_str().ok());
+                let mut content_types = head.headers.get_all(http::header::CONTENT_TYPE).iter();
+                let content_type = content_types.next().and_then(|c| c.to_str().ok());
+                // Content-Type is a singleton (RFC 9110 §8.3): with two, this check could read
+                // one and the backend the other (`application/json`, then a form type that
+                // reads `{"a":"x&role=admin"}` differently).
+                if content_types.next().is_some() {
+                    let mut fields = Map::new();
+                    fields.insert("message".into(), json!("more than one Content-Type header"));
+                    return self.reject(label, 400, "ambiguous_content_type", fields, vec![]);
+                }
                 let encoded = head
                     .headers
-                    .get(http::header::CONTENT_ENCODING)
-                    .is_some_and(|e| !e.as_bytes().eq_ignore_ascii_case(b"identity"));
+                    .get_all(http::header::CONTENT_ENCODING)
+                    .iter()
+                    .any(|e| !e.as_bytes().eq_ignore_ascii_case(b"identity"));
                 match body.media_for(content_type) {
+                    // JSON is UTF-8 (RFC 8259 §8.1): a body declared in another charset would
+                    // be read as UTF-8 here and decoded otherwise by the backend.
+                    MediaMatch::Accepted(Some(_)) if !charset_is_utf8(content_type) => {
+                        let mut fields = Map::new();
+                        fields.insert(
+                            "message".into(),
+                            json!("JSON bodies must be UTF-8; drop the charset parameter or set it to utf-8"),
+                        );
+                        return self.reject(label, 415, "unsupported_media_type", fields, vec![]);
+                    }
                     // A compressed body cannot be checked (and is not decompressed at the edge).
                     MediaMatch::Accepted(Some(_)) if encoded => {
                         let mut fields = Map::new();
@@ -695,6 +725,34 @@ mod tests {
             check(&s, "POST", "/api/shops/7/orders", &gzip, ok).0,
             "unsupported_media_type"
         );
+        let gzip_second = [
+            trace[0],
+            trace[1],
+            ("content-encoding", "identity"),
+            ("content-encoding", "gzip"),
+        ];
+        assert_eq!(
+            check(&s, "POST", "/api/shops/7/orders", &gzip_second, ok).0,
+            "unsupported_media_type"
+        );
+        let two_types = [
+            trace[0],
+            trace[1],
+            ("content-type", "application/x-www-form-urlencoded"),
+        ];
+        assert_eq!(
+            check(&s, "POST", "/api/shops/7/orders", &two_types, ok).0,
+            "ambiguous_content_type"
+        );
+        for (charset, reason) in [("utf-16", "unsupported_media_type"), ("\"UTF-8\"", "pass")] {
+            let ct = format!("application/json; charset={charset}");
+            let h = [trace[0], ("content-type", ct.as_str())];
+            assert_eq!(
+                check(&s, "POST", "/api/shops/7/orders", &h, ok).0,
+                reason,
+                "{ct}"
+            );
+        }
         assert_eq!(
             check(&s, "GET", "/shops/7/orders", &[], "").0,
             "unknown_operation"
