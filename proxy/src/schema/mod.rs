@@ -354,6 +354,18 @@ impl ValidateStage {
     }
 }
 
+/// The details of a rejection that carries one field.
+fn detail(key: &str, value: Value) -> Map<String, Value> {
+    let mut fields = Map::new();
+    fields.insert(key.into(), value);
+    fields
+}
+
+/// The details of a rejection explained by one message.
+fn message(text: &str) -> Map<String, Value> {
+    detail("message", json!(text))
+}
+
 /// Whether a `Content-Type` value's `charset` parameter, if any, names UTF-8.
 fn charset_is_utf8(content_type: Option<&str>) -> bool {
     content_type
@@ -433,8 +445,7 @@ impl Stage for ValidateStage {
             Lookup::Found(op, captures) => (op, captures),
             Lookup::Preflight => return Decision::Continue,
             Lookup::MethodNotAllowed(allow) if v.unknown_block => {
-                let mut fields = Map::new();
-                fields.insert("allowed".into(), json!(allow));
+                let fields = detail("allowed", json!(allow));
                 return self.reject(
                     "-",
                     405,
@@ -467,9 +478,13 @@ impl Stage for ValidateStage {
                 if declared_length.unwrap_or(0).max(seen) > limit as u64
                     || (cut && seen >= limit as u64)
                 {
-                    let mut fields = Map::new();
-                    fields.insert("limit".into(), json!(limit));
-                    return self.reject(label, 413, "body_too_large", fields, vec![]);
+                    return self.reject(
+                        label,
+                        413,
+                        "body_too_large",
+                        detail("limit", json!(limit)),
+                        vec![],
+                    );
                 }
             }
         }
@@ -483,9 +498,13 @@ impl Stage for ValidateStage {
                 // one and the backend the other (`application/json`, then a form type that
                 // reads `{"a":"x&role=admin"}` differently).
                 if content_types.next().is_some() {
-                    let mut fields = Map::new();
-                    fields.insert("message".into(), json!("more than one Content-Type header"));
-                    return self.reject(label, 400, "ambiguous_content_type", fields, vec![]);
+                    return self.reject(
+                        label,
+                        400,
+                        "ambiguous_content_type",
+                        message("more than one Content-Type header"),
+                        vec![],
+                    );
                 }
                 let encoded = head
                     .headers
@@ -496,27 +515,27 @@ impl Stage for ValidateStage {
                     // JSON is UTF-8 (RFC 8259 §8.1): a body declared in another charset would
                     // be read as UTF-8 here and decoded otherwise by the backend.
                     MediaMatch::Accepted(Some(_)) if !charset_is_utf8(content_type) => {
-                        let mut fields = Map::new();
-                        fields.insert(
-                            "message".into(),
-                            json!("JSON bodies must be UTF-8; drop the charset parameter or set it to utf-8"),
+                        let m = message(
+                            "JSON bodies must be UTF-8; drop the charset parameter or set it to utf-8",
                         );
-                        return self.reject(label, 415, "unsupported_media_type", fields, vec![]);
+                        return self.reject(label, 415, "unsupported_media_type", m, vec![]);
                     }
                     // A compressed body cannot be checked (and is not decompressed at the edge).
                     MediaMatch::Accepted(Some(_)) if encoded => {
-                        let mut fields = Map::new();
-                        fields.insert(
-                            "message".into(),
-                            json!("a body with a Content-Encoding cannot be validated; send it uncompressed"),
+                        let m = message(
+                            "a body with a Content-Encoding cannot be validated; send it uncompressed",
                         );
-                        return self.reject(label, 415, "unsupported_media_type", fields, vec![]);
+                        return self.reject(label, 415, "unsupported_media_type", m, vec![]);
                     }
                     MediaMatch::Accepted(validator) => body_validator = validator,
                     MediaMatch::Rejected(accepted) => {
-                        let mut fields = Map::new();
-                        fields.insert("accepted".into(), json!(accepted));
-                        return self.reject(label, 415, "unsupported_media_type", fields, vec![]);
+                        return self.reject(
+                            label,
+                            415,
+                            "unsupported_media_type",
+                            detail("accepted", json!(accepted)),
+                            vec![],
+                        );
                     }
                 }
             } else if body.required {
@@ -546,14 +565,10 @@ impl Stage for ValidateStage {
                 Some(b) if req.body_complete => b,
                 // Longer than the inspection limit (or not read): it cannot be checked whole.
                 _ => {
-                    let mut fields = Map::new();
-                    fields.insert(
-                        "message".into(),
-                        json!(
-                            "the body is larger than the inspection limit and cannot be validated"
-                        ),
+                    let m = message(
+                        "the body is larger than the inspection limit and cannot be validated",
                     );
-                    return self.reject(label, 413, "body_too_large", fields, vec![]);
+                    return self.reject(label, 413, "body_too_large", m, vec![]);
                 }
             };
             match json::parse_strict(body) {
