@@ -264,9 +264,7 @@ impl Palisade {
     /// Like [`Palisade::start`], with an extra listener on `[::1]` and the config written into
     /// `dir` (so relative paths in it resolve there).
     pub async fn start_in(dir: tempfile::TempDir, config_body: &str, ipv6: bool) -> Palisade {
-        let mut dir = dir;
-        for attempt in 1.. {
-            let (addr, admin) = proxy_addrs();
+        Palisade::start_with(dir, |addr, admin, dir| {
             let mut yaml = listeners_yaml(addr, admin);
             let addr6 = ipv6.then(|| {
                 let l = TcpListener::bind("[::1]:0").unwrap();
@@ -276,42 +274,50 @@ impl Palisade {
                 yaml = yaml.replacen("admin:", &format!("  - address: \"{a6}\"\nadmin:"), 1);
             }
             yaml.push_str(config_body);
-            let path = dir.path().join("palisade.yaml");
+            let path = dir.join("palisade.yaml");
             std::fs::write(&path, yaml).unwrap();
-            let args = ["run", "--config", path.to_str().unwrap(), "--threads", "2"];
+            let path = path.to_str().unwrap().to_string();
+            let args = ["run", "--config", &path, "--threads", "2"].map(String::from);
+            (args.to_vec(), addr6)
+        })
+        .await
+    }
+
+    /// Starts `palisade run` with extra arguments on free ports (no config file).
+    pub async fn start_args(extra: &[&str]) -> Palisade {
+        Palisade::start_with(tempfile::tempdir().unwrap(), |addr, admin, _| {
+            let (a, b) = (addr.to_string(), admin.to_string());
+            let mut args = vec!["run".to_string(), "--listen".into(), a, "--admin".into(), b];
+            args.extend(extra.iter().map(|e| e.to_string()));
+            (args, None)
+        })
+        .await
+    }
+
+    /// Starts on fresh client and admin ports; `prepare` gets them and the directory and
+    /// returns the arguments and the `[::1]` listener, if any. A start that loses a port to
+    /// another test in between is tried again (at most 3 tries); any other early exit panics.
+    async fn start_with(
+        mut dir: tempfile::TempDir,
+        prepare: impl Fn(SocketAddr, SocketAddr, &Path) -> (Vec<String>, Option<SocketAddr>),
+    ) -> Palisade {
+        for attempt in 1.. {
+            let (addr, admin) = proxy_addrs();
+            let (args, addr6) = prepare(addr, admin, dir.path());
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
             match Palisade::spawn(&args, addr, admin, dir).await {
                 Ok(mut p) => {
                     p.addr6 = addr6;
                     return p;
                 }
-                Err((d, log)) => dir = Palisade::retry_or_panic(attempt, d, log),
+                Err((d, log)) => {
+                    let port_race = log.contains("cannot listen on") || log.contains("in use");
+                    assert!(port_race && attempt < 3, "palisade exited early:\n{log}");
+                    dir = d;
+                }
             }
         }
         unreachable!()
-    }
-
-    /// Starts `palisade run` with extra arguments on free ports (no config file).
-    pub async fn start_args(extra: &[&str]) -> Palisade {
-        let mut dir = tempfile::tempdir().unwrap();
-        for attempt in 1.. {
-            let (addr, admin) = proxy_addrs();
-            let (a, b) = (addr.to_string(), admin.to_string());
-            let mut args = vec!["run", "--listen", &a, "--admin", &b];
-            args.extend_from_slice(extra);
-            match Palisade::spawn(&args, addr, admin, dir).await {
-                Ok(p) => return p,
-                Err((d, log)) => dir = Palisade::retry_or_panic(attempt, d, log),
-            }
-        }
-        unreachable!()
-    }
-
-    /// After a start that failed with `log`: hands `dir` back for another try when another
-    /// test took one of the free ports in between (at most 3 tries); panics otherwise.
-    fn retry_or_panic(attempt: u32, dir: tempfile::TempDir, log: String) -> tempfile::TempDir {
-        let port_race = log.contains("cannot listen on") || log.contains("in use");
-        assert!(port_race && attempt < 3, "palisade exited early:\n{log}");
-        dir
     }
 
     /// Starts the process and waits until it is ready; if it exits first, its directory and
