@@ -6,10 +6,11 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use palisade::compile::{compile, CompileContext};
 use palisade::config::{load_str, Overrides};
 use palisade::metrics::Metrics;
-use palisade::pipeline::RequestView;
-use palisade::snapshot::Snapshot;
+use palisade::pipeline::{Notes, Step};
+use palisade::request::{Request, RequestCache};
 
 fn config_yaml(routes: usize) -> String {
     let mut y = String::from(
@@ -27,9 +28,18 @@ fn config_yaml(routes: usize) -> String {
 }
 
 fn bench(c: &mut Criterion) {
-    let config = Arc::new(load_str("bench.yaml", &config_yaml(50), &Overrides::default()).unwrap());
-    let metrics = std::sync::Arc::new(Metrics::new().unwrap());
-    let snapshot = Snapshot::build(config, Vec::new(), &[], &metrics);
+    let config = load_str("bench.yaml", &config_yaml(50), &Overrides::default()).unwrap();
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let snapshot = compile(
+        config,
+        &CompileContext {
+            metrics: &metrics,
+            previous: None,
+            demo_addr: None,
+            generation: 1,
+        },
+    )
+    .unwrap();
     let req = http::Request::get("http://h2.example.com/api/v1/svc37/items?limit=10")
         .body(())
         .unwrap();
@@ -48,16 +58,15 @@ fn bench(c: &mut Criterion) {
         .unwrap();
     let route = &snapshot.routes[ri];
     c.bench_function("header_stages_access", |b| {
-        let mut counted = Vec::new();
         b.iter(|| {
-            let view = RequestView {
-                head: &parts,
-                client_ip: None,
-                geo: Default::default(),
-                body: None,
-                body_complete: false,
-            };
-            black_box(route.pipeline.run_header_stages(&view, &mut counted))
+            let cache = RequestCache::default();
+            let view = Request::of_head(&parts, &cache);
+            let mut notes = Notes::default();
+            // Runs up to the body step (the header stages).
+            black_box(matches!(
+                route.pipeline.resume(0, false, &view, &mut notes),
+                Step::Done(_)
+            ))
         })
     });
 }

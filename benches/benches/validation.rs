@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use palisade::config::{load_file, Overrides};
-use palisade::identity::geo::ClientGeo;
-use palisade::pipeline::{Decision, RequestView, Stage};
+use palisade::pipeline::{Decision, Eval, Notes, Stage};
+use palisade::request::{Request, RequestCache};
 use palisade::schema::ValidateStage;
 
 /// The proxy's allocator, so allocation costs match production.
@@ -20,10 +20,21 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn stage(config: &str) -> ValidateStage {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let cfg = load_file(&root.join(config), &Overrides::default()).unwrap();
-    let route = cfg
+    let metrics = std::sync::Arc::new(palisade::metrics::Metrics::new().unwrap());
+    let snapshot = palisade::compile::compile(
+        cfg,
+        &palisade::compile::CompileContext {
+            metrics: &metrics,
+            previous: None,
+            demo_addr: Some(([127, 0, 0, 1], 9).into()),
+            generation: 1,
+        },
+    )
+    .unwrap();
+    let route = snapshot
         .routes
         .iter()
-        .find(|r| r.policy.validation.is_some())
+        .find(|r| r.validation.is_some())
         .unwrap();
     let metric = prometheus::IntCounterVec::new(
         prometheus::Opts::new("bench_failures", "bench"),
@@ -31,7 +42,7 @@ fn stage(config: &str) -> ValidateStage {
     )
     .unwrap();
     ValidateStage::new(
-        Arc::clone(route.policy.validation.as_ref().unwrap()),
+        Arc::clone(route.validation.as_ref().unwrap()),
         &route.name,
         metric,
     )
@@ -87,32 +98,32 @@ fn bench(c: &mut Criterion) {
         "/v1/activities?limit=20&cursor=eyJvIjoyMH0&type=run&type=ride&since=2026-11-01T00:00:00Z",
         "",
     );
-    let view = |parts: &'static http::request::Parts, body: Option<&'static [u8]>| RequestView {
-        head: parts,
-        client_ip: None,
-        geo: ClientGeo::default(),
-        body,
-        body_complete: true,
-    };
     let post: &'static http::request::Parts = Box::leak(Box::new(post));
     let get: &'static http::request::Parts = Box::leak(Box::new(get));
     let good: &'static [u8] = Box::leak(good.into_bytes().into_boxed_slice());
     let bad: &'static [u8] = Box::leak(bad.into_bytes().into_boxed_slice());
-
-    let v = view(post, Some(good));
-    assert!(matches!(s.evaluate(&v), Decision::Continue));
+    // A fresh request cache per evaluation, as each proxied request has: nothing parsed twice,
+    // nothing carried over between iterations.
+    let eval = |parts: &'static http::request::Parts, body: Option<&'static [u8]>| {
+        let cache = RequestCache::default();
+        let v = Request::of_head(parts, &cache).with_body(body, true);
+        let mut notes = Notes::default();
+        match s.evaluate(&v, &mut notes) {
+            Eval::Done(d) => d,
+            Eval::Pending(_) => unreachable!("validation never waits"),
+        }
+    };
+    assert!(matches!(eval(post, Some(good)), Decision::Continue));
     c.bench_function("validate_post_1k_valid", |b| {
-        b.iter(|| black_box(s.evaluate(black_box(&v))))
+        b.iter(|| black_box(eval(black_box(post), Some(good))))
     });
-    let v = view(post, Some(bad));
-    assert!(matches!(s.evaluate(&v), Decision::Block(_)));
+    assert!(matches!(eval(post, Some(bad)), Decision::Block(_)));
     c.bench_function("validate_post_1k_invalid", |b| {
-        b.iter(|| black_box(s.evaluate(black_box(&v))))
+        b.iter(|| black_box(eval(black_box(post), Some(bad))))
     });
-    let v = view(get, None);
-    assert!(matches!(s.evaluate(&v), Decision::Continue));
+    assert!(matches!(eval(get, None), Decision::Continue));
     c.bench_function("validate_get_query_params", |b| {
-        b.iter(|| black_box(s.evaluate(black_box(&v))))
+        b.iter(|| black_box(eval(black_box(get), None)))
     });
     // Parsing alone, to separate JSON parsing from schema evaluation.
     c.bench_function("parse_1k_json_only", |b| {
@@ -186,7 +197,13 @@ fn bench_import(c: &mut Criterion) {
     group.bench_function("1200_operations", |b| {
         b.iter(|| {
             let store = palisade::schema::DocumentStore::new();
-            let v = palisade::schema::compile(&cfg, dir.path(), &store).unwrap();
+            let file: std::sync::Arc<str> = "bench.yaml".into();
+            let site = palisade::schema::ConfigSite {
+                file: &file,
+                route: "bench",
+                route_at: serde_saphyr::Location::UNKNOWN,
+            };
+            let v = palisade::schema::compile(&cfg, dir.path(), &store, &site).unwrap();
             assert_eq!(v.operations(), 1200);
             black_box(v)
         })

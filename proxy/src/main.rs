@@ -26,6 +26,14 @@ struct Cli {
 enum Command {
     /// Run the proxy (on the embedded default config unless --config is given).
     Run {
+        /// Take over the listening sockets of a running Palisade (graceful upgrade): start the
+        /// new binary with --upgrade, then send SIGQUIT to the old process; it hands its
+        /// sockets over and drains its connections.
+        #[arg(long)]
+        upgrade: bool,
+        /// Unix socket used to hand listening sockets over during a graceful upgrade.
+        #[arg(long, default_value = palisade::server::DEFAULT_UPGRADE_SOCK)]
+        upgrade_sock: String,
         /// Configuration file (YAML). Without it, the embedded default is used: listen on
         /// 127.0.0.1:8080, admin on 127.0.0.1:9090, a built-in demo backend.
         #[arg(long, short)]
@@ -148,8 +156,8 @@ fn geoip(command: GeoipCommand) -> ExitCode {
 }
 
 fn run_tests(paths: Vec<PathBuf>, config: Option<&PathBuf>) -> ExitCode {
-    let ip_sets = match config.map(|c| config::load_file(c, &Overrides::default())) {
-        Some(Ok(c)) => c.ip_sets,
+    let ip_sets = match config.map(|c| compiled(Some(c))) {
+        Some(Ok(s)) => s.ip_sets.clone(),
         Some(Err(e)) => {
             eprintln!("{e}");
             return ExitCode::FAILURE;
@@ -197,9 +205,28 @@ fn run_tests(paths: Vec<PathBuf>, config: Option<&PathBuf>) -> ExitCode {
     }
 }
 
+/// Loads, checks and compiles a configuration, as `palisade run` would.
+fn compiled(config: Option<&PathBuf>) -> Result<palisade::snapshot::Snapshot, config::Problems> {
+    let cfg = config::load(config.map(PathBuf::as_path), &Overrides::default())?;
+    let metrics = palisade::metrics::Metrics::new().map_err(|e| {
+        config::Problems::from(config::Problem::file(&"<metrics>".into(), e.to_string()))
+    })?;
+    // A placeholder address for a demo upstream: nothing is started.
+    let demo = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9)));
+    palisade::compile::compile(
+        cfg,
+        &palisade::compile::CompileContext {
+            metrics: &std::sync::Arc::new(metrics),
+            previous: None,
+            demo_addr: demo,
+            generation: 1,
+        },
+    )
+}
+
 fn explain(config: Option<&PathBuf>, request: &std::path::Path, host: &str) -> ExitCode {
-    let cfg = match load(config, &Overrides::default()) {
-        Ok(c) => c,
+    let snapshot = match compiled(config) {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::FAILURE;
@@ -231,19 +258,9 @@ fn explain(config: Option<&PathBuf>, request: &std::path::Path, host: &str) -> E
         .unwrap_or("/")
         .to_string();
     // Route exactly as the proxy does.
-    let cfg = std::sync::Arc::new(cfg);
-    let metrics = match palisade::metrics::Metrics::new() {
-        Ok(m) => std::sync::Arc::new(m),
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let snapshot =
-        palisade::snapshot::Snapshot::build(std::sync::Arc::clone(&cfg), Vec::new(), &[], &metrics);
     let Some(route) = snapshot
         .route_for(&host.to_ascii_lowercase(), &path)
-        .map(|i| &cfg.routes[i])
+        .map(|i| &snapshot.routes[i])
     else {
         eprintln!("no route matches host {host:?} path {path:?}");
         return ExitCode::FAILURE;
@@ -251,64 +268,36 @@ fn explain(config: Option<&PathBuf>, request: &std::path::Path, host: &str) -> E
     println!(
         "route {:?} ({} rule set(s))",
         route.name,
-        route.policy.rulesets.len()
+        route.rulesets.len()
     );
     let mut trace: Vec<String> = Vec::new();
-    let outcome =
-        palisade::rules::eval::evaluate(&route.policy.rulesets, &owned.input(), &mut trace);
+    let outcome = palisade::rules::eval::evaluate(&route.rulesets, &owned.input(), &mut trace);
     for l in &trace {
         println!("{l}");
     }
     println!("verdict: {:?}", outcome.verdict);
     println!("labels: {:?}", outcome.labels);
-    if let Some(validation) = &route.policy.validation {
-        explain_validation(route, validation, &owned, &metrics);
-    }
-    ExitCode::SUCCESS
-}
-
-/// Runs the route's request validation on an `explain` request and prints the outcome.
-fn explain_validation(
-    route: &config::Route,
-    validation: &std::sync::Arc<palisade::schema::RouteValidation>,
-    req: &palisade::rules::testing::OwnedRequest,
-    metrics: &palisade::metrics::Metrics,
-) {
-    use palisade::pipeline::{Decision, Stage as _};
-    let Some((head, body)) = req.head() else {
-        println!("validate: the request is not valid HTTP (method or path)");
-        return;
-    };
-    let stage = palisade::schema::ValidateStage::new(
-        std::sync::Arc::clone(validation),
-        &route.name,
-        metrics.validation_failures.clone(),
-    );
-    let view = palisade::pipeline::RequestView {
-        head: &head,
-        client_ip: None,
-        geo: Default::default(),
-        body: (!body.is_empty()).then_some(body),
-        body_complete: true,
-    };
-    match stage.evaluate(&view) {
-        Decision::Block(b) => {
+    // The whole pipeline, as the proxy runs it.
+    let mut notes = palisade::pipeline::Notes::default();
+    match route.pipeline.run_blocking(&owned.input(), &mut notes) {
+        palisade::pipeline::Verdict::Block(stage, b) => {
             let details = b
                 .details
                 .map(|d| serde_json::Value::Object(d.fields.clone()).to_string())
                 .unwrap_or_default();
-            println!("validate: {} {} {details}", b.status, b.reason);
+            println!(
+                "pipeline: blocked by {} ({} {}) {details}",
+                stage.name(),
+                b.status,
+                b.reason
+            );
         }
-        Decision::Count(label) => println!("validate: counted {label}"),
-        _ => println!("validate: pass"),
+        v => println!("pipeline: {v:?}"),
     }
-}
-
-fn load(config: Option<&PathBuf>, overrides: &Overrides) -> Result<Config, config::ConfigError> {
-    match config {
-        Some(path) => config::load_file(path, overrides),
-        None => config::load_default(overrides),
+    if !notes.counted.is_empty() {
+        println!("counted: {:?}", notes.counted);
     }
+    ExitCode::SUCCESS
 }
 
 fn init_logging(config: &Config) {
@@ -342,8 +331,9 @@ fn main() -> ExitCode {
             request,
             host,
         } => explain(config.as_ref(), &request, &host),
-        Command::Check { config } => match load(config.as_ref(), &Overrides::default()) {
-            Ok(c) => {
+        Command::Check { config } => match compiled(config.as_ref()) {
+            Ok(s) => {
+                let c = &s.config;
                 println!(
                     "{}: OK ({} listener(s), {} upstream(s), {} route(s))",
                     c.source,
@@ -351,8 +341,8 @@ fn main() -> ExitCode {
                     c.upstreams.len(),
                     c.routes.len()
                 );
-                for r in &c.routes {
-                    if let Some(v) = &r.policy.validation {
+                for r in &s.routes {
+                    if let Some(v) = &r.validation {
                         println!(
                             "  route {:?}: validates {} operation(s); schema files: {}",
                             r.name,
@@ -369,11 +359,13 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("{e}");
-                eprintln!("{} error(s)", e.issues.len());
+                eprintln!("{} error(s)", e.len());
                 ExitCode::FAILURE
             }
         },
         Command::Run {
+            upgrade,
+            upgrade_sock,
             config,
             listen,
             admin,
@@ -386,7 +378,13 @@ fn main() -> ExitCode {
                 upstream,
                 threads,
             };
-            let config = match load(config.as_ref(), &overrides) {
+            let opts = palisade::server::RunOptions {
+                config_path: config.clone(),
+                overrides: overrides.clone(),
+                upgrade,
+                upgrade_sock,
+            };
+            let config = match config::load(config.as_deref(), &overrides) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");
@@ -395,7 +393,7 @@ fn main() -> ExitCode {
             };
             init_logging(&config);
             tracing::info!(config = %config.source, "starting palisade");
-            match palisade::server::run(config) {
+            match palisade::server::run(config, opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");

@@ -2,10 +2,23 @@
 //! Label values come only from bounded sets (route names, reasons and stages from config or
 //! code, status classes), never from request data, so cardinality stays bounded.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// `palisade_config_reloads_total{result}`: reload attempts by result (`success`, `failure`).
+pub const CONFIG_RELOADS_TOTAL: &str = "palisade_config_reloads_total";
+/// `palisade_config_last_reload_success_timestamp_seconds`: Unix time of the last snapshot
+/// swap (the start-up load counts).
+pub const CONFIG_LAST_RELOAD_SUCCESS: &str =
+    "palisade_config_last_reload_success_timestamp_seconds";
+/// `palisade_config_generation`: generation of the snapshot serving requests (1 at start).
+pub const CONFIG_GENERATION: &str = "palisade_config_generation";
 
 /// `palisade_requests_total{route, decision}`: requests by route and final decision.
 pub const REQUESTS_TOTAL: &str = "palisade_requests_total";
@@ -86,6 +99,53 @@ pub struct Metrics {
     pub redis_errors: IntCounterVec,
     /// Request validation failures by route, operation and reason.
     pub validation_failures: IntCounterVec,
+    /// Reloads by result.
+    pub config_reloads: IntCounterVec,
+    /// Time of the last successful reload.
+    pub config_last_success: Gauge,
+    /// Generation serving requests.
+    pub config_generation: IntGauge,
+    /// Country handles, resolved once per country.
+    country_cache: LabelCache,
+}
+
+/// Counter handles of one metric family, resolved once per label set and then read without a
+/// lock: `with_label_values` hashes the labels and takes the family's lock on every call,
+/// which the request path must not. Reads are an `ArcSwap` load and a hash lookup; a new label
+/// set (rare: labels come from bounded sets) copies the map once.
+pub struct LabelCache {
+    family: IntCounterVec,
+    handles: ArcSwap<HashMap<Box<[Box<str>]>, IntCounter>>,
+}
+
+impl LabelCache {
+    /// A cache over `family`.
+    pub fn new(family: IntCounterVec) -> LabelCache {
+        LabelCache {
+            family,
+            handles: ArcSwap::from_pointee(HashMap::new()),
+        }
+    }
+
+    /// The handle of one label set.
+    pub fn get(&self, labels: &[&str]) -> IntCounter {
+        let map = self.handles.load();
+        if let Some(c) = map
+            .iter()
+            .find(|(k, _)| k.len() == labels.len() && k.iter().zip(labels).all(|(a, b)| &**a == *b))
+            .map(|(_, c)| c)
+        {
+            return c.clone();
+        }
+        let c = self.family.with_label_values(labels);
+        let key: Box<[Box<str>]> = labels.iter().map(|l| Box::<str>::from(*l)).collect();
+        self.handles.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.insert(key.clone(), c.clone());
+            m
+        });
+        c
+    }
 }
 
 /// Handles for one route, resolved once at load time so the request path does no label
@@ -102,6 +162,10 @@ pub struct RouteMetrics {
     pub duration: Histogram,
     /// Responses by class, index `status / 100 - 1` (1xx … 5xx).
     pub responses: [IntCounter; 5],
+    /// `palisade_blocked_total` handles of this route by (stage, reason).
+    pub blocks: Arc<LabelCache>,
+    /// `palisade_counted_total` handles of this route by label.
+    pub counts: Arc<LabelCache>,
 }
 
 /// Why metrics could not be registered (a programming error: duplicate names).
@@ -207,6 +271,27 @@ impl Metrics {
             ),
             &["route", "operation", "reason"],
         )?;
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                CONFIG_RELOADS_TOTAL,
+                "Configuration reloads by result (success, failure).",
+            ),
+            &["result"],
+        )?;
+        let config_last_success = Gauge::new(
+            CONFIG_LAST_RELOAD_SUCCESS,
+            "Unix time of the last successful configuration load (start-up or reload).",
+        )?;
+        let config_generation = IntGauge::new(
+            CONFIG_GENERATION,
+            "Generation of the configuration snapshot serving requests (1 at start-up).",
+        )?;
+        for result in ["success", "failure"] {
+            config_reloads.with_label_values(&[result]);
+        }
+        registry.register(Box::new(config_reloads.clone()))?;
+        registry.register(Box::new(config_last_success.clone()))?;
+        registry.register(Box::new(config_generation.clone()))?;
         registry.register(Box::new(validation_failures.clone()))?;
         registry.register(Box::new(ratelimit_limited.clone()))?;
         registry.register(Box::new(ratelimit_keys.clone()))?;
@@ -229,14 +314,23 @@ impl Metrics {
             upstream_errors,
             upstream_servers,
             responses,
-            client_country,
+            client_country: client_country.clone(),
             ratelimit_limited,
             ratelimit_keys,
             ratelimit_fallback,
             redis_duration,
             redis_errors,
             validation_failures,
+            config_reloads,
+            config_last_success,
+            config_generation,
+            country_cache: LabelCache::new(client_country.clone()),
         })
+    }
+
+    /// Counts a request of a client from `country` (`unknown` without one).
+    pub fn count_country(&self, country: &str) {
+        self.country_cache.get(&[country]).inc();
     }
 
     /// Resolves the handles of one route.
@@ -256,6 +350,8 @@ impl Metrics {
                 class("4xx"),
                 class("5xx"),
             ],
+            blocks: Arc::new(LabelCache::new(self.blocked.clone())),
+            counts: Arc::new(LabelCache::new(self.counted.clone())),
         }
     }
 

@@ -1,17 +1,25 @@
-//! The immutable, compiled runtime form of a configuration: routes with their pipelines,
-//! upstream groups and per-route metric handles. The proxy holds it behind an `ArcSwap`;
-//! `new_ctx()` loads it once so every phase of a request sees the same snapshot, and a reload
-//! builds a new one off the request path and swaps it whole.
+//! Step 4 of parse → check → compile → snapshot → swap: the immutable, compiled runtime form
+//! of a configuration. The proxy holds it behind an `ArcSwap`; `new_ctx()` loads it once so
+//! every phase of a request sees the same snapshot from start to end, and a reload builds a
+//! new one off the request path (`crate::compile`) and swaps it whole (`crate::server::reload`).
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::config::{Config, HostMatch, OversizePolicy};
-use crate::metrics::{Metrics, RouteMetrics};
+use crate::config::{Config, HostMatch};
+use crate::identity::client_ip::ClientIpResolver;
+use crate::identity::geo::GeoDb;
+use crate::identity::ipset::IpSet;
+use crate::metrics::RouteMetrics;
 use crate::pipeline::Pipeline;
-use crate::ratelimit::{CompiledRateLimit, RateLimitStage};
-use crate::rules::RulesStage;
-use crate::schema::ValidateStage;
-use crate::server::upstreams::UpstreamGroup;
+use crate::ratelimit::redis::RedisStore;
+use crate::ratelimit::CompiledRateLimit;
+use crate::rules::compile::CompiledRuleSet;
+use crate::rules::eval::AttachedRuleSet;
+use crate::schema::RouteValidation;
+use crate::upstream::UpstreamGroup;
 
 /// A route compiled for the request path.
 pub struct CompiledRoute {
@@ -21,21 +29,37 @@ pub struct CompiledRoute {
     prefix: String,
     /// Index into [`Snapshot::upstreams`].
     pub upstream: usize,
-    /// The inspection stages.
+    /// The inspection stages, in pipeline order, with the body step.
     pub pipeline: Pipeline,
-    /// Body inspection limit in bytes.
-    pub inspect_limit: usize,
-    /// What to do with bodies over the limit.
-    pub oversize: OversizePolicy,
     /// Pre-resolved metric handles (no label hashing per request).
     pub metrics: RouteMetrics,
-    /// Whether the client's country/ASN must be looked up for this route.
-    pub needs_geo: bool,
-    /// The rate-limit rules that apply to this route (the asynchronous stage).
-    pub rate_limit: Option<RateLimitStage>,
+    /// The rule sets attached (`palisade explain`).
+    pub rulesets: Vec<AttachedRuleSet>,
+    /// The route's request validation (`palisade explain`, `palisade check`).
+    pub validation: Option<Arc<RouteValidation>>,
 }
 
 impl CompiledRoute {
+    /// Builds a route.
+    pub fn new(
+        route: &crate::config::Route,
+        pipeline: Pipeline,
+        metrics: RouteMetrics,
+        rulesets: Vec<AttachedRuleSet>,
+        validation: Option<Arc<RouteValidation>>,
+    ) -> CompiledRoute {
+        CompiledRoute {
+            name: route.name.clone(),
+            host: route.host.clone(),
+            prefix: route.path_prefix.clone(),
+            upstream: route.upstream,
+            pipeline,
+            metrics,
+            rulesets,
+            validation,
+        }
+    }
+
     fn matches(&self, host: &str, path: &str) -> bool {
         let host_ok = match &self.host {
             HostMatch::Any => true,
@@ -59,9 +83,22 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
     }
 }
 
+/// A file a snapshot was built from, with the hash of the content that was read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceFile {
+    /// Its path.
+    pub path: PathBuf,
+    /// What it is: `config`, `ruleset`, `schema`, `ip_list`, `geoip`, `ruleset_dir`.
+    pub kind: &'static str,
+    /// Content hash (FNV-1a 64; for a directory, of its sorted entry names).
+    pub hash: String,
+}
+
 /// The compiled configuration.
 pub struct Snapshot {
-    /// The validated configuration it was built from.
+    /// 1 for the start-up load, then +1 for each successful reload.
+    pub generation: u64,
+    /// The checked configuration it was built from.
     pub config: Arc<Config>,
     /// Routes, in config order.
     pub routes: Vec<CompiledRoute>,
@@ -70,43 +107,44 @@ pub struct Snapshot {
     order: Vec<usize>,
     /// Upstream groups, as in [`Config::upstreams`].
     pub upstreams: Vec<Arc<UpstreamGroup>>,
+    /// Client IP resolution.
+    pub client_ip: ClientIpResolver,
+    /// Geo databases.
+    pub geo: Option<Arc<GeoDb>>,
+    /// Named IP sets.
+    pub ip_sets: BTreeMap<String, Arc<IpSet>>,
+    /// Loaded rule sets by name.
+    pub rule_sets: BTreeMap<String, Arc<CompiledRuleSet>>,
+    /// Rate-limit rules with their state (kept across reloads when unchanged).
+    pub rate_limits: Vec<Arc<CompiledRateLimit>>,
+    /// The Redis store (kept across reloads when its settings are unchanged).
+    pub redis: Option<Arc<RedisStore>>,
+    /// Every file read to build it.
+    pub sources: Vec<SourceFile>,
+    /// Where the demo backend listens, if one runs.
+    pub demo_addr: Option<SocketAddr>,
 }
 
 impl Snapshot {
-    /// Compiles a validated config with already-built upstream groups.
-    pub fn build(
+    /// Assembles a snapshot from compiled parts; orders routes for matching.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "assembled once by the compile step"
+    )]
+    pub fn assemble(
+        generation: u64,
         config: Arc<Config>,
+        routes: Vec<CompiledRoute>,
         upstreams: Vec<Arc<UpstreamGroup>>,
-        rate_limits: &[Arc<CompiledRateLimit>],
-        metrics: &Arc<Metrics>,
+        client_ip: ClientIpResolver,
+        geo: Option<Arc<GeoDb>>,
+        ip_sets: BTreeMap<String, Arc<IpSet>>,
+        rule_sets: BTreeMap<String, Arc<CompiledRuleSet>>,
+        rate_limits: Vec<Arc<CompiledRateLimit>>,
+        redis: Option<Arc<RedisStore>>,
+        sources: Vec<SourceFile>,
+        demo_addr: Option<SocketAddr>,
     ) -> Snapshot {
-        let routes: Vec<CompiledRoute> = config
-            .routes
-            .iter()
-            .map(|r| {
-                let rate_limit = RateLimitStage::for_route(&r.name, rate_limits, metrics);
-                let rules = RulesStage::new(r.policy.rulesets.clone());
-                let rules_need_geo = rules.as_ref().is_some_and(RulesStage::needs_geo);
-                let validate = r.policy.validation.as_ref().map(|v| {
-                    ValidateStage::new(Arc::clone(v), &r.name, metrics.validation_failures.clone())
-                });
-                CompiledRoute {
-                    name: r.name.clone(),
-                    host: r.host.clone(),
-                    prefix: r.path_prefix.clone(),
-                    upstream: r.upstream,
-                    pipeline: Pipeline::for_route(&r.policy, rules, validate),
-                    inspect_limit: r.policy.inspect_limit,
-                    oversize: r.policy.oversize,
-                    metrics: metrics.route(&r.name),
-                    needs_geo: r.policy.geo.is_some()
-                        || r.policy.asn.is_some()
-                        || rules_need_geo
-                        || rate_limit.as_ref().is_some_and(RateLimitStage::needs_geo),
-                    rate_limit,
-                }
-            })
-            .collect();
         let mut order: Vec<usize> = (0..routes.len()).collect();
         order.sort_by_key(|&i| {
             let r = &routes[i];
@@ -118,10 +156,19 @@ impl Snapshot {
             (host_rank, usize::MAX - r.prefix.len())
         });
         Snapshot {
+            generation,
             config,
             routes,
             order,
             upstreams,
+            client_ip,
+            geo,
+            ip_sets,
+            rule_sets,
+            rate_limits,
+            redis,
+            sources,
+            demo_addr,
         }
     }
 

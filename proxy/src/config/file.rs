@@ -4,7 +4,7 @@
 //! silently ignored setting. Value types that can be wrong on their own (durations, sizes,
 //! socket addresses, HTTP methods) reject bad input while parsing, so `serde-saphyr` reports
 //! the exact location. Cross-field checks (unknown upstream names, duplicates) happen in
-//! [`super::validate`], which uses the [`Spanned`] locations kept here.
+//! [`super::check`], which uses the [`Spanned`] locations kept here.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -16,7 +16,7 @@ use serde::{Deserialize, Deserializer};
 use serde_saphyr::Spanned;
 
 /// The whole `palisade.yaml` file.
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     /// Addresses the proxy listens on for client traffic.
@@ -34,6 +34,9 @@ pub struct FileConfig {
     /// Log format and level.
     #[serde(default)]
     pub logging: LoggingConfig,
+    /// Hot reload (file watching).
+    #[serde(default)]
+    pub reload: ReloadConfig,
     /// Client and upstream timeouts.
     #[serde(default)]
     pub timeouts: TimeoutsConfig,
@@ -69,7 +72,7 @@ pub struct FileConfig {
 }
 
 /// One client-facing listener.
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     /// `IP:port` to bind, e.g. `127.0.0.1:8080` or `[::1]:8080`.
@@ -78,21 +81,41 @@ pub struct ListenerConfig {
 }
 
 /// Admin listener settings.
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// `IP:port` of the admin listener; keep it on loopback or a private network.
     #[serde(default = "default_admin_address")]
     #[schemars(with = "String")]
     pub address: SocketAddr,
+    /// Bearer token for the endpoints that change state (`POST /reload`). Without it they
+    /// answer only clients on loopback; with it, only requests carrying
+    /// `Authorization: Bearer <token>`. `PALISADE_ADMIN_TOKEN` overrides it.
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             address: default_admin_address(),
+            token: None,
         }
     }
+}
+
+/// Hot reload: when Palisade rebuilds its snapshot from the files on its own.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadConfig {
+    /// Watch the config, rule sets, schema documents, IP list files and mmdb files, and reload
+    /// when one changes (default true). SIGHUP and `POST /reload` work either way.
+    #[serde(default)]
+    pub watch: Option<bool>,
+    /// How long the files must stay unchanged before a watched change is reloaded (default
+    /// 100ms); a file that keeps changing is reloaded at the latest 1s after the first change.
+    #[serde(default)]
+    pub debounce: Option<HumanDuration>,
 }
 
 fn default_admin_address() -> SocketAddr {
@@ -100,7 +123,7 @@ fn default_admin_address() -> SocketAddr {
 }
 
 /// Logging settings.
-#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoggingConfig {
     /// `text` (default) or `json`.
@@ -123,7 +146,7 @@ pub enum LogFormat {
 }
 
 /// Timeouts; every value is a duration like `500ms`, `5s`, `2m`.
-#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TimeoutsConfig {
     /// Max wait for the next bytes from the client (headers or body).
@@ -143,10 +166,10 @@ pub struct TimeoutsConfig {
 }
 
 /// Body inspection settings.
-#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BodyConfig {
-    /// How many body bytes are buffered for inspection (at most 64KiB, see `config::validate`).
+    /// How many body bytes are buffered for inspection (at most 64KiB, see `config::check`).
     pub inspect_limit: Option<HumanSize>,
     /// What to do with a body larger than `inspect_limit`.
     pub oversize: Option<OversizePolicy>,
@@ -163,7 +186,7 @@ pub enum OversizePolicy {
 }
 
 /// A named group of upstream servers.
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// `host:port` of each server (IP literal or a name resolved at load time).
@@ -187,7 +210,7 @@ pub struct UpstreamConfig {
 }
 
 /// Active health check of every target of an upstream.
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheckConfig {
     /// `tcp` (connect only) or `http` (GET `path`, expect 2xx).
@@ -219,7 +242,7 @@ pub enum HealthCheckKind {
 }
 
 /// Passive health: connection failures seen by real requests.
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PassiveHealthConfig {
     /// Consecutive connection failures before the target is ejected (default 3).
@@ -231,7 +254,7 @@ pub struct PassiveHealthConfig {
 }
 
 /// One route: which requests it takes, where they go, and the security policy applied.
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// Unique name, used in logs and metric labels.
@@ -252,7 +275,7 @@ pub struct RouteConfig {
 }
 
 /// A route's security policy (later stages add their sections here).
-#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// Only these methods are accepted; others get 405.
@@ -286,7 +309,7 @@ pub struct PolicyConfig {
 }
 
 /// Request validation for a route: operations written here, imported from OpenAPI, or both.
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ValidateConfig {
     /// What is checked: `body` (content type, size, JSON body), `params` (query, headers,
@@ -356,7 +379,7 @@ pub enum UnknownOperation {
 }
 
 /// One operation: methods, a path template and what its requests must look like.
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OperationConfig {
     /// Methods (default: any).
@@ -396,7 +419,7 @@ pub struct OperationConfig {
 }
 
 /// One parameter: whether it is required and the schema of its (coerced) value.
-#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ParamConfig {
     /// Must be present (path parameters always are).
@@ -413,7 +436,7 @@ pub struct ParamConfig {
 }
 
 /// A rule set attached to a route.
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RuleSetRefConfig {
     /// The rule set's `name`.
@@ -421,18 +444,18 @@ pub struct RuleSetRefConfig {
     pub name: Spanned<String>,
     /// Replace every blocking/allowing action of the set: `count` runs it in dry-run mode.
     #[serde(default)]
-    pub action_override: Option<crate::rules::file::RuleAction>,
+    pub action_override: Option<RuleAction>,
     /// Rule ids to switch off on this route.
     #[serde(default)]
     #[schemars(with = "Vec<String>")]
     pub disabled_rules: Vec<Spanned<String>>,
     /// Per-rule action overrides (`rule-id: count`).
     #[serde(default)]
-    pub rule_overrides: BTreeMap<String, crate::rules::file::RuleAction>,
+    pub rule_overrides: BTreeMap<String, RuleAction>,
 }
 
 /// "Don't inspect these fields for these rules on this route".
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExclusionConfig {
     /// Rule ids, or `label:NAME` for every rule carrying that label.
@@ -445,7 +468,7 @@ pub struct ExclusionConfig {
 }
 
 /// A named set of CIDRs: inline, from a file, or both.
-#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IpSetConfig {
     /// Addresses or CIDRs, IPv4 or IPv6 (`10.0.0.0/8`, `2001:db8::/32`, `192.0.2.7`).
@@ -459,7 +482,7 @@ pub struct IpSetConfig {
 }
 
 /// Client IP resolution behind proxies and load balancers.
-#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClientIpConfig {
     /// Peers whose forwarding header is believed: CIDRs or names of IP sets.
@@ -474,7 +497,7 @@ pub struct ClientIpConfig {
 }
 
 /// MaxMind database files (GeoLite2/GeoIP2, or built with `palisade geoip build`).
-#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GeoIpConfig {
     /// Country or City database; relative to the config file.
@@ -488,7 +511,7 @@ pub struct GeoIpConfig {
 }
 
 /// IP allow/deny by set name: deny wins; a non-empty allow admits only its members.
-#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IpPolicyConfig {
     /// Only clients in one of these sets are admitted.
@@ -502,7 +525,7 @@ pub struct IpPolicyConfig {
 }
 
 /// Country allow- or deny-list.
-#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GeoPolicyConfig {
     /// Only these countries are admitted.
@@ -520,7 +543,7 @@ pub struct GeoPolicyConfig {
 }
 
 /// ASN allow- or deny-list.
-#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AsnPolicyConfig {
     /// Only these autonomous systems are admitted.
@@ -546,7 +569,7 @@ pub enum UnknownPolicy {
 }
 
 /// A route-wide block.
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DenyConfig {
     /// HTTP status to answer (default 403).
@@ -688,7 +711,7 @@ impl JsonSchema for StatusCode {
 }
 
 /// One rate-limit rule.
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitConfig {
     /// Unique name (metrics, logs, `RateLimit-Policy`).
@@ -725,7 +748,7 @@ pub struct RateLimitConfig {
 }
 
 /// Rate-limit scope.
-#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitScopeConfig {
     /// Route names.
@@ -772,7 +795,7 @@ pub enum RateLimitHeadersConfig {
 }
 
 /// Redis connection for fleet-wide limits.
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// `redis://[user:password@]host:port/db` of a standalone Redis.
@@ -806,4 +829,18 @@ pub enum RedisOnErrorConfig {
     Allow,
     /// Reject with 503 (fail closed).
     Block,
+}
+
+/// What a matching rule does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleAction {
+    /// Stop and answer with an error.
+    Block,
+    /// Stop and forward (skips later rules and rule sets).
+    Allow,
+    /// Record (labels, metrics) and go on.
+    Count,
+    /// Log and go on.
+    Log,
 }

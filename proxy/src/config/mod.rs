@@ -1,29 +1,27 @@
-//! Configuration: `palisade.yaml` is parsed into [`file::FileConfig`] (serde shapes), then
-//! validated into [`Config`], the internal form the proxy is built from.
+//! Configuration, steps 1 and 2 of parse → check → compile → snapshot → swap: `palisade.yaml`
+//! is parsed into [`file::FileConfig`] (serde shapes), then checked into [`Config`], plain data
+//! the compile step (`crate::compile`) turns into a running snapshot.
 //!
-//! Errors always name the file, line and column and say how to fix the problem. Validation
-//! collects every problem it finds rather than stopping at the first, so `palisade check`
-//! lists them all at once.
+//! This module has no side effects beyond reading the one config file: it opens no database,
+//! reads no rule set or schema, resolves no address and compiles nothing, and it imports no
+//! stage. Errors always name the file, line and column and say how to fix the problem; checking
+//! collects every problem rather than stopping at the first, so `palisade check` lists them all.
 
+mod check;
 pub mod file;
-mod validate;
+pub mod located;
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::identity::client_ip::ClientIpResolver;
-use crate::identity::geo::{CountryCode, GeoDb};
-use crate::identity::ipset::IpSet;
-use crate::ratelimit::rule::{RateLimitRule, RedisSettings};
-use crate::rules::compile::CompiledRuleSet;
-use crate::rules::eval::AttachedRuleSet;
+use serde_saphyr::{Location, Spanned};
 
-pub use file::{HealthCheckKind, LogFormat, OversizePolicy};
-pub use validate::validate;
+pub use check::check;
+pub use file::{HealthCheckKind, LogFormat, OversizePolicy, RuleAction};
+pub use located::{yaml_error_parts, Problem, Problems};
 
 /// The embedded default configuration used by `palisade run` without `--config`.
 pub const DEFAULT_CONFIG_YAML: &str = include_str!("default.yaml");
@@ -35,15 +33,23 @@ pub const DEFAULT_CONFIG_NAME: &str = "<embedded default config>";
 /// `shared/notes/pingora-body-inspection.md`).
 pub const MAX_INSPECT_LIMIT: u64 = 64 * 1024;
 
-/// A validated configuration.
+/// A checked configuration: plain data, nothing opened or compiled.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Where the configuration came from (a path or [`DEFAULT_CONFIG_NAME`]).
-    pub source: String,
+    /// Where the configuration came from (a path or [`DEFAULT_CONFIG_NAME`]), as errors name it.
+    pub source: Arc<str>,
+    /// The config file, when it came from one (watched for reloads).
+    pub path: Option<PathBuf>,
+    /// Directory that relative paths in the config are resolved against.
+    pub base_dir: PathBuf,
+    /// Hash of the config text (`GET /config`).
+    pub text_hash: String,
     /// Client-facing listeners.
     pub listeners: Vec<Listener>,
     /// Admin listener address.
     pub admin: SocketAddr,
+    /// Bearer token of the state-changing admin endpoints.
+    pub admin_token: Option<String>,
     /// Whether cleartext HTTP/2 (prior knowledge) is accepted on client listeners.
     pub h2c: bool,
     /// Worker threads of the proxy service.
@@ -52,24 +58,45 @@ pub struct Config {
     pub log_format: LogFormat,
     /// `tracing` filter directive.
     pub log_level: String,
+    /// Whether files are watched for reloads.
+    pub watch: bool,
+    /// Quiet period before a watched change is reloaded.
+    pub watch_debounce: Duration,
     /// Timeouts.
     pub timeouts: Timeouts,
     /// Upstream groups; routes refer to them by index.
     pub upstreams: Vec<Upstream>,
     /// Routes, in the order written (matching picks the most specific).
     pub routes: Vec<Route>,
-    /// Named IP sets, compiled.
-    pub ip_sets: BTreeMap<String, Arc<IpSet>>,
+    /// Named IP sets (CIDRs checked; files are read by the compile step).
+    pub ip_sets: BTreeMap<String, file::IpSetConfig>,
     /// Client IP resolution (trusted proxies and header).
-    pub client_ip: ClientIpResolver,
-    /// Geo databases, when configured.
-    pub geo: Option<Arc<GeoDb>>,
+    pub client_ip: Option<file::ClientIpConfig>,
+    /// Geo databases.
+    pub geoip: Option<file::GeoIpConfig>,
     /// Rate-limit rules, in order.
-    pub rate_limits: Vec<RateLimitRule>,
-    /// Redis settings for `store: redis` rules.
-    pub redis: Option<RedisSettings>,
-    /// Loaded rule sets by name.
-    pub rule_sets: BTreeMap<String, Arc<CompiledRuleSet>>,
+    pub rate_limits: Vec<file::RateLimitConfig>,
+    /// Redis for `store: redis` rules.
+    pub redis: Option<file::RedisConfig>,
+    /// Rule-set files, directories or `builtin:managed`, as written.
+    pub rulesets: Vec<Spanned<String>>,
+}
+
+impl Config {
+    /// A path of the config, resolved against its directory.
+    pub fn resolve(&self, p: &str) -> PathBuf {
+        resolve_path(&self.base_dir, p)
+    }
+}
+
+/// Resolves a path written in a config file against the file's directory.
+pub fn resolve_path(base_dir: &Path, p: &str) -> PathBuf {
+    let path = Path::new(p);
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base_dir.join(path)
+    }
 }
 
 /// A client-facing listener.
@@ -115,14 +142,23 @@ impl Default for Timeouts {
 /// Where an upstream group's servers are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamTargets {
-    /// Real servers.
-    Servers(Vec<SocketAddr>),
+    /// Real servers: `host:port` as written (resolved by the compile step), with where.
+    Servers(Vec<Target>),
     /// The built-in demo backend, started on an ephemeral loopback port.
     Demo,
 }
 
-/// A validated upstream group.
-#[derive(Debug, Clone)]
+/// One `host:port` target and where it is written (`None` for `--upstream`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// `host:port`.
+    pub address: String,
+    /// Location in the config file.
+    pub at: Option<Location>,
+}
+
+/// A checked upstream group.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Upstream {
     /// Name from the config.
     pub name: String,
@@ -137,7 +173,7 @@ pub struct Upstream {
 }
 
 /// Active health check settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheck {
     /// Protocol.
     pub kind: HealthCheckKind,
@@ -152,7 +188,7 @@ pub struct HealthCheck {
 }
 
 /// Passive health settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PassiveHealth {
     /// Consecutive connect failures before ejection.
     pub failures: u32,
@@ -180,11 +216,13 @@ pub enum HostMatch {
     Suffix(String),
 }
 
-/// A validated route.
+/// A checked route.
 #[derive(Debug, Clone)]
 pub struct Route {
     /// Unique name.
     pub name: String,
+    /// Where the route is written (errors of the compile step about the route point here).
+    pub at: Location,
     /// Host match.
     pub host: HostMatch,
     /// Path prefix (starts with `/`).
@@ -195,7 +233,7 @@ pub struct Route {
     pub policy: RoutePolicy,
 }
 
-/// A route's security policy.
+/// A route's security policy, checked; each stage builds its own policy type from its part.
 #[derive(Debug, Clone)]
 pub struct RoutePolicy {
     /// Allowed methods (`None` = all).
@@ -206,105 +244,18 @@ pub struct RoutePolicy {
     pub inspect_limit: usize,
     /// Oversize policy.
     pub oversize: OversizePolicy,
-    /// Client IP allow/deny.
-    pub ip: Option<IpPolicy>,
-    /// Country allow/deny.
-    pub geo: Option<GeoPolicy>,
-    /// ASN allow/deny.
-    pub asn: Option<AsnPolicy>,
-    /// Rule sets with this route's overrides and exclusions, in priority order.
-    pub rulesets: Vec<AttachedRuleSet>,
-    /// Request validation (JSON Schema / OpenAPI), compiled.
-    pub validation: Option<Arc<crate::schema::RouteValidation>>,
-}
-
-/// A route's IP policy, with the sets resolved.
-#[derive(Debug, Clone)]
-pub struct IpPolicy {
-    /// Admit only members of these sets (empty = no allow-list).
-    pub allow: Vec<(String, Arc<IpSet>)>,
-    /// Block members of these sets.
-    pub deny: Vec<(String, Arc<IpSet>)>,
-}
-
-/// Whether a list admits only its members or blocks them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ListMode<T> {
-    /// Only these are admitted.
-    Allow(Vec<T>),
-    /// These are blocked.
-    Deny(Vec<T>),
-}
-
-/// A route's country policy.
-#[derive(Debug, Clone)]
-pub struct GeoPolicy {
-    /// The list.
-    pub countries: ListMode<CountryCode>,
-    /// Whether an unknown country is blocked.
-    pub block_unknown: bool,
-}
-
-/// A route's ASN policy.
-#[derive(Debug, Clone)]
-pub struct AsnPolicy {
-    /// The list.
-    pub asns: ListMode<u32>,
-    /// Whether an unknown ASN is blocked.
-    pub block_unknown: bool,
-}
-
-/// One problem found in a configuration file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigIssue {
-    /// 1-based line (0 when unknown).
-    pub line: u64,
-    /// 1-based column (0 when unknown).
-    pub column: u64,
-    /// What is wrong and how to fix it.
-    pub message: String,
-}
-
-/// Every problem found while loading a configuration file.
-#[derive(Debug, thiserror::Error)]
-pub struct ConfigError {
-    /// The file (or [`DEFAULT_CONFIG_NAME`]).
-    pub source_name: String,
-    /// The problems, in file order.
-    pub issues: Vec<ConfigIssue>,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, issue) in self.issues.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            if issue.line > 0 {
-                write!(
-                    f,
-                    "{}:{}:{}: {}",
-                    self.source_name, issue.line, issue.column, issue.message
-                )?;
-            } else {
-                write!(f, "{}: {}", self.source_name, issue.message)?;
-            }
-        }
-        Ok(())
-    }
-}
-
-impl ConfigError {
-    fn single(source_name: &str, message: String) -> Self {
-        ConfigError {
-            source_name: source_name.to_string(),
-            issues: vec![ConfigIssue {
-                line: 0,
-                column: 0,
-                message,
-            }],
-        }
-    }
+    /// Client IP allow/deny by set name (names checked).
+    pub ip: Option<file::IpPolicyConfig>,
+    /// Country allow/deny (codes checked, exactly one list).
+    pub geo: Option<file::GeoPolicyConfig>,
+    /// ASN allow/deny (exactly one list).
+    pub asn: Option<file::AsnPolicyConfig>,
+    /// Rule sets attached, with this route's tuning.
+    pub rulesets: Vec<file::RuleSetRefConfig>,
+    /// Per-route exclusions.
+    pub exclusions: Vec<file::ExclusionConfig>,
+    /// Request validation.
+    pub validate: Option<file::ValidateConfig>,
 }
 
 /// Overrides given on the command line; they win over the file.
@@ -320,26 +271,6 @@ pub struct Overrides {
     pub threads: Option<usize>,
 }
 
-/// Line, column (1-based, 0 when unknown) and message of a YAML error: the error's own
-/// Display repeats the location and adds a snippet; keep just the message. Shared by config
-/// and rule-set files.
-pub fn yaml_error_parts(e: &serde_saphyr::Error) -> (u64, u64, String) {
-    let (line, column) = e
-        .location()
-        .map(|l| (l.line(), l.column()))
-        .unwrap_or((0, 0));
-    let full = e.to_string();
-    let first = full.lines().next().unwrap_or_default();
-    let message = first
-        .strip_prefix("error: ")
-        .unwrap_or(first)
-        .split_once(": ")
-        .filter(|(loc, _)| loc.starts_with("line "))
-        .map(|(_, m)| m.to_string())
-        .unwrap_or_else(|| first.to_string());
-    (line, column, message)
-}
-
 /// The YAML options of every file Palisade reads (config, rule sets, schemas): YAML 1.2
 /// booleans only, so `enum: [yes, no]`, `name: n` or the country `NO` stay strings instead of
 /// silently becoming `true`/`false` as YAML 1.1 would have it.
@@ -348,39 +279,55 @@ pub fn yaml_options() -> serde_saphyr::Options {
 }
 
 /// Parses YAML text into the file shapes; the error carries line and column.
-pub fn parse(source_name: &str, text: &str) -> Result<file::FileConfig, ConfigError> {
-    serde_saphyr::from_str_with_options::<file::FileConfig>(text, yaml_options()).map_err(|e| {
-        let (line, column, message) = yaml_error_parts(&e);
-        ConfigError {
-            source_name: source_name.to_string(),
-            issues: vec![ConfigIssue {
-                line,
-                column,
-                message,
-            }],
-        }
-    })
+pub fn parse(source: &Arc<str>, text: &str) -> Result<file::FileConfig, Problems> {
+    serde_saphyr::from_str_with_options::<file::FileConfig>(text, yaml_options())
+        .map_err(|e| Problem::yaml(source, &e).into())
 }
 
-/// Loads, parses and validates a configuration file, applying overrides.
-pub fn load_file(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
-    let name = path.display().to_string();
+/// Reads, parses and checks a configuration file, applying overrides.
+pub fn load_file(path: &Path, overrides: &Overrides) -> Result<Config, Problems> {
+    let name: Arc<str> = path.display().to_string().into();
     let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::single(&name, format!("cannot read the config file: {e}")))?;
+        .map_err(|e| Problem::file(&name, format!("cannot read the config file: {e}")))?;
     let parsed = parse(&name, &text)?;
-    validate(&name, parsed, overrides, &base_dir(Some(path)))
+    let mut config = check(&name, parsed, overrides, &base_dir(Some(path)))?;
+    config.path = Some(path.to_path_buf());
+    config.text_hash = content_hash(text.as_bytes());
+    Ok(config)
 }
 
-/// Parses and validates configuration text, applying overrides; relative paths in it are
+/// Parses and checks configuration text, applying overrides; relative paths in it are
 /// resolved against the current directory.
-pub fn load_str(name: &str, text: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
-    let parsed = parse(name, text)?;
-    validate(name, parsed, overrides, Path::new("."))
+pub fn load_str(name: &str, text: &str, overrides: &Overrides) -> Result<Config, Problems> {
+    let name: Arc<str> = name.into();
+    let parsed = parse(&name, text)?;
+    let mut config = check(&name, parsed, overrides, Path::new("."))?;
+    config.text_hash = content_hash(text.as_bytes());
+    Ok(config)
 }
 
 /// Loads the embedded default configuration, applying overrides.
-pub fn load_default(overrides: &Overrides) -> Result<Config, ConfigError> {
+pub fn load_default(overrides: &Overrides) -> Result<Config, Problems> {
     load_str(DEFAULT_CONFIG_NAME, DEFAULT_CONFIG_YAML, overrides)
+}
+
+/// Loads `path`, or the embedded default without one.
+pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, Problems> {
+    match path {
+        Some(p) => load_file(p, overrides),
+        None => load_default(overrides),
+    }
+}
+
+/// A short content hash (FNV-1a, 64 bit, hex) identifying a file's version in `GET /config`:
+/// not a security boundary, only "did this file change".
+pub fn content_hash(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
 }
 
 /// The JSON Schema (draft 2020-12) of `palisade.yaml`, generated from the parsing structs so

@@ -1,19 +1,27 @@
 //! Pipeline stage `access` (header phase): a route's method allow-list and route-wide deny.
 
-use super::{Block, Decision, RequestView, Stage, StageKind};
-use crate::config::RoutePolicy;
+use super::{Block, Decision, Eval, Notes, Stage, StageKind};
+use crate::request::Request;
 
-/// Method allow-list and route-wide block, compiled from a route's policy.
+/// A route's access policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccessPolicy {
+    /// Allowed methods (`None` = all).
+    pub methods: Option<Vec<http::Method>>,
+    /// Route-wide block: status and reason.
+    pub deny: Option<(u16, String)>,
+}
+
+/// Method allow-list and route-wide deny.
 pub struct AccessStage {
     methods: Option<Vec<http::Method>>,
-    /// Precomputed `Allow` header value for 405 answers.
     allow_header: String,
     deny: Option<(u16, String)>,
 }
 
 impl AccessStage {
-    /// Returns `None` when the policy restricts nothing (no stage is added to the pipeline).
-    pub fn new(policy: &RoutePolicy) -> Option<AccessStage> {
+    /// The stage of a policy, `None` when it allows everything.
+    pub fn new(policy: AccessPolicy) -> Option<AccessStage> {
         if policy.methods.is_none() && policy.deny.is_none() {
             return None;
         }
@@ -23,9 +31,9 @@ impl AccessStage {
             .map(|m| m.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", "))
             .unwrap_or_default();
         Some(AccessStage {
-            methods: policy.methods.clone(),
+            methods: policy.methods,
             allow_header,
-            deny: policy.deny.clone(),
+            deny: policy.deny,
         })
     }
 }
@@ -35,26 +43,18 @@ impl Stage for AccessStage {
         StageKind::Access
     }
 
-    fn evaluate(&self, req: &RequestView<'_>) -> Decision {
+    fn evaluate<'s>(&'s self, req: &Request<'_>, _: &mut Notes) -> Eval<'s> {
         if let Some((status, reason)) = &self.deny {
-            return Decision::Block(Block {
-                status: *status,
-                reason: reason.clone().into(),
-                headers: vec![],
-                details: None,
-            });
+            return Eval::Done(Decision::Block(Block::new(*status, reason.clone())));
         }
         if let Some(methods) = &self.methods {
             // O(n) over a handful of methods; cheaper than hashing.
-            if !methods.contains(&req.head.method) {
-                return Decision::Block(Block {
-                    status: 405,
-                    reason: "method_not_allowed".into(),
-                    headers: vec![("allow", self.allow_header.clone())],
-                    details: None,
-                });
+            if !methods.iter().any(|m| m.as_str() == req.method) {
+                let mut b = Block::new(405, "method_not_allowed");
+                b.headers.push(("allow", self.allow_header.clone()));
+                return Eval::Done(Decision::Block(b));
             }
         }
-        Decision::Continue
+        Eval::Done(Decision::Continue)
     }
 }

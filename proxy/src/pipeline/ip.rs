@@ -1,27 +1,34 @@
 //! Pipeline stage `ip` (header phase): client IP allow/deny by IP set.
 
-use super::{Block, Decision, RequestView, Stage, StageKind};
-use crate::config::IpPolicy;
+use std::sync::Arc;
 
-/// A route's IP allow/deny lists, compiled.
+use super::{Block, Decision, Eval, Notes, Stage, StageKind};
+use crate::identity::ipset::IpSet;
+use crate::request::Request;
+
+/// A route's IP policy, with the sets resolved.
+#[derive(Debug, Clone, Default)]
+pub struct IpPolicy {
+    /// Admit only members of these sets (empty = no allow-list).
+    pub allow: Vec<(String, Arc<IpSet>)>,
+    /// Block members of these sets.
+    pub deny: Vec<(String, Arc<IpSet>)>,
+}
+
+/// Client IP allow/deny.
 pub struct IpStage {
     policy: IpPolicy,
 }
 
 impl IpStage {
-    /// The stage for a route's IP policy.
+    /// The stage of a policy.
     pub fn new(policy: IpPolicy) -> IpStage {
         IpStage { policy }
     }
 }
 
-fn denied() -> Decision {
-    Decision::Block(Block {
-        status: 403,
-        reason: "ip_denied".into(),
-        headers: vec![],
-        details: None,
-    })
+fn denied() -> Eval<'static> {
+    Eval::Done(Decision::Block(Block::new(403, "ip_denied")))
 }
 
 impl Stage for IpStage {
@@ -29,11 +36,11 @@ impl Stage for IpStage {
         StageKind::Ip
     }
 
-    fn evaluate(&self, req: &RequestView<'_>) -> Decision {
+    fn evaluate<'s>(&'s self, req: &Request<'_>, _: &mut Notes) -> Eval<'s> {
         // Without a client address (not TCP) nothing can be admitted by an allow-list.
         let Some(ip) = req.client_ip else {
             return if self.policy.allow.is_empty() {
-                Decision::Continue
+                Eval::Done(Decision::Continue)
             } else {
                 denied()
             };
@@ -45,6 +52,6 @@ impl Stage for IpStage {
         if !self.policy.allow.is_empty() && !self.policy.allow.iter().any(|(_, s)| s.contains(ip)) {
             return denied();
         }
-        Decision::Continue
+        Eval::Done(Decision::Continue)
     }
 }

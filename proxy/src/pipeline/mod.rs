@@ -1,38 +1,42 @@
-//! The request inspection pipeline: an explicit, ordered list of stages that every request of a
-//! route passes before it may reach the upstream.
+//! The request inspection pipeline: one ordered list of stages that every request of a route
+//! passes before it may reach the upstream.
 //!
 //! ```text
-//!   request headers ─▶ access ─▶ ip ─▶ geo ─▶ ratelimit ─┐   (header stages, no body read)
-//!                                                        ▼
-//!            body pre-read (only if a later stage needs it, ≤ inspect_limit)
-//!                                                        ▼
-//!                                     rules ─▶ validate ─┴─▶ upstream
+//!   request head ─▶ access ─▶ ip ─▶ geo ─▶ ratelimit ─▶ [body] ─▶ rules ─▶ validate ─▶ upstream
+//!                                          (may await     │
+//!                                           Redis)        └─ pre-read, only if a later stage
+//!                                                            needs the body or oversize: block
 //! ```
 //!
+//! The order is written once, in [`StageKind`]; [`Pipeline::new`] sorts a route's stages by
+//! it. Each stage declares what it [`Needs`] (the body, geo data), so the pipeline — not the
+//! pingora glue — decides whether and where the body is read: [`Pipeline::resume`] stops with
+//! [`Step::ReadBody`] before the first stage after the body step, and with [`Step::Await`] on a
+//! stage that must wait (the Redis rate limit); the caller does the I/O and resumes.
+//!
 //! Each stage returns a [`Decision`]: `Continue` to the next stage, `Allow` (skip the remaining
-//! stages and forward), `Block` (answer the client, never reach the upstream) or `Count`
-//! (record a label, as a dry-run block would, and continue). Stages are compiled per route at
-//! load time and are immutable: evaluation takes no lock.
+//! stages and forward) or `Block` (answer the client, never reach the upstream); count matches
+//! and response headers go to [`Notes`]. Stages are compiled per route at load time and are
+//! immutable: evaluation takes no lock.
 
 mod access;
-pub mod ctx;
 mod geo;
 mod ip;
 
 use std::borrow::Cow;
-use std::net::IpAddr;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
-pub use access::AccessStage;
-pub use ctx::{BodyState, RequestCtx, RequestId};
-pub use geo::GeoStage;
-pub use ip::IpStage;
+pub use access::{AccessPolicy, AccessStage};
+pub use geo::{AsnPolicy, GeoPolicy, GeoStage, ListMode};
+pub use ip::{IpPolicy, IpStage};
 
-use crate::config::RoutePolicy;
-use crate::identity::geo::ClientGeo;
+use crate::request::Request;
 
-/// Position of a stage in the pipeline; stages always run in this order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// Position of a stage in the pipeline: stages always run in this order. This enum is the one
+/// place the order is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum StageKind {
     /// Route-level method allow-list and route-wide deny.
     Access,
@@ -40,8 +44,11 @@ pub enum StageKind {
     Ip,
     /// Country/ASN allow/deny.
     Geo,
-    /// Rate limits.
+    /// Rate limits (asynchronous with Redis).
     RateLimit,
+    /// The body pre-read: not a stage of its own but the point where the body is read, and
+    /// the stage named when a body is refused as too large.
+    Body,
     /// Rule sets (WAF rules).
     Rules,
     /// JSON-schema request validation.
@@ -56,8 +63,45 @@ impl StageKind {
             StageKind::Ip => "ip",
             StageKind::Geo => "geo",
             StageKind::RateLimit => "ratelimit",
+            StageKind::Body => "body",
             StageKind::Rules => "rules",
             StageKind::Validate => "validate",
+        }
+    }
+
+    /// Every kind, in pipeline order.
+    pub const ALL: [StageKind; 7] = [
+        StageKind::Access,
+        StageKind::Ip,
+        StageKind::Geo,
+        StageKind::RateLimit,
+        StageKind::Body,
+        StageKind::Rules,
+        StageKind::Validate,
+    ];
+}
+
+/// What a stage needs from the request beyond its head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Needs {
+    /// The body (forces the pre-read; only stages after [`StageKind::Body`] may ask).
+    pub body: bool,
+    /// The client's country or ASN (looked up once per request, only when asked).
+    pub geo: bool,
+}
+
+impl Needs {
+    /// Nothing beyond the head.
+    pub const NONE: Needs = Needs {
+        body: false,
+        geo: false,
+    };
+
+    /// Either's needs.
+    pub fn union(self, other: Needs) -> Needs {
+        Needs {
+            body: self.body || other.body,
+            geo: self.geo || other.geo,
         }
     }
 }
@@ -74,6 +118,18 @@ pub struct Block {
     pub headers: Vec<(&'static str, String)>,
     /// Structured details (validation violations …), logged, and sent when `expose` is set.
     pub details: Option<Arc<BlockDetails>>,
+}
+
+impl Block {
+    /// A block with only a status and a reason.
+    pub fn new(status: u16, reason: impl Into<Cow<'static, str>>) -> Block {
+        Block {
+            status,
+            reason: reason.into(),
+            headers: Vec::new(),
+            details: None,
+        }
+    }
 }
 
 /// Details of a block beyond its reason.
@@ -94,142 +150,206 @@ pub enum Decision {
     Allow,
     /// Answer the client with an error; the upstream never sees the request.
     Block(Block),
-    /// Would have blocked (dry-run) or matched a count rule: record and continue.
-    Count(Cow<'static, str>),
-    /// Several count matches at once (a rule set with several count rules).
-    Counted(Vec<Cow<'static, str>>),
 }
 
-/// The parts of a request a stage may inspect.
-pub struct RequestView<'a> {
-    /// Method, URI, headers.
-    pub head: &'a http::request::Parts,
-    /// The client address (behind trusted proxies, the one they vouch for).
-    pub client_ip: Option<IpAddr>,
-    /// Country and ASN of the client, when the route needs them and databases are loaded.
-    pub geo: ClientGeo,
-    /// The buffered body, when a body stage asked for it.
-    pub body: Option<&'a [u8]>,
-    /// Whether `body` is the whole body (false when it was cut at the inspection limit).
-    pub body_complete: bool,
+/// What stages record besides their decision: count matches (dry-run blocks, count rules) and
+/// headers for the response of a forwarded request. Empty vectors do not allocate.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Notes {
+    /// Labels of count matches (`rule:ID`, `ratelimit:NAME`, `validate:…`).
+    pub counted: Vec<Cow<'static, str>>,
+    /// Headers added to a forwarded request's response (`RateLimit`, `RateLimit-Policy`).
+    pub response_headers: Vec<(&'static str, String)>,
+}
+
+impl Notes {
+    /// Adds another stage's notes.
+    pub fn merge(&mut self, other: Notes) {
+        self.counted.extend(other.counted);
+        self.response_headers.extend(other.response_headers);
+    }
+}
+
+/// A stage's evaluation still waiting for I/O; it owns what it needs from the request.
+pub type Pending<'s> = Pin<Box<dyn Future<Output = (Decision, Notes)> + Send + 's>>;
+
+/// The result of evaluating one stage.
+pub enum Eval<'s> {
+    /// Decided now (every stage but a rate limit with Redis rules).
+    Done(Decision),
+    /// Must wait: the caller awaits the future and resumes after the stage.
+    Pending(Pending<'s>),
 }
 
 /// One inspection stage, compiled for a route.
 pub trait Stage: Send + Sync {
     /// Where the stage sits in the pipeline.
     fn kind(&self) -> StageKind;
-    /// Whether this stage inspects the request body (forces the body pre-read).
-    fn needs_body(&self) -> bool {
-        false
+    /// What it needs beyond the request head.
+    fn needs(&self) -> Needs {
+        Needs::NONE
     }
-    /// Evaluates one request. Must not block or take locks.
-    fn evaluate(&self, req: &RequestView<'_>) -> Decision;
+    /// Evaluates one request. Must not block or take locks; what must wait (a Redis round
+    /// trip) is returned as [`Eval::Pending`], which borrows only the stage.
+    fn evaluate<'s>(&'s self, req: &Request<'_>, notes: &mut Notes) -> Eval<'s>;
 }
 
-/// The outcome of running a group of stages.
+/// What to do about a body larger than the inspection limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Oversize {
+    /// Refuse it with 413 (`body_too_large`, stage `body`).
+    Block,
+    /// Forward it; inspect what fits.
+    Continue,
+}
+
+/// A route's body pre-read settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyPolicy {
+    /// Bytes buffered for inspection.
+    pub inspect_limit: usize,
+    /// Bodies over the limit.
+    pub oversize: Oversize,
+}
+
+/// The outcome of running a route's pipeline to its end.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// Go on: the next group of stages (if any) runs, then the request is forwarded.
+    /// Every stage let it through: forward it.
     Forward,
-    /// A stage allowed the request explicitly: skip every remaining stage and forward.
+    /// A stage allowed the request explicitly: the remaining stages were skipped.
     Allow,
     /// Block it, with the stage that decided.
     Block(StageKind, Block),
 }
 
-/// A route's compiled pipeline: header stages, then body stages, each in [`StageKind`] order.
+/// Where [`Pipeline::resume`] stopped.
+pub enum Step<'s> {
+    /// The pipeline ran to its end (or a stage decided).
+    Done(Verdict),
+    /// Read the body (within [`Pipeline::body`]), then resume at `next`.
+    ReadBody {
+        /// Index to resume at.
+        next: usize,
+    },
+    /// Await `pending`, apply its decision with [`Pipeline::settle`], then resume at `next`.
+    Await {
+        /// The stage waited on.
+        kind: StageKind,
+        /// Its evaluation.
+        pending: Pending<'s>,
+        /// Index to resume at.
+        next: usize,
+    },
+}
+
+/// A route's compiled pipeline: its stages in [`StageKind`] order and where the body is read.
 pub struct Pipeline {
-    header_stages: Vec<Box<dyn Stage>>,
-    body_stages: Vec<Box<dyn Stage>>,
+    stages: Vec<Box<dyn Stage>>,
+    /// Index of the first stage after the body step, when the body must be read there.
+    body_at: Option<usize>,
+    body: BodyPolicy,
+    needs: Needs,
 }
 
 impl Pipeline {
-    /// Builds a route's pipeline from its policy, its attached rule sets and its validator.
-    pub fn for_route(
-        policy: &RoutePolicy,
-        rules: Option<crate::rules::RulesStage>,
-        validate: Option<crate::schema::ValidateStage>,
-    ) -> Pipeline {
-        let mut stages: Vec<Box<dyn Stage>> = Vec::new();
-        if let Some(r) = rules {
-            stages.push(Box::new(r));
-        }
-        if let Some(v) = validate {
-            stages.push(Box::new(v));
-        }
-        if let Some(access) = AccessStage::new(policy) {
-            stages.push(Box::new(access));
-        }
-        if let Some(ip) = &policy.ip {
-            stages.push(Box::new(IpStage::new(ip.clone())));
-        }
-        if let Some(geo) = GeoStage::new(policy.geo.clone(), policy.asn.clone()) {
-            stages.push(Box::new(geo));
-        }
-        Pipeline::from_stages(stages)
-    }
-
-    /// Builds a pipeline from stages in any order; they are sorted into pipeline order. Stages
-    /// before the rate limit (access, ip, geo) run on the request head; the rest (rules,
-    /// validate) run after the rate limit and, when one of them reads the body, after the body
-    /// pre-read.
-    pub fn from_stages(mut stages: Vec<Box<dyn Stage>>) -> Pipeline {
+    /// Builds a route's pipeline from its stages (in any order: they are sorted into pipeline
+    /// order) and its body settings. The body is read before the first stage after
+    /// [`StageKind::Body`] when a stage needs it, or at the end when an oversize body must be
+    /// refused anyway.
+    pub fn new(mut stages: Vec<Box<dyn Stage>>, body: BodyPolicy) -> Pipeline {
         stages.sort_by_key(|s| s.kind());
-        let split = stages
+        let needs = stages.iter().fold(Needs::NONE, |n, s| n.union(s.needs()));
+        let after_body = stages
             .iter()
-            .position(|s| s.kind() > StageKind::RateLimit)
+            .position(|s| s.kind() > StageKind::Body)
             .unwrap_or(stages.len());
-        let body_stages = stages.split_off(split);
+        let body_at = (needs.body || body.oversize == Oversize::Block).then_some(after_body);
         Pipeline {
-            header_stages: stages,
-            body_stages,
+            stages,
+            body_at,
+            body,
+            needs,
         }
     }
 
-    /// Whether any stage needs the request body.
-    pub fn needs_body(&self) -> bool {
-        self.body_stages.iter().any(|s| s.needs_body())
+    /// What the route's stages need together.
+    pub fn needs(&self) -> Needs {
+        self.needs
     }
 
-    /// Whether there are stages after the rate limit.
-    pub fn has_late_stages(&self) -> bool {
-        !self.body_stages.is_empty()
+    /// The body pre-read settings.
+    pub fn body(&self) -> BodyPolicy {
+        self.body
     }
 
-    /// Runs the stages that need only the request head.
-    pub fn run_header_stages(
-        &self,
-        req: &RequestView<'_>,
-        counted: &mut Vec<Cow<'static, str>>,
-    ) -> Verdict {
-        run(&self.header_stages, req, counted)
+    /// Runs stages from index `at` (0 to start) until the end, a decision, the body step or a
+    /// stage that must wait. `body_read` says whether the body step already happened.
+    pub fn resume<'s>(
+        &'s self,
+        at: usize,
+        body_read: bool,
+        req: &Request<'_>,
+        notes: &mut Notes,
+    ) -> Step<'s> {
+        let mut i = at;
+        loop {
+            if !body_read && self.body_at == Some(i) {
+                return Step::ReadBody { next: i };
+            }
+            let Some(stage) = self.stages.get(i) else {
+                return Step::Done(Verdict::Forward);
+            };
+            i += 1;
+            match stage.evaluate(req, notes) {
+                Eval::Done(d) => {
+                    if let Some(v) = settle(stage.kind(), d) {
+                        return Step::Done(v);
+                    }
+                }
+                Eval::Pending(pending) => {
+                    return Step::Await {
+                        kind: stage.kind(),
+                        pending,
+                        next: i,
+                    }
+                }
+            }
+        }
     }
 
-    /// Runs the stages that inspect the body (after the pre-read).
-    pub fn run_body_stages(
-        &self,
-        req: &RequestView<'_>,
-        counted: &mut Vec<Cow<'static, str>>,
-    ) -> Verdict {
-        run(&self.body_stages, req, counted)
+    /// Runs the whole pipeline synchronously on a request whose body is already in the view
+    /// (`palisade explain`, tests, benches). A stage that would wait is awaited in place.
+    pub fn run_blocking(&self, req: &Request<'_>, notes: &mut Notes) -> Verdict {
+        let mut at = 0;
+        loop {
+            match self.resume(at, true, req, notes) {
+                Step::Done(v) => return v,
+                Step::ReadBody { next } => at = next,
+                Step::Await {
+                    kind,
+                    pending,
+                    next,
+                } => {
+                    let (d, n) = futures_executor::block_on(pending);
+                    notes.merge(n);
+                    if let Some(v) = settle(kind, d) {
+                        return v;
+                    }
+                    at = next;
+                }
+            }
+        }
     }
 }
 
-fn run(
-    stages: &[Box<dyn Stage>],
-    req: &RequestView<'_>,
-    counted: &mut Vec<Cow<'static, str>>,
-) -> Verdict {
-    for stage in stages {
-        match stage.evaluate(req) {
-            Decision::Continue => {}
-            Decision::Allow => return Verdict::Allow,
-            Decision::Count(label) => counted.push(label),
-            Decision::Counted(labels) => counted.extend(labels),
-            Decision::Block(b) => return Verdict::Block(stage.kind(), b),
-        }
+/// Turns a stage's decision into the pipeline's: `None` to go on.
+pub fn settle(kind: StageKind, d: Decision) -> Option<Verdict> {
+    match d {
+        Decision::Continue => None,
+        Decision::Allow => Some(Verdict::Allow),
+        Decision::Block(b) => Some(Verdict::Block(kind, b)),
     }
-    Verdict::Forward
 }
 
 #[cfg(test)]
@@ -237,75 +357,137 @@ fn run(
 mod tests {
     use super::*;
 
-    struct Fixed(StageKind, Decision, bool);
+    struct Fixed(StageKind, Decision, bool, Option<&'static str>);
     impl Stage for Fixed {
         fn kind(&self) -> StageKind {
             self.0
         }
-        fn needs_body(&self) -> bool {
-            self.2
+        fn needs(&self) -> Needs {
+            Needs {
+                body: self.2,
+                geo: false,
+            }
         }
-        fn evaluate(&self, _: &RequestView<'_>) -> Decision {
-            self.1.clone()
+        fn evaluate<'s>(&'s self, _: &Request<'_>, notes: &mut Notes) -> Eval<'s> {
+            if let Some(l) = self.3 {
+                notes.counted.push(l.into());
+            }
+            Eval::Done(self.1.clone())
         }
     }
 
-    fn block(reason: &'static str) -> Decision {
-        Decision::Block(Block {
-            status: 403,
-            reason: reason.into(),
-            headers: vec![],
-            details: None,
-        })
-    }
+    const NO_BODY: BodyPolicy = BodyPolicy {
+        inspect_limit: 1024,
+        oversize: Oversize::Continue,
+    };
 
-    fn view(parts: &http::request::Parts) -> RequestView<'_> {
-        RequestView {
-            head: parts,
-            client_ip: None,
-            geo: ClientGeo::default(),
-            body: None,
-            body_complete: true,
-        }
+    fn run(p: &Pipeline) -> (Vec<String>, Verdict) {
+        let headers = http::HeaderMap::new();
+        let req = Request::new("GET", "/", "", &headers, b"", None, None, None);
+        let mut notes = Notes::default();
+        let mut events = vec![];
+        let mut at = 0;
+        let mut read = false;
+        let v = loop {
+            match p.resume(at, read, &req, &mut notes) {
+                Step::Done(v) => break v,
+                Step::ReadBody { next } => {
+                    events.push(format!("read body before {next}"));
+                    read = true;
+                    at = next;
+                }
+                Step::Await { .. } => panic!("no async stage here"),
+            }
+        };
+        events.extend(notes.counted.iter().map(|c| c.to_string()));
+        (events, v)
     }
 
     #[test]
     fn stages_run_in_pipeline_order_and_first_block_wins() {
-        let (parts, ()) = http::Request::new(()).into_parts();
-        let p = Pipeline::from_stages(vec![
-            Box::new(Fixed(StageKind::Rules, block("rules"), false)),
-            Box::new(Fixed(
-                StageKind::Ip,
-                Decision::Count("ip-count".into()),
-                false,
-            )),
-            Box::new(Fixed(StageKind::Geo, block("geo"), false)),
-        ]);
-        let mut counted = vec![];
-        match p.run_header_stages(&view(&parts), &mut counted) {
+        let p = Pipeline::new(
+            vec![
+                Box::new(Fixed(
+                    StageKind::Rules,
+                    Decision::Block(Block::new(403, "rules")),
+                    false,
+                    None,
+                )),
+                Box::new(Fixed(
+                    StageKind::Ip,
+                    Decision::Continue,
+                    false,
+                    Some("ip-count"),
+                )),
+                Box::new(Fixed(
+                    StageKind::Geo,
+                    Decision::Block(Block::new(403, "geo")),
+                    false,
+                    None,
+                )),
+            ],
+            NO_BODY,
+        );
+        let (events, v) = run(&p);
+        match v {
             Verdict::Block(StageKind::Geo, b) => assert_eq!(b.reason, "geo"),
             v => panic!("unexpected {v:?}"),
         }
-        assert_eq!(counted, vec![Cow::Borrowed("ip-count")]);
+        assert_eq!(events, ["ip-count"]);
     }
 
     #[test]
-    fn allow_skips_later_stages_and_body_stages_are_split() {
-        let (parts, ()) = http::Request::new(()).into_parts();
-        let p = Pipeline::from_stages(vec![
-            Box::new(Fixed(StageKind::Validate, block("validate"), true)),
-            Box::new(Fixed(StageKind::Ip, Decision::Allow, false)),
-            Box::new(Fixed(StageKind::RateLimit, block("rl"), false)),
-        ]);
-        assert!(p.needs_body());
-        let mut counted = vec![];
-        assert_eq!(
-            p.run_header_stages(&view(&parts), &mut counted),
-            Verdict::Allow
+    fn the_pipeline_reads_the_body_before_the_first_stage_after_the_body_step() {
+        let p = Pipeline::new(
+            vec![
+                Box::new(Fixed(
+                    StageKind::Validate,
+                    Decision::Continue,
+                    true,
+                    Some("validate"),
+                )),
+                Box::new(Fixed(
+                    StageKind::Rules,
+                    Decision::Continue,
+                    false,
+                    Some("rules"),
+                )),
+                Box::new(Fixed(StageKind::Ip, Decision::Continue, false, Some("ip"))),
+            ],
+            NO_BODY,
         );
-        assert!(matches!(
-            p.run_body_stages(&view(&parts), &mut counted),
-            Verdict::Block(StageKind::Validate, _)
-        ));
+        assert!(p.needs().body);
+        let (events, v) = run(&p);
+        assert_eq!(v, Verdict::Forward);
+        // Counted labels are listed after the events; the read happened before index 1 (rules).
+        assert_eq!(events, ["read body before 1", "ip", "rules", "validate"]);
+    }
+
+    #[test]
+    fn allow_skips_the_rest_and_no_stage_needing_the_body_reads_none() {
+        let p = Pipeline::new(
+            vec![
+                Box::new(Fixed(
+                    StageKind::Validate,
+                    Decision::Block(Block::new(400, "v")),
+                    false,
+                    None,
+                )),
+                Box::new(Fixed(StageKind::Ip, Decision::Allow, false, None)),
+            ],
+            NO_BODY,
+        );
+        let (events, v) = run(&p);
+        assert_eq!(v, Verdict::Allow);
+        assert!(events.is_empty());
+        // An oversize policy of block reads (and so measures) the body at the end.
+        let p = Pipeline::new(
+            vec![],
+            BodyPolicy {
+                inspect_limit: 10,
+                oversize: Oversize::Block,
+            },
+        );
+        assert_eq!(run(&p).0, ["read body before 0"]);
     }
 }

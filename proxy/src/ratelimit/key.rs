@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use http::header::HeaderName;
 
-use crate::pipeline::RequestView;
+use crate::request::Request;
 
 /// One component of a rate-limit key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,29 +138,12 @@ fn mask(ip: IpAddr, v4_prefix: u8, v6_prefix: u8) -> IpAddr {
     }
 }
 
-fn cookie<'a>(req: &'a RequestView<'_>, name: &str) -> Option<&'a str> {
-    req.head
-        .headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|pair| {
-            let (k, v) = pair.split_once('=')?;
-            (k.trim() == name).then_some(v.trim())
-        })
-}
-
-fn query<'a>(req: &'a RequestView<'_>, name: &str) -> Option<&'a str> {
-    req.head.uri.query()?.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then_some(v)
-    })
-}
-
 /// Writes the key of `req` into `out` (cleared first). Returns `false` when a header, cookie
 /// or query part is missing: like AWS WAF, such a request is not counted by the rule.
-pub fn build_key(parts: &[KeyPart], route: &str, req: &RequestView<'_>, out: &mut String) -> bool {
+///
+/// Headers, cookies and query arguments are read from the one request model, decoded as the
+/// rules and validation see them (`?user=%61lice` and `?user=alice` share a bucket).
+pub fn build_key(parts: &[KeyPart], route: &str, req: &Request<'_>, out: &mut String) -> bool {
     out.clear();
     for (i, p) in parts.iter().enumerate() {
         if i > 0 {
@@ -175,21 +158,21 @@ pub fn build_key(parts: &[KeyPart], route: &str, req: &RequestView<'_>, out: &mu
                 Some(ip) => write!(out, "{}", mask(ip, *v4_prefix, *v6_prefix)),
                 None => return false,
             },
-            KeyPart::Header(h) => match req.head.headers.get(h) {
+            KeyPart::Header(h) => match req.headers.get(h) {
                 Some(v) => {
                     out.push_str(&String::from_utf8_lossy(v.as_bytes()));
                     Ok(())
                 }
                 None => return false,
             },
-            KeyPart::Cookie(c) => match cookie(req, c) {
+            KeyPart::Cookie(c) => match req.cookie(c) {
                 Some(v) => {
                     out.push_str(v);
                     Ok(())
                 }
                 None => return false,
             },
-            KeyPart::Query(q) => match query(req, q) {
+            KeyPart::Query(q) => match req.query_arg(q) {
                 Some(v) => {
                     out.push_str(v);
                     Ok(())
@@ -201,14 +184,14 @@ pub fn build_key(parts: &[KeyPart], route: &str, req: &RequestView<'_>, out: &mu
                 Ok(())
             }
             KeyPart::Method => {
-                out.push_str(req.head.method.as_str());
+                out.push_str(req.method);
                 Ok(())
             }
             KeyPart::Country => {
-                out.push_str(req.geo.country.as_ref().map_or("-", |c| c.as_str()));
+                out.push_str(req.country.as_ref().map_or("-", |c| c.as_str()));
                 Ok(())
             }
-            KeyPart::Asn => match req.geo.asn {
+            KeyPart::Asn => match req.asn {
                 Some(a) => write!(out, "{a}"),
                 None => {
                     out.push('-');
@@ -224,23 +207,18 @@ pub fn build_key(parts: &[KeyPart], route: &str, req: &RequestView<'_>, out: &mu
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
-    use crate::identity::geo::ClientGeo;
 
-    fn view(parts: &http::request::Parts, ip: &str) -> RequestView<'static> {
-        // Leak for a 'static view in tests only.
-        let parts: &'static http::request::Parts = Box::leak(Box::new(parts.clone()));
-        RequestView {
-            head: parts,
-            client_ip: Some(ip.parse().unwrap()),
-            geo: ClientGeo::default(),
-            body: None,
-            body_complete: false,
-        }
+    fn view<'a>(
+        parts: &'a http::request::Parts,
+        cache: &'a crate::request::RequestCache,
+        ip: &str,
+    ) -> Request<'a> {
+        Request::of_head(parts, cache).with_client(Some(ip.parse().unwrap()), None, None)
     }
 
     #[test]
     fn parses_and_builds_keys() {
-        let req = http::Request::get("/login?user=bob&x")
+        let req = http::Request::get("/login?user=b%6fb&x")
             .header("x-api-key", "k1")
             .header("cookie", "a=1; session=s9")
             .body(())
@@ -259,7 +237,7 @@ mod tests {
         assert!(build_key(
             &parts_k,
             "login",
-            &view(&parts, "192.0.2.77"),
+            &view(&parts, &Default::default(), "192.0.2.77"),
             &mut out
         ));
         assert_eq!(out, "192.0.2.0|k1|s9|bob|login|GET");
@@ -267,7 +245,7 @@ mod tests {
         assert!(build_key(
             &v6,
             "r",
-            &view(&parts, "2001:db8:1:2:3::9"),
+            &view(&parts, &Default::default(), "2001:db8:1:2:3::9"),
             &mut out
         ));
         assert_eq!(out, "2001:db8:1:2::");
@@ -275,7 +253,7 @@ mod tests {
         assert!(!build_key(
             &missing,
             "r",
-            &view(&parts, "192.0.2.1"),
+            &view(&parts, &Default::default(), "192.0.2.1"),
             &mut out
         ));
         assert!(KeyPart::parse("ip/33").is_err());

@@ -1,8 +1,8 @@
 //! Pipeline stage `ratelimit` (header phase, after ip and geo): GCRA rate limits per key,
 //! local (`governor`) or fleet-wide (Redis), with standard 429 answers.
 //!
-//! This is the one asynchronous stage (a Redis round trip), so the pipeline runs it between
-//! the synchronous header stages and the body pre-read.
+//! The one stage that may wait (a Redis round trip): keys are built synchronously from the
+//! request model, then, when a Redis rule applies, the pipeline awaits the checks.
 
 pub mod key;
 pub mod local;
@@ -16,7 +16,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::metrics::Metrics;
-use crate::pipeline::{Block, Decision, RequestView};
+use crate::pipeline::{Block, Decision, Eval, Needs, Notes, Stage, StageKind};
+use crate::request::Request;
 use key::build_key;
 use local::{LocalLimiter, Outcome};
 use redis::RedisStore;
@@ -33,6 +34,7 @@ pub struct CompiledRateLimit {
     /// Metric handles: limited (blocked) and counted (dry run) requests.
     limited: prometheus::IntCounter,
     counted: prometheus::IntCounter,
+    fallback: prometheus::IntCounter,
 }
 
 impl CompiledRateLimit {
@@ -42,6 +44,9 @@ impl CompiledRateLimit {
         redis: Option<Arc<RedisStore>>,
         metrics: &Metrics,
     ) -> CompiledRateLimit {
+        let mode = redis
+            .as_ref()
+            .map_or(RedisOnError::Local, |r| r.settings().on_error);
         CompiledRateLimit {
             local: LocalLimiter::new(&rule),
             redis: if rule.store == RateLimitStore::Redis {
@@ -56,18 +61,30 @@ impl CompiledRateLimit {
             counted: metrics
                 .ratelimit_limited
                 .with_label_values(&[rule.name.as_str(), "count"]),
+            fallback: metrics
+                .ratelimit_fallback
+                .with_label_values(&[rule.name.as_str(), on_error_label(mode)]),
             rule,
         }
     }
 
-    fn applies(&self, req: &RequestView<'_>) -> bool {
+    fn applies(&self, req: &Request<'_>) -> bool {
         let s = &self.rule.scope;
         s.methods
             .as_ref()
-            .is_none_or(|m| m.contains(&req.head.method))
-            && s.path
-                .as_ref()
-                .is_none_or(|r| r.is_match(req.head.uri.path()))
+            .is_none_or(|m| m.iter().any(|m| m.as_str() == req.method))
+            && s.path.as_ref().is_none_or(|r| r.is_match(req.path))
+    }
+
+    /// Whether two rules are the same rule with the same settings, so that a reload can keep
+    /// the state of the old one (its buckets) for the new snapshot.
+    pub fn same_rule(&self, rule: &RateLimitRule, redis: Option<&Arc<RedisStore>>) -> bool {
+        format!("{:?}", self.rule) == format!("{rule:?}")
+            && match (&self.redis, redis) {
+                (None, _) if rule.store == RateLimitStore::Local => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
     }
 
     /// `Ok(None)`: not counted (Redis down, fail open); `Err(())`: Redis down, fail closed.
@@ -83,10 +100,7 @@ impl CompiledRateLimit {
             Ok(o) => Ok(Some(o)),
             Err(_) => {
                 let mode = redis.settings().on_error;
-                metrics
-                    .ratelimit_fallback
-                    .with_label_values(&[self.rule.name.as_str(), on_error_label(mode)])
-                    .inc();
+                self.fallback.inc();
                 match mode {
                     RedisOnError::Local => Ok(Some(self.local.check(key))),
                     RedisOnError::Allow => Ok(None),
@@ -114,26 +128,79 @@ fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-/// What the stage decided, plus headers for an allowed response.
-pub struct RateLimitVerdict {
-    /// The decision.
-    pub decision: Decision,
-    /// `RateLimit-Policy` and `RateLimit` values for allowed responses (`headers: always`).
-    pub headers: Option<(String, String)>,
-}
-
 /// The rate-limit rules that apply to one route, in config order.
 pub struct RateLimitStage {
     route: String,
     rules: Vec<Arc<CompiledRateLimit>>,
     metrics: Arc<Metrics>,
+    any_redis: bool,
 }
 
-/// An asynchronous pipeline stage.
-#[async_trait]
-pub trait AsyncStage: Send + Sync {
-    /// Evaluates one request.
-    async fn evaluate(&self, req: &RequestView<'_>) -> RateLimitVerdict;
+/// Where evaluation of a route's rules stands.
+#[derive(Default)]
+struct Tally {
+    /// Lowest `remaining` among `headers: always` rules, with its header values.
+    headers: Option<(u32, String, String)>,
+    counted: Option<Cow<'static, str>>,
+}
+
+impl Tally {
+    /// Applies one rule's outcome; `Some` when the request is blocked.
+    fn apply(&mut self, r: &CompiledRateLimit, outcome: Outcome) -> Option<Decision> {
+        match outcome {
+            Outcome::Allowed { remaining, reset } => {
+                if r.rule.headers_always
+                    && self
+                        .headers
+                        .as_ref()
+                        .is_none_or(|(rem, _, _)| remaining < *rem)
+                {
+                    self.headers = Some((
+                        remaining,
+                        r.policy_header.clone(),
+                        state_header(&r.rule.name, remaining, reset),
+                    ));
+                }
+                None
+            }
+            Outcome::Limited { retry_after } => match r.rule.action {
+                RateLimitAction::Count => {
+                    r.counted.inc();
+                    self.counted
+                        .get_or_insert_with(|| format!("ratelimit:{}", r.rule.name).into());
+                    None
+                }
+                RateLimitAction::Block => {
+                    r.limited.inc();
+                    let mut b = Block::new(429, "rate_limited");
+                    b.headers = vec![
+                        ("retry-after", ceil_secs(retry_after).max(1).to_string()),
+                        ("ratelimit-policy", r.policy_header.clone()),
+                        ("ratelimit", state_header(&r.rule.name, 0, retry_after)),
+                    ];
+                    Some(Decision::Block(b))
+                }
+            },
+        }
+    }
+
+    fn finish(self, notes: &mut Notes) -> Decision {
+        if let Some(c) = self.counted {
+            notes.counted.push(c);
+        }
+        if let Some((_, policy, state)) = self.headers {
+            notes.response_headers.push(("ratelimit-policy", policy));
+            notes.response_headers.push(("ratelimit", state));
+        }
+        Decision::Continue
+    }
+}
+
+fn unavailable(r: &CompiledRateLimit) -> Decision {
+    r.limited.inc();
+    let mut b = Block::new(503, "rate_limit_unavailable");
+    b.headers.push(("retry-after", "1".into()));
+    Decision::Block(b)
 }
 
 impl RateLimitStage {
@@ -148,105 +215,89 @@ impl RateLimitStage {
             .filter(|r| r.rule.applies_to_route(route))
             .cloned()
             .collect();
+        let any_redis = rules.iter().any(|r| r.redis.is_some());
         (!rules.is_empty()).then(|| RateLimitStage {
             route: route.to_string(),
             rules,
             metrics: Arc::clone(metrics),
+            any_redis,
         })
     }
-
-    /// Whether any rule keys on the client's country or ASN.
-    pub fn needs_geo(&self) -> bool {
-        self.rules
-            .iter()
-            .any(|r| r.rule.key.iter().any(|k| k.needs_geo()))
-    }
 }
 
-#[async_trait]
-impl AsyncStage for RateLimitStage {
-    async fn evaluate(&self, req: &RequestView<'_>) -> RateLimitVerdict {
-        let mut key = String::with_capacity(64);
-        let mut headers: Option<(u32, String, String)> = None;
-        let mut counted: Option<Cow<'static, str>> = None;
+impl Stage for RateLimitStage {
+    fn kind(&self) -> StageKind {
+        StageKind::RateLimit
+    }
+
+    fn needs(&self) -> Needs {
+        Needs {
+            body: false,
+            geo: self
+                .rules
+                .iter()
+                .any(|r| r.rule.key.iter().any(|k| k.needs_geo())),
+        }
+    }
+
+    fn evaluate<'s>(&'s self, req: &Request<'_>, notes: &mut Notes) -> Eval<'s> {
+        if !self.any_redis {
+            // Local limiters only: decided now, one key buffer for all rules.
+            let mut key = String::with_capacity(64);
+            let mut tally = Tally::default();
+            for r in &self.rules {
+                if !r.applies(req) || !build_key(&r.rule.key, &self.route, req, &mut key) {
+                    continue;
+                }
+                if let Some(d) = tally.apply(r, r.local.check(&key)) {
+                    return Eval::Done(d);
+                }
+            }
+            return Eval::Done(tally.finish(notes));
+        }
+        // Some rule asks Redis: build every key now (the request model is not shared across
+        // the wait), then check them in order.
+        let mut keys: Vec<(&'s CompiledRateLimit, String)> = Vec::with_capacity(self.rules.len());
         for r in &self.rules {
-            if !r.applies(req) || !build_key(&r.rule.key, &self.route, req, &mut key) {
-                continue;
-            }
-            let outcome = match r.check(&key, &self.metrics).await {
-                Ok(Some(o)) => o,
-                Ok(None) => continue, // Redis down, fail open
-                Err(()) => {
-                    r.limited.inc();
-                    return RateLimitVerdict {
-                        decision: Decision::Block(Block {
-                            status: 503,
-                            reason: "rate_limit_unavailable".into(),
-                            headers: vec![("retry-after", "1".into())],
-                            details: None,
-                        }),
-                        headers: None,
-                    };
-                }
-            };
-            match outcome {
-                Outcome::Allowed { remaining, reset } => {
-                    if r.rule.headers_always
-                        && headers.as_ref().is_none_or(|(rem, _, _)| remaining < *rem)
-                    {
-                        headers = Some((
-                            remaining,
-                            r.policy_header.clone(),
-                            state_header(&r.rule.name, remaining, reset),
-                        ));
-                    }
-                }
-                Outcome::Limited { retry_after } => match r.rule.action {
-                    RateLimitAction::Count => {
-                        r.counted.inc();
-                        counted.get_or_insert_with(|| format!("ratelimit:{}", r.rule.name).into());
-                    }
-                    RateLimitAction::Block => {
-                        r.limited.inc();
-                        return RateLimitVerdict {
-                            decision: Decision::Block(Block {
-                                status: 429,
-                                reason: "rate_limited".into(),
-                                headers: vec![
-                                    ("retry-after", ceil_secs(retry_after).max(1).to_string()),
-                                    ("ratelimit-policy", r.policy_header.clone()),
-                                    ("ratelimit", state_header(&r.rule.name, 0, retry_after)),
-                                ],
-                                details: None,
-                            }),
-                            headers: None,
-                        };
-                    }
-                },
+            let mut key = String::new();
+            if r.applies(req) && build_key(&r.rule.key, &self.route, req, &mut key) {
+                keys.push((r, key));
             }
         }
-        RateLimitVerdict {
-            decision: counted.map_or(Decision::Continue, Decision::Count),
-            headers: headers.map(|(_, p, s)| (p, s)),
-        }
+        Eval::Pending(Box::pin(async move {
+            let mut tally = Tally::default();
+            for (r, key) in keys {
+                match r.check(&key, &self.metrics).await {
+                    Ok(Some(o)) => {
+                        if let Some(d) = tally.apply(r, o) {
+                            return (d, Notes::default());
+                        }
+                    }
+                    Ok(None) => {} // Redis down, fail open
+                    Err(()) => return (unavailable(r), Notes::default()),
+                }
+            }
+            let mut notes = Notes::default();
+            let d = tally.finish(&mut notes);
+            (d, notes)
+        }))
     }
 }
+
+/// The rate-limit rules in force now (they change with each reload).
+pub type RuleSource = Arc<dyn Fn() -> Vec<Arc<CompiledRateLimit>> + Send + Sync>;
 
 /// Background service: sweeps stale keys from every local limiter, publishes key counts.
 pub struct Sweeper {
-    rules: Vec<Arc<CompiledRateLimit>>,
+    rules: RuleSource,
     metrics: Arc<Metrics>,
     interval: Duration,
 }
 
 impl Sweeper {
-    /// A sweeper over `rules`, running a full sweep every `interval` (and sooner for a limiter
-    /// whose key cap was reached).
-    pub fn new(
-        rules: Vec<Arc<CompiledRateLimit>>,
-        metrics: Arc<Metrics>,
-        interval: Duration,
-    ) -> Sweeper {
+    /// A sweeper over the rules `rules` returns at each tick, running a full sweep every
+    /// `interval` (and sooner for a limiter whose key cap was reached).
+    pub fn new(rules: RuleSource, metrics: Arc<Metrics>, interval: Duration) -> Sweeper {
         Sweeper {
             rules,
             metrics,
@@ -270,7 +321,7 @@ impl pingora::services::background::BackgroundService for Sweeper {
             if full {
                 since_full = Duration::ZERO;
             }
-            for r in &self.rules {
+            for r in (self.rules)() {
                 if full || r.local.sweep_requested() {
                     let n = r.local.sweep();
                     self.metrics

@@ -88,7 +88,7 @@ pub enum RedisTarget {
 }
 
 /// Validated Redis settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisSettings {
     /// Where.
     pub target: RedisTarget,

@@ -17,52 +17,16 @@ use super::file::{
     Comparison, ConditionFile, OneOrMany, RuleAction, RuleSetFile, RuleSetMode, RuleTestFile,
 };
 use super::transforms::Transform;
+use crate::config::{Problem, Problems};
 use crate::identity::geo::CountryCode;
 use crate::identity::ipset::IpSet;
 
 /// Regex compile size limit for patterns from rule files (see `regex::RegexBuilder`).
 const REGEX_SIZE_LIMIT: usize = 4 << 20;
 
-/// One problem in a rule file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RuleIssue {
-    /// 1-based line, 0 if unknown.
-    pub line: u64,
-    /// 1-based column, 0 if unknown.
-    pub column: u64,
-    /// Rule id, when inside a rule.
-    pub rule: Option<String>,
-    /// What is wrong.
-    pub message: String,
-}
-
-/// Every problem found in one rule file.
-#[derive(Debug, Clone, thiserror::Error)]
-pub struct RuleFileError {
-    /// The file.
-    pub path: String,
-    /// The problems.
-    pub issues: Vec<RuleIssue>,
-}
-
-impl std::fmt::Display for RuleFileError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, is) in self.issues.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{}", self.path)?;
-            if is.line > 0 {
-                write!(f, ":{}:{}", is.line, is.column)?;
-            }
-            if let Some(r) = &is.rule {
-                write!(f, ": rule {r:?}")?;
-            }
-            write!(f, ": {}", is.message)?;
-        }
-        Ok(())
-    }
-}
+/// Every problem found in one rule file, located (file, line, column) by the one located-error
+/// type of Palisade; problems inside a rule name it in their message.
+pub type RuleFileError = Problems;
 
 /// How a rule set decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,7 +193,8 @@ struct Compiler<'a> {
     ip_sets: &'a BTreeMap<String, Arc<IpSet>>,
     sources: Vec<Source>,
     regexes: Vec<Vec<String>>,
-    issues: Vec<RuleIssue>,
+    file: Arc<str>,
+    issues: Problems,
     rule: Option<String>,
     needs_body: bool,
     needs_geo: bool,
@@ -237,12 +202,11 @@ struct Compiler<'a> {
 
 impl Compiler<'_> {
     fn issue(&mut self, loc: &Location, message: String) {
-        self.issues.push(RuleIssue {
-            line: loc.line(),
-            column: loc.column(),
-            rule: self.rule.clone(),
-            message,
-        });
+        let message = match &self.rule {
+            Some(r) => format!("rule {r:?}: {message}"),
+            None => message,
+        };
+        self.issues.push(Problem::at(&self.file, loc, message));
     }
 
     fn source(&mut self, s: Source) -> usize {
@@ -547,7 +511,8 @@ pub fn compile(
         ip_sets,
         sources: Vec::new(),
         regexes: Vec::new(),
-        issues: Vec::new(),
+        file: path.display().to_string().into(),
+        issues: Problems::default(),
         rule: None,
         needs_body: false,
         needs_geo: false,
@@ -621,22 +586,15 @@ pub fn compile(
         {
             Ok(s) => regex_sets.push(Some(s)),
             Err(e) => {
-                c.issues.push(RuleIssue {
-                    line: 0,
-                    column: 0,
-                    rule: None,
-                    message: format!("cannot combine regexes into a set: {e}"),
-                });
+                c.issues.push(Problem::file(
+                    &c.file,
+                    format!("cannot combine regexes into a set: {e}"),
+                ));
                 regex_sets.push(None);
             }
         }
     }
-    if !c.issues.is_empty() {
-        return Err(RuleFileError {
-            path: path.display().to_string(),
-            issues: c.issues,
-        });
-    }
+    c.issues.into_result()?;
     let source_ids = c.sources.iter().map(global_source_id).collect();
     Ok(CompiledRuleSet {
         source_ids,
@@ -658,14 +616,11 @@ pub fn load(
     path: &Path,
     ip_sets: &BTreeMap<String, Arc<IpSet>>,
 ) -> Result<CompiledRuleSet, RuleFileError> {
-    let text = std::fs::read_to_string(path).map_err(|e| RuleFileError {
-        path: path.display().to_string(),
-        issues: vec![RuleIssue {
-            line: 0,
-            column: 0,
-            rule: None,
-            message: format!("cannot read rule set: {e}"),
-        }],
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Problem::file(
+            &path.display().to_string().into(),
+            format!("cannot read rule set: {e}"),
+        )
     })?;
     load_text(path, &text, ip_sets)
 }
@@ -676,20 +631,10 @@ pub fn load_text(
     text: &str,
     ip_sets: &BTreeMap<String, Arc<IpSet>>,
 ) -> Result<CompiledRuleSet, RuleFileError> {
-    let name = path.display().to_string();
+    let name: Arc<str> = path.display().to_string().into();
     let file: RuleSetFile =
-        serde_saphyr::from_str_with_options(text, crate::config::yaml_options()).map_err(|e| {
-            let (line, column, message) = crate::config::yaml_error_parts(&e);
-            RuleFileError {
-                path: name.clone(),
-                issues: vec![RuleIssue {
-                    line,
-                    column,
-                    rule: None,
-                    message,
-                }],
-            }
-        })?;
+        serde_saphyr::from_str_with_options(text, crate::config::yaml_options())
+            .map_err(|e| Problem::yaml(&name, &e))?;
     compile(path, file, ip_sets)
 }
 

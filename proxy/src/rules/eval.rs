@@ -8,7 +8,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use super::compile::{CompiledRule, CompiledRuleSet, Cond, Leaf, Mode, Op};
-use super::fields::{Field, Origin, RuleInput};
+use super::fields::{Field, FieldValues, Origin, RuleInput};
 use super::file::RuleAction;
 use super::transforms::apply_chain;
 

@@ -3,12 +3,6 @@
 //! exclusions can skip it.
 
 use std::borrow::Cow;
-use std::cell::OnceCell;
-use std::net::IpAddr;
-
-use http::HeaderMap;
-
-use crate::identity::geo::CountryCode;
 
 /// Where a value came from; exclusions name these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -250,203 +244,17 @@ pub struct Value<'a> {
     pub text: Cow<'a, str>,
 }
 
-/// A request as the rules see it. Collections are parsed on first use.
-pub struct RuleInput<'a> {
-    /// Method.
-    pub method: &'a str,
-    /// Raw path.
-    pub path: &'a str,
-    /// Raw query string (without `?`).
-    pub query: &'a str,
-    /// Headers.
-    pub headers: &'a HeaderMap,
-    /// The inspected body bytes.
-    pub body: &'a [u8],
-    /// Client address.
-    pub client_ip: Option<IpAddr>,
-    /// Client country.
-    pub country: Option<CountryCode>,
-    /// Client ASN.
-    pub asn: Option<u32>,
-    query_pairs: OnceCell<Vec<(String, String)>>,
-    cookies: OnceCell<Vec<(String, String)>>,
-    form: OnceCell<ParsedForm>,
-    json: OnceCell<ParsedJson>,
-    xml: OnceCell<(Vec<String>, bool)>,
-    body_kind: OnceCell<BodyKind>,
-}
+/// A request as the rules see it: the one request model.
+pub type RuleInput<'a> = crate::request::Request<'a>;
 
-/// The JSON members of a body, and whether it was JSON that parsed.
-#[derive(Debug, Default)]
-struct ParsedJson {
-    members: Vec<JsonMember>,
-    /// The body claimed to be JSON (or looked like it) but did not parse.
-    malformed: bool,
-}
-
-/// How the body is parsed, from its content type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum BodyKind {
-    Form,
-    Multipart,
-    Json,
-    Xml,
-    Other,
-}
-
-/// Form fields and uploaded file names.
-#[derive(Debug, Default)]
-pub struct ParsedForm {
-    /// (name, value) of every non-file field.
-    pub fields: Vec<(String, String)>,
-    /// Uploaded file names.
-    pub files: Vec<String>,
-    /// The multipart body did not parse to its end.
-    pub malformed: bool,
-}
-
-impl<'a> RuleInput<'a> {
-    /// A view of one request.
-    #[allow(clippy::too_many_arguments, reason = "plain data constructor")]
-    pub fn new(
-        method: &'a str,
-        path: &'a str,
-        query: &'a str,
-        headers: &'a HeaderMap,
-        body: &'a [u8],
-        client_ip: Option<IpAddr>,
-        country: Option<CountryCode>,
-        asn: Option<u32>,
-    ) -> Self {
-        RuleInput {
-            method,
-            path,
-            query,
-            headers,
-            body,
-            client_ip,
-            country,
-            asn,
-            query_pairs: OnceCell::new(),
-            cookies: OnceCell::new(),
-            form: OnceCell::new(),
-            json: OnceCell::new(),
-            xml: OnceCell::new(),
-            body_kind: OnceCell::new(),
-        }
-    }
-
-    /// How the body is parsed, decided once per request from the content type.
-    fn body_kind(&self) -> BodyKind {
-        *self.body_kind.get_or_init(|| self.detect_body_kind())
-    }
-
-    fn detect_body_kind(&self) -> BodyKind {
-        let ct = self.content_type().trim_start();
-        let starts = |p: &str| ct.len() >= p.len() && ct[..p.len()].eq_ignore_ascii_case(p);
-        let essence = ct
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        if starts("application/x-www-form-urlencoded") {
-            BodyKind::Form
-        } else if starts("multipart/form-data") {
-            BodyKind::Multipart
-        } else if essence.contains("json")
-            || (ct.is_empty() && self.body.first().is_some_and(|b| *b == b'{' || *b == b'['))
-        {
-            BodyKind::Json
-        } else if essence.ends_with("/xml") || essence.ends_with("+xml") {
-            BodyKind::Xml
-        } else {
-            BodyKind::Other
-        }
-    }
-
-    /// Text and attribute values of an XML body, and whether it failed to parse.
-    fn xml(&self) -> &(Vec<String>, bool) {
-        self.xml.get_or_init(|| {
-            if self.body_kind() == BodyKind::Xml && !self.body.is_empty() {
-                xml_values(self.body)
-            } else {
-                (Vec::new(), false)
-            }
-        })
-    }
-
-    fn content_type(&self) -> &str {
-        self.headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-    }
-
-    fn query_pairs(&self) -> &[(String, String)] {
-        self.query_pairs
-            .get_or_init(|| parse_urlencoded(self.query.as_bytes()))
-    }
-
-    fn cookies(&self) -> &[(String, String)] {
-        self.cookies.get_or_init(|| {
-            self.headers
-                .get_all(http::header::COOKIE)
-                .iter()
-                .flat_map(|v| {
-                    String::from_utf8_lossy(v.as_bytes())
-                        .split(';')
-                        .map(str::to_string)
-                        .collect::<Vec<_>>()
-                })
-                .filter_map(|pair| {
-                    let (k, v) = pair.split_once('=').unwrap_or((pair.as_str(), ""));
-                    let k = k.trim();
-                    (!k.is_empty()).then(|| (k.to_string(), v.trim().to_string()))
-                })
-                .collect()
-        })
-    }
-
-    /// Form fields from an urlencoded or multipart body.
-    pub fn form(&self) -> &ParsedForm {
-        self.form.get_or_init(|| match self.body_kind() {
-            BodyKind::Form => ParsedForm {
-                fields: parse_urlencoded(self.body),
-                ..ParsedForm::default()
-            },
-            BodyKind::Multipart => super::multipart::parse(self.content_type(), self.body),
-            _ => ParsedForm::default(),
-        })
-    }
-
-    /// JSON members, in document order.
-    fn json(&self) -> &[JsonMember] {
-        &self.parsed_json().members
-    }
-
-    fn parsed_json(&self) -> &ParsedJson {
-        self.json.get_or_init(|| {
-            if self.body_kind() != BodyKind::Json || self.body.is_empty() {
-                return ParsedJson::default();
-            }
-            let Ok(v) = serde_json::from_slice::<serde_json::Value>(self.body) else {
-                return ParsedJson {
-                    members: Vec::new(),
-                    malformed: true,
-                };
-            };
-            let mut members = Vec::new();
-            flatten_json(&v, &mut String::new(), None, &mut members, 0);
-            ParsedJson {
-                members,
-                malformed: false,
-            }
-        })
-    }
-
+/// The values of a rule field in a request.
+pub trait FieldValues {
     /// The values of a field, borrowing from the request wherever possible.
-    pub fn values<'s>(&'s self, field: &Field, labels: &[Cow<'static, str>]) -> Vec<Value<'s>> {
+    fn values<'s>(&'s self, field: &Field, labels: &[Cow<'static, str>]) -> Vec<Value<'s>>;
+}
+
+impl FieldValues for RuleInput<'_> {
+    fn values<'s>(&'s self, field: &Field, labels: &[Cow<'static, str>]) -> Vec<Value<'s>> {
         fn bv<'s>(origin: Origin, name: Option<&'s str>, text: &'s str) -> Value<'s> {
             Value {
                 origin,
@@ -538,6 +346,7 @@ impl<'a> RuleInput<'a> {
                 .collect(),
             Field::JsonKeys => self
                 .json()
+                .members
                 .iter()
                 .filter_map(|m| {
                     m.key
@@ -547,6 +356,7 @@ impl<'a> RuleInput<'a> {
                 .collect(),
             Field::JsonValues => self
                 .json()
+                .members
                 .iter()
                 .filter_map(|m| {
                     m.scalar
@@ -556,6 +366,7 @@ impl<'a> RuleInput<'a> {
                 .collect(),
             Field::JsonPointer(ptr) => self
                 .json()
+                .members
                 .iter()
                 .filter(|m| &m.pointer == ptr)
                 .filter_map(|m| {
@@ -589,10 +400,10 @@ impl<'a> RuleInput<'a> {
                 .collect(),
             Field::BodyUnparsed => {
                 let unparsed = match self.body_kind() {
-                    BodyKind::Other => true,
-                    BodyKind::Json => self.parsed_json().malformed,
-                    BodyKind::Multipart => self.form().malformed,
-                    BodyKind::Xml => self.xml().1,
+                    crate::request::BodyKind::Other => true,
+                    crate::request::BodyKind::Json => self.json().malformed,
+                    crate::request::BodyKind::Multipart => self.form().malformed,
+                    crate::request::BodyKind::Xml => self.xml().1,
                     _ => false,
                 };
                 if unparsed && !self.body.is_empty() {
@@ -612,11 +423,7 @@ impl<'a> RuleInput<'a> {
                 .map(|x| bv(Origin::Body, None, x))
                 .collect(),
             Field::BodySize => {
-                let declared = self
-                    .headers
-                    .get(http::header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok());
+                let declared = self.content_length();
                 let size = declared
                     .unwrap_or(self.body.len() as u64)
                     .max(self.body.len() as u64);
@@ -665,172 +472,11 @@ impl<'a> RuleInput<'a> {
     }
 }
 
-/// `application/x-www-form-urlencoded` pairs. Unlike `form_urlencoded::parse`, bytes that are
-/// not UTF-8 go through the rules' byte-to-text step, so overlong encodings of ASCII
-/// (`%C0%AE` for `.`, a classic traversal evasion) decode to what old decoders saw.
-fn parse_urlencoded(input: &[u8]) -> Vec<(String, String)> {
-    fn decode(part: &[u8]) -> String {
-        let plus: Cow<'_, [u8]> = if part.contains(&b'+') {
-            Cow::Owned(
-                part.iter()
-                    .map(|&b| if b == b'+' { b' ' } else { b })
-                    .collect(),
-            )
-        } else {
-            Cow::Borrowed(part)
-        };
-        let bytes: Vec<u8> = percent_encoding::percent_decode(&plus).collect();
-        super::transforms::bytes_to_text(bytes)
-    }
-    input
-        .split(|&b| b == b'&')
-        .filter(|p| !p.is_empty())
-        .map(|pair| {
-            let mut it = pair.splitn(2, |&b| b == b'=');
-            let k = it.next().unwrap_or_default();
-            let v = it.next().unwrap_or_default();
-            (decode(k), decode(v))
-        })
-        .collect()
-}
-
-/// At most this many XML values are inspected (bounds work on hostile bodies).
-const MAX_XML_VALUES: usize = 4096;
-
-/// Text runs (with entity references kept as written) and attribute values of an XML
-/// document, in order; stops at the first syntax error, keeping what was read, and reports
-/// the document malformed then (or when it has no element at all), so the rules also see it
-/// as `body.unparsed`. Namespace declarations (`xmlns`, `xmlns:*`) are skipped: they are URIs.
-fn xml_values(body: &[u8]) -> (Vec<String>, bool) {
-    use quick_xml::events::Event;
-    let doc = String::from_utf8_lossy(body);
-    let mut reader = quick_xml::Reader::from_str(&doc);
-    let mut out = Vec::new();
-    let mut text = String::new();
-    let flush = |text: &mut String, out: &mut Vec<String>| {
-        let t = text.trim();
-        if !t.is_empty() {
-            out.push(t.to_string());
-        }
-        text.clear();
-    };
-    let mut elements = false;
-    let mut malformed = false;
-    while out.len() < MAX_XML_VALUES {
-        match reader.read_event() {
-            Ok(Event::Text(t)) => text.push_str(&t),
-            Ok(Event::CData(t)) => text.push_str(&t),
-            Ok(Event::GeneralRef(r)) => {
-                text.push('&');
-                text.push_str(&r);
-                text.push(';');
-            }
-            Ok(Event::Start(e) | Event::Empty(e)) => {
-                elements = true;
-                flush(&mut text, &mut out);
-                for a in e.attributes().with_checks(false) {
-                    let Ok(a) = a else {
-                        // Unquoted or broken attributes: HTML sent as XML, inspect it raw too.
-                        malformed = true;
-                        continue;
-                    };
-                    let key = a.key.as_ref();
-                    if key == "xmlns" || key.starts_with("xmlns:") {
-                        continue;
-                    }
-                    if !a.value.trim().is_empty() {
-                        out.push(a.value.into_owned());
-                    }
-                }
-            }
-            Ok(Event::Eof) => break,
-            Err(_) => {
-                malformed = true;
-                break;
-            }
-            Ok(_) => flush(&mut text, &mut out),
-        }
-    }
-    flush(&mut text, &mut out);
-    (out, malformed || !elements)
-}
-
-/// JSON nesting deeper than this is not inspected further (bounds work on hostile bodies).
-const MAX_JSON_DEPTH: usize = 64;
-
-/// One member of a JSON document.
-#[derive(Debug, Clone)]
-struct JsonMember {
-    /// Its JSON pointer.
-    pointer: String,
-    /// Its key, when it is an object entry.
-    key: Option<String>,
-    /// Its value as text, when it is a scalar (strings, numbers, booleans; null is empty).
-    scalar: Option<String>,
-}
-
-fn flatten_json(
-    v: &serde_json::Value,
-    ptr: &mut String,
-    key: Option<&str>,
-    out: &mut Vec<JsonMember>,
-    depth: usize,
-) {
-    if depth > MAX_JSON_DEPTH {
-        return;
-    }
-    match v {
-        serde_json::Value::Object(m) => {
-            if let Some(k) = key {
-                out.push(JsonMember {
-                    pointer: ptr.clone(),
-                    key: Some(k.to_string()),
-                    scalar: None,
-                });
-            }
-            for (k, child) in m {
-                let len = ptr.len();
-                ptr.push('/');
-                ptr.push_str(&k.replace('~', "~0").replace('/', "~1"));
-                flatten_json(child, ptr, Some(k), out, depth + 1);
-                ptr.truncate(len);
-            }
-        }
-        serde_json::Value::Array(a) => {
-            if let Some(k) = key {
-                out.push(JsonMember {
-                    pointer: ptr.clone(),
-                    key: Some(k.to_string()),
-                    scalar: None,
-                });
-            }
-            for (i, child) in a.iter().enumerate() {
-                let len = ptr.len();
-                ptr.push('/');
-                ptr.push_str(&i.to_string());
-                flatten_json(child, ptr, None, out, depth + 1);
-                ptr.truncate(len);
-            }
-        }
-        scalar => {
-            let text = match scalar {
-                serde_json::Value::String(s) => s.clone(),
-                serde_json::Value::Null => String::new(),
-                other => other.to_string(),
-            };
-            out.push(JsonMember {
-                pointer: ptr.clone(),
-                key: key.map(str::to_string),
-                scalar: Some(text),
-            });
-        }
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
+    use http::HeaderMap;
 
     #[test]
     fn standard_headers_sorted_for_binary_search() {

@@ -74,19 +74,8 @@ pub struct RuleFile {
     pub tests: Vec<RuleTestFile>,
 }
 
-/// What a matching rule does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum RuleAction {
-    /// Stop and answer with an error.
-    Block,
-    /// Stop and forward (skips later rules and rule sets).
-    Allow,
-    /// Record (labels, metrics) and go on.
-    Count,
-    /// Log and go on.
-    Log,
-}
+/// What a matching rule does (defined with the config shapes, which name it too).
+pub use crate::config::file::RuleAction;
 
 /// A condition: exactly one of `all`, `any`, `not`, or a field test.
 #[derive(Debug, Default, Deserialize, JsonSchema)]

@@ -8,15 +8,14 @@ pub mod eval;
 pub mod fields;
 pub mod file;
 pub mod managed;
-mod multipart;
 pub mod testing;
 pub mod transforms;
 
 use std::borrow::Cow;
 
-use crate::pipeline::{Block, Decision, RequestView, Stage, StageKind};
+use crate::pipeline::{Block, Decision, Eval, Needs, Notes, Stage, StageKind};
+use crate::request::Request;
 use eval::{evaluate, AttachedRuleSet, RulesVerdict};
-use fields::RuleInput;
 
 /// The rule sets attached to one route, in priority order.
 pub struct RulesStage {
@@ -54,18 +53,11 @@ pub fn ruleset_json_schema() -> String {
     text
 }
 
-/// Builds the rules' view of a request.
-pub fn input_of<'a>(req: &'a RequestView<'a>) -> RuleInput<'a> {
-    RuleInput::new(
-        req.head.method.as_str(),
-        req.head.uri.path(),
-        req.head.uri.query().unwrap_or(""),
-        &req.head.headers,
-        req.body.unwrap_or(&[]),
-        req.client_ip,
-        req.geo.country,
-        req.geo.asn,
-    )
+impl RulesStage {
+    /// The attached rule sets, in priority order.
+    pub fn sets(&self) -> &[AttachedRuleSet] {
+        &self.sets
+    }
 }
 
 impl Stage for RulesStage {
@@ -73,37 +65,32 @@ impl Stage for RulesStage {
         StageKind::Rules
     }
 
-    fn needs_body(&self) -> bool {
-        self.needs_body
+    fn needs(&self) -> Needs {
+        Needs {
+            body: self.needs_body,
+            geo: self.needs_geo(),
+        }
     }
 
-    fn evaluate(&self, req: &RequestView<'_>) -> Decision {
-        let input = input_of(req);
-        let outcome = evaluate(&self.sets, &input, &mut ());
-        for m in outcome
-            .matches
-            .iter()
-            .filter(|m| m.action == file::RuleAction::Log)
-        {
-            tracing::info!(target: "palisade::rules", rule_set = %m.set, rule = %m.rule,
-                method = %req.head.method, path = %req.head.uri.path(), client = ?req.client_ip, "rule matched (log)");
+    fn evaluate<'s>(&'s self, req: &Request<'_>, notes: &mut Notes) -> Eval<'s> {
+        let outcome = evaluate(&self.sets, req, &mut ());
+        for m in &outcome.matches {
+            match m.action {
+                file::RuleAction::Log => {
+                    tracing::info!(target: "palisade::rules", rule_set = %m.set, rule = %m.rule,
+                        method = %req.method, path = %req.path, client = ?req.client_ip, "rule matched (log)");
+                    notes.counted.push(Cow::Owned(format!("rule:{}", m.rule)));
+                }
+                file::RuleAction::Count => {
+                    notes.counted.push(Cow::Owned(format!("rule:{}", m.rule)));
+                }
+                _ => {}
+            }
         }
-        let counted: Vec<Cow<'static, str>> = outcome
-            .matches
-            .iter()
-            .filter(|m| matches!(m.action, file::RuleAction::Count | file::RuleAction::Log))
-            .map(|m| Cow::Owned(format!("rule:{}", m.rule)))
-            .collect();
-        match outcome.verdict {
-            RulesVerdict::Block { status, reason } => Decision::Block(Block {
-                status,
-                reason: reason.into(),
-                headers: vec![],
-                details: None,
-            }),
+        Eval::Done(match outcome.verdict {
+            RulesVerdict::Block { status, reason } => Decision::Block(Block::new(status, reason)),
             RulesVerdict::Allow { .. } => Decision::Allow,
-            RulesVerdict::Pass if !counted.is_empty() => Decision::Counted(counted),
             RulesVerdict::Pass => Decision::Continue,
-        }
+        })
     }
 }

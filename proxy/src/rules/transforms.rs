@@ -2,6 +2,7 @@
 //! an operator looks at them. Each is a pure `&str → Cow<str>` that borrows when it changes
 //! nothing, so a chain over clean input allocates nothing.
 
+use crate::request::bytes_to_text;
 use std::borrow::Cow;
 
 use base64::Engine as _;
@@ -177,36 +178,6 @@ fn hex_val(b: u8) -> Option<u8> {
         b'a'..=b'f' => Some(b - b'a' + 10),
         b'A'..=b'F' => Some(b - b'A' + 10),
         _ => None,
-    }
-}
-
-/// Bytes to text: valid UTF-8 as is; otherwise decode overlong 2-byte sequences of ASCII
-/// (`C0 AE` → `.`, the classic traversal evasion) and replace other invalid bytes.
-pub(crate) fn bytes_to_text(bytes: Vec<u8>) -> String {
-    match String::from_utf8(bytes) {
-        Ok(s) => s,
-        Err(e) => {
-            let b = e.into_bytes();
-            let mut fixed = Vec::with_capacity(b.len());
-            let mut i = 0;
-            while i < b.len() {
-                if (b[i] == 0xC0 || b[i] == 0xC1) && i + 1 < b.len() && (b[i + 1] & 0xC0) == 0x80 {
-                    fixed.push(((b[i] & 0x1F) << 6) | (b[i + 1] & 0x3F));
-                    i += 2;
-                } else if b[i] == 0xE0
-                    && i + 2 < b.len()
-                    && b[i + 1] == 0x80
-                    && (b[i + 2] & 0xC0) == 0x80
-                {
-                    fixed.push(b[i + 2] & 0x3F);
-                    i += 3;
-                } else {
-                    fixed.push(b[i]);
-                    i += 1;
-                }
-            }
-            String::from_utf8_lossy(&fixed).into_owned()
-        }
     }
 }
 

@@ -15,7 +15,6 @@
 //! the query pairs of operations that declare query parameters, and failures.
 
 mod documents;
-mod json;
 pub mod openapi;
 pub mod operations;
 mod params;
@@ -37,7 +36,10 @@ pub use violation::{Violation, Violations};
 use crate::config::file::{
     OperationConfig, ParamConfig, UnknownOperation, ValidateAction, ValidateConfig, ValidateMode,
 };
-use crate::pipeline::{Block, BlockDetails, Decision, RequestView, Stage, StageKind};
+use crate::config::Problem;
+use crate::metrics::LabelCache;
+use crate::pipeline::{Block, BlockDetails, Decision, Eval, Needs, Notes, Stage, StageKind};
+use crate::request::Request;
 
 /// Default cap on reported violations.
 const DEFAULT_MAX_VIOLATIONS: usize = 10;
@@ -106,13 +108,24 @@ pub struct RouteValidation {
     pub files: Vec<PathBuf>,
 }
 
-/// A problem in a route's `validate:` section; `at` is the config item it concerns.
-#[derive(Debug)]
-pub struct ValidateConfigError {
-    /// Location in the config file, when known.
-    pub at: Option<serde_saphyr::Location>,
-    /// What is wrong.
-    pub message: String,
+/// Where a route's `validate:` section is written, for locating its problems.
+pub struct ConfigSite<'a> {
+    /// The config file.
+    pub file: &'a Arc<str>,
+    /// The route's name.
+    pub route: &'a str,
+    /// The route's location (fallback when a problem has no location of its own).
+    pub route_at: serde_saphyr::Location,
+}
+
+impl ConfigSite<'_> {
+    fn problem(&self, at: Option<serde_saphyr::Location>, message: String) -> Problem {
+        Problem::at(
+            self.file,
+            &at.unwrap_or(self.route_at),
+            format!("route {:?}: {message}", self.route),
+        )
+    }
 }
 
 /// A schema written in the config: a string is a reference (`file.json#/$defs/X`), anything
@@ -199,11 +212,15 @@ fn operation_spec(op: &OperationConfig) -> OperationSpec {
 /// Compiles a route's `validate:` section. `base_dir` is the config file's directory (file
 /// references are relative to it); `store` is shared by every route of the config so each
 /// document is read once.
+///
+/// Problems are located in `config_file` at the item they concern, or at `route_at` (the
+/// route's name) when the schema library cannot say more; `route` prefixes their messages.
 pub fn compile(
     cfg: &ValidateConfig,
     base_dir: &Path,
     store: &DocumentStore,
-) -> Result<RouteValidation, Vec<ValidateConfigError>> {
+    at: &ConfigSite<'_>,
+) -> Result<RouteValidation, Vec<Problem>> {
     let base_dir = absolute(base_dir);
     // Inline schemas and references written in the config resolve against its directory.
     let base_uri = file_uri(&base_dir.join("palisade-config"));
@@ -227,26 +244,27 @@ pub fn compile(
                 locations.extend(imported.operations.iter().map(|_| Some(doc.referenced)));
                 specs.extend(imported.operations);
             }
-            Err(es) => errors.extend(es.into_iter().map(|message| ValidateConfigError {
-                at: Some(doc.referenced),
-                message: format!("validate.openapi: {message}"),
+            Err(es) => errors.extend(es.into_iter().map(|message| {
+                at.problem(Some(doc.referenced), format!("validate.openapi: {message}"))
             })),
         }
     }
     if specs.is_empty() && errors.is_empty() {
-        errors.push(ValidateConfigError {
-            at: None,
-            message: "validate: no operations; add `operations:` or `openapi:`".into(),
-        });
+        errors.push(at.problem(
+            None,
+            "validate: no operations; add `operations:` or `openapi:`".into(),
+        ));
     }
     if !errors.is_empty() {
         return Err(errors);
     }
     let table = OperationTable::compile(&specs, imported_from, store, &base_uri).map_err(|es| {
         es.into_iter()
-            .map(|(i, message)| ValidateConfigError {
-                at: locations.get(i).copied().flatten(),
-                message: format!("validate: operation {message}"),
+            .map(|(i, message)| {
+                at.problem(
+                    locations.get(i).copied().flatten(),
+                    format!("validate: operation {message}"),
+                )
             })
             .collect::<Vec<_>>()
     })?;
@@ -298,7 +316,8 @@ impl RouteValidation {
 pub struct ValidateStage {
     validation: Arc<RouteValidation>,
     route: String,
-    failures: IntCounterVec,
+    /// `palisade_validation_failures_total` handles by (operation, reason), resolved once.
+    failures: LabelCache,
 }
 
 impl ValidateStage {
@@ -308,12 +327,13 @@ impl ValidateStage {
         ValidateStage {
             validation,
             route: route.to_string(),
-            failures,
+            failures: LabelCache::new(failures),
         }
     }
 
     fn reject(
         &self,
+        notes: &mut Notes,
         operation: &str,
         status: u16,
         reason: &'static str,
@@ -326,7 +346,7 @@ impl ValidateStage {
                 .or_insert_with(|| Value::from(operation));
         }
         self.failures
-            .with_label_values(&[self.route.as_str(), operation, reason])
+            .get(&[self.route.as_str(), operation, reason])
             .inc();
         match self.validation.action {
             ValidateAction::Count => {
@@ -339,7 +359,8 @@ impl ValidateStage {
                         details = %details,
                     "request failed validation (count mode: forwarded)"
                 );
-                Decision::Count(Cow::Owned(format!("validate:{reason}")))
+                notes.counted.push(Cow::Owned(format!("validate:{reason}")));
+                Decision::Continue
             }
             ValidateAction::Block => Decision::Block(Block {
                 status,
@@ -379,29 +400,22 @@ fn charset_is_utf8(content_type: Option<&str>) -> bool {
         })
 }
 
-fn content_length(head: &http::request::Parts) -> Option<u64> {
-    head.headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
-}
-
-/// Values of one parameter in the request.
+/// Values of one parameter in the request, from the one request model (query and cookies
+/// decoded as for the rules and rate-limit keys).
 fn param_values<'r>(
-    req: &'r RequestView<'_>,
+    req: &'r Request<'_>,
     location: ParamIn,
     name: &str,
-    query: &'r [(Cow<'r, str>, Cow<'r, str>)],
     captures: &'r [(&str, Cow<'r, str>)],
 ) -> Vec<Cow<'r, str>> {
     match location {
-        ParamIn::Query => query
+        ParamIn::Query => req
+            .query_pairs()
             .iter()
             .filter(|(k, _)| k == name)
-            .map(|(_, v)| Cow::Borrowed(v.as_ref()))
+            .map(|(_, v)| Cow::Borrowed(v.as_str()))
             .collect(),
         ParamIn::Header => req
-            .head
             .headers
             .get_all(name)
             .iter()
@@ -413,15 +427,10 @@ fn param_values<'r>(
             .map(|(_, v)| Cow::Borrowed(v.as_ref()))
             .collect(),
         ParamIn::Cookie => req
-            .head
-            .headers
-            .get_all(http::header::COOKIE)
+            .cookies()
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|c| c.trim().split_once('='))
-            .filter(|(k, _)| *k == name)
-            .map(|(_, v)| Cow::Borrowed(v.trim_matches('"')))
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| Cow::Borrowed(v.as_str()))
             .collect(),
         ParamIn::Body => Vec::new(),
     }
@@ -432,21 +441,33 @@ impl Stage for ValidateStage {
         StageKind::Validate
     }
 
-    fn needs_body(&self) -> bool {
-        self.validation.needs_body()
+    fn needs(&self) -> Needs {
+        Needs {
+            body: self.validation.needs_body(),
+            geo: false,
+        }
     }
 
-    fn evaluate(&self, req: &RequestView<'_>) -> Decision {
+    fn evaluate<'s>(&'s self, req: &Request<'_>, notes: &mut Notes) -> Eval<'s> {
+        Eval::Done(self.check(req, notes))
+    }
+}
+
+impl ValidateStage {
+    fn check(&self, req: &Request<'_>, notes: &mut Notes) -> Decision {
         let v = &*self.validation;
-        let head = req.head;
-        let preflight = head.method == http::Method::OPTIONS
-            && head.headers.contains_key("access-control-request-method");
-        let (op, captures) = match v.table.lookup(&head.method, head.uri.path(), preflight) {
+        let Ok(method) = http::Method::from_bytes(req.method.as_bytes()) else {
+            return Decision::Continue;
+        };
+        let preflight = method == http::Method::OPTIONS
+            && req.headers.contains_key("access-control-request-method");
+        let (op, captures) = match v.table.lookup(&method, req.path, preflight) {
             Lookup::Found(op, captures) => (op, captures),
             Lookup::Preflight => return Decision::Continue,
             Lookup::MethodNotAllowed(allow) if v.unknown_block => {
                 let fields = detail("allowed", json!(allow));
                 return self.reject(
+                    notes,
                     "-",
                     405,
                     "method_not_allowed",
@@ -455,7 +476,7 @@ impl Stage for ValidateStage {
                 );
             }
             Lookup::Unknown if v.unknown_block => {
-                return self.reject("-", 404, "unknown_operation", Map::new(), vec![]);
+                return self.reject(notes, "-", 404, "unknown_operation", Map::new(), vec![]);
             }
             Lookup::MethodNotAllowed(_) | Lookup::Unknown => return Decision::Continue,
         };
@@ -463,22 +484,24 @@ impl Stage for ValidateStage {
         let mut violations = Violations::new(v.max_violations);
         let check_body = v.mode != ValidateMode::Params;
 
-        let declared_length = content_length(head);
-        let chunked = head.headers.contains_key(http::header::TRANSFER_ENCODING);
-        let has_body = match req.body {
+        let declared_length = req.content_length();
+        let chunked = req.headers.contains_key(http::header::TRANSFER_ENCODING);
+        let body = req.body_read.then_some(req.body);
+        let has_body = match body {
             // Read whole: it speaks for itself (an empty chunked body is no body).
             Some(b) if req.body_complete => !b.is_empty(),
             _ => declared_length.is_some_and(|n| n > 0) || chunked,
         };
         if check_body {
             if let Some(limit) = op.max_body.or(v.max_body) {
-                let seen = req.body.map_or(0, <[u8]>::len) as u64;
+                let seen = body.map_or(0, <[u8]>::len) as u64;
                 // A body cut at the inspection limit is longer than what was seen.
-                let cut = req.body.is_some() && !req.body_complete;
+                let cut = body.is_some() && !req.body_complete;
                 if declared_length.unwrap_or(0).max(seen) > limit as u64
                     || (cut && seen >= limit as u64)
                 {
                     return self.reject(
+                        notes,
                         label,
                         413,
                         "body_too_large",
@@ -492,13 +515,14 @@ impl Stage for ValidateStage {
         let mut body_validator = None;
         if let (true, Some(body)) = (check_body, &op.body) {
             if has_body {
-                let mut content_types = head.headers.get_all(http::header::CONTENT_TYPE).iter();
+                let mut content_types = req.headers.get_all(http::header::CONTENT_TYPE).iter();
                 let content_type = content_types.next().and_then(|c| c.to_str().ok());
                 // Content-Type is a singleton (RFC 9110 §8.3): with two, this check could read
                 // one and the backend the other (`application/json`, then a form type that
                 // reads `{"a":"x&role=admin"}` differently).
                 if content_types.next().is_some() {
                     return self.reject(
+                        notes,
                         label,
                         400,
                         "ambiguous_content_type",
@@ -506,7 +530,7 @@ impl Stage for ValidateStage {
                         vec![],
                     );
                 }
-                let encoded = head
+                let encoded = req
                     .headers
                     .get_all(http::header::CONTENT_ENCODING)
                     .iter()
@@ -518,18 +542,19 @@ impl Stage for ValidateStage {
                         let m = message(
                             "JSON bodies must be UTF-8; drop the charset parameter or set it to utf-8",
                         );
-                        return self.reject(label, 415, "unsupported_media_type", m, vec![]);
+                        return self.reject(notes, label, 415, "unsupported_media_type", m, vec![]);
                     }
                     // A compressed body cannot be checked (and is not decompressed at the edge).
                     MediaMatch::Accepted(Some(_)) if encoded => {
                         let m = message(
                             "a body with a Content-Encoding cannot be validated; send it uncompressed",
                         );
-                        return self.reject(label, 415, "unsupported_media_type", m, vec![]);
+                        return self.reject(notes, label, 415, "unsupported_media_type", m, vec![]);
                     }
                     MediaMatch::Accepted(validator) => body_validator = validator,
                     MediaMatch::Rejected(accepted) => {
                         return self.reject(
+                            notes,
                             label,
                             415,
                             "unsupported_media_type",
@@ -549,41 +574,36 @@ impl Stage for ValidateStage {
         }
 
         if v.mode != ValidateMode::Body {
-            let wants_query = op.params.iter().any(|p| p.location == ParamIn::Query);
-            let query: Vec<(Cow<'_, str>, Cow<'_, str>)> = match head.uri.query() {
-                Some(q) if wants_query => form_urlencoded::parse(q.as_bytes()).collect(),
-                _ => Vec::new(),
-            };
             for p in &op.params {
-                let values = param_values(req, p.location, &p.name, &query, &captures);
+                let values = param_values(req, p.location, &p.name, &captures);
                 p.check(&values, &mut violations);
             }
         }
 
         if let Some(validator) = body_validator {
-            let body = match req.body {
-                Some(b) if req.body_complete => b,
+            match body {
+                Some(_) if req.body_complete => {}
                 // Longer than the inspection limit (or not read): it cannot be checked whole.
                 _ => {
                     let m = message(
                         "the body is larger than the inspection limit and cannot be validated",
                     );
-                    return self.reject(label, 413, "body_too_large", m, vec![]);
+                    return self.reject(notes, label, 413, "body_too_large", m, vec![]);
                 }
             };
-            match json::parse_strict(body) {
+            match req.json_document() {
                 Err(e) => {
                     let mut fields = Map::new();
                     fields.insert(
                         "position".into(),
-                        json!({ "line": e.line(), "column": e.column() }),
+                        json!({ "line": e.line, "column": e.column }),
                     );
-                    fields.insert("message".into(), json!(violation::cap(e.to_string())));
-                    return self.reject(label, 400, "invalid_json", fields, vec![]);
+                    fields.insert("message".into(), json!(violation::cap(e.message.clone())));
+                    return self.reject(notes, label, 400, "invalid_json", fields, vec![]);
                 }
                 Ok(doc) => {
-                    if !validator.is_valid(&doc) {
-                        for e in validator.iter_errors(&doc) {
+                    if !validator.is_valid(doc) {
+                        for e in validator.iter_errors(doc) {
                             if violations.is_full() {
                                 violations.mark_truncated();
                                 break;
@@ -608,7 +628,7 @@ impl Stage for ValidateStage {
                 if let Value::Object(report) = violations.to_json() {
                     fields.extend(report);
                 }
-                self.reject(label, 400, reason, fields, vec![])
+                self.reject(notes, label, 400, reason, fields, vec![])
             }
         }
     }
@@ -618,12 +638,18 @@ impl Stage for ValidateStage {
 #[allow(clippy::unwrap_used, clippy::panic, reason = "tests")]
 mod tests {
     use super::*;
-    use crate::identity::geo::ClientGeo;
 
     fn stage(dir: &Path, yaml: &str) -> ValidateStage {
         let cfg: ValidateConfig =
             serde_saphyr::from_str_with_options(yaml, crate::config::yaml_options()).unwrap();
-        let v = compile(&cfg, dir, &DocumentStore::new()).unwrap_or_else(|e| panic!("{e:?}"));
+        let file: Arc<str> = "t.yaml".into();
+        let site = ConfigSite {
+            file: &file,
+            route: "r",
+            route_at: serde_saphyr::Location::UNKNOWN,
+        };
+        let v =
+            compile(&cfg, dir, &DocumentStore::new(), &site).unwrap_or_else(|e| panic!("{e:?}"));
         let metric = IntCounterVec::new(
             prometheus::Opts::new("t", "t"),
             &["route", "operation", "reason"],
@@ -648,14 +674,17 @@ mod tests {
             b = b.header("content-length", body.len().to_string());
         }
         let (parts, ()) = b.body(()).unwrap().into_parts();
-        let view = RequestView {
-            head: &parts,
-            client_ip: None,
-            geo: ClientGeo::default(),
-            body: (!body.is_empty()).then_some(body.as_bytes()),
-            body_complete: true,
+        let cache = crate::request::RequestCache::default();
+        let view = Request::of_head(&parts, &cache)
+            .with_body((!body.is_empty()).then_some(body.as_bytes()), true);
+        let mut notes = Notes::default();
+        let Eval::Done(d) = s.evaluate(&view, &mut notes) else {
+            panic!("validation never waits")
         };
-        match s.evaluate(&view) {
+        if let Some(l) = notes.counted.first() {
+            return (l.to_string(), Value::Null);
+        }
+        match d {
             Decision::Continue => ("pass".into(), Value::Null),
             Decision::Block(b) => {
                 let d = b
@@ -664,7 +693,6 @@ mod tests {
                     .unwrap_or_default();
                 (b.reason.into_owned(), d)
             }
-            Decision::Count(l) => (l.into_owned(), Value::Null),
             d => panic!("unexpected {d:?}"),
         }
     }

@@ -1,5 +1,8 @@
 //! The admin listener: `/healthz` (process is up), `/readyz` (every upstream group has a usable
-//! server) and `/metrics` (Prometheus text). Served on its own port, loopback by default.
+//! server), `/metrics` (Prometheus text), `GET /config` (generation, source files with their
+//! hashes, last reload error) and `POST /reload`. Served on its own port, loopback by default.
+//! `POST /reload` changes state: without `admin.token` it answers only loopback clients; with
+//! one, only requests carrying `Authorization: Bearer <token>` (compared in constant time).
 
 use std::sync::Arc;
 
@@ -9,6 +12,7 @@ use http::Response;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
+use super::reload::{reload_off_thread, Reloader};
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshot;
 
@@ -16,12 +20,85 @@ use crate::snapshot::Snapshot;
 pub struct AdminApp {
     snapshot: Arc<ArcSwap<Snapshot>>,
     metrics: Arc<Metrics>,
+    reloader: Arc<Reloader>,
+}
+
+/// Compares in time independent of where the inputs differ (for the bearer token).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl AdminApp {
     /// An admin app over the live snapshot.
-    pub fn new(snapshot: Arc<ArcSwap<Snapshot>>, metrics: Arc<Metrics>) -> Self {
-        AdminApp { snapshot, metrics }
+    pub fn new(
+        snapshot: Arc<ArcSwap<Snapshot>>,
+        metrics: Arc<Metrics>,
+        reloader: Arc<Reloader>,
+    ) -> Self {
+        AdminApp {
+            snapshot,
+            metrics,
+            reloader,
+        }
+    }
+
+    /// Whether a state-changing request may proceed: `None` if so, else the refusal.
+    fn authorize(&self, session: &ServerSession) -> Option<Response<Vec<u8>>> {
+        let snapshot = self.snapshot.load();
+        match &snapshot.config.admin_token {
+            Some(token) => {
+                let given = session
+                    .req_header()
+                    .headers
+                    .get(http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .unwrap_or("");
+                (!constant_time_eq(given.trim().as_bytes(), token.as_bytes())).then(|| {
+                    reply(
+                        401,
+                        "application/json",
+                        br#"{"error":"unauthorized"}"#.to_vec(),
+                    )
+                })
+            }
+            None => {
+                let loopback = session
+                    .client_addr()
+                    .and_then(|a| a.as_inet())
+                    .is_some_and(|a| a.ip().to_canonical().is_loopback());
+                (!loopback).then(|| {
+                    reply(
+                        403,
+                        "application/json",
+                        br#"{"error":"forbidden","message":"POST /reload is accepted from loopback only unless admin.token is set"}"#.to_vec(),
+                    )
+                })
+            }
+        }
+    }
+
+    fn config_report(&self) -> serde_json::Value {
+        let snapshot = self.snapshot.load();
+        let status = self.reloader.status();
+        serde_json::json!({
+            "generation": snapshot.generation,
+            "source": &*snapshot.config.source,
+            "config_hash": snapshot.config.text_hash,
+            "files": snapshot.sources.iter().map(|f| serde_json::json!({
+                "path": f.path.display().to_string(), "kind": f.kind, "hash": f.hash,
+            })).collect::<Vec<_>>(),
+            "routes": snapshot.routes.len(),
+            "rule_sets": snapshot.rule_sets.keys().collect::<Vec<_>>(),
+            "watch": snapshot.config.watch,
+            "last_reload": {
+                "trigger": status.last_trigger,
+                "attempt_unix": status.last_attempt,
+                "success_unix": status.last_success,
+            },
+            "last_error": status.last_error.as_ref().map(|p| p.0.iter().map(|x| x.to_json()).collect::<Vec<_>>()),
+            "restart_required": status.restart_required,
+        })
     }
 
     fn refresh_upstream_gauges(&self, snapshot: &Snapshot) -> Vec<(String, usize, usize)> {
@@ -60,7 +137,45 @@ fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
+        let method = session.req_header().method.clone();
+        if path == "/reload" {
+            if method != http::Method::POST {
+                return reply(
+                    405,
+                    "application/json",
+                    br#"{"error":"method_not_allowed"}"#.to_vec(),
+                );
+            }
+            if let Some(refusal) = self.authorize(session) {
+                return refusal;
+            }
+            return match reload_off_thread(&self.reloader, "admin").await {
+                Ok(generation) => reply(
+                    200,
+                    "application/json",
+                    serde_json::json!({"status": "reloaded", "generation": generation})
+                        .to_string()
+                        .into_bytes(),
+                ),
+                Err(problems) => reply(
+                    422,
+                    "application/json",
+                    serde_json::json!({
+                        "status": "rejected",
+                        "generation": self.snapshot.load().generation,
+                        "errors": problems.0.iter().map(|p| p.to_json()).collect::<Vec<_>>(),
+                    })
+                    .to_string()
+                    .into_bytes(),
+                ),
+            };
+        }
         match path.as_str() {
+            "/config" => reply(
+                200,
+                "application/json",
+                self.config_report().to_string().into_bytes(),
+            ),
             "/healthz" => reply(200, "application/json", br#"{"status":"ok"}"#.to_vec()),
             "/readyz" => {
                 let snapshot = self.snapshot.load();

@@ -1,10 +1,12 @@
 //! Pingora glue: builds the pingora `Server` with the proxy service, the admin listener, the
-//! demo backend and the health-check background services, then runs it.
+//! demo backend and the background services (health checks, rate-limit sweeper, reloads),
+//! then runs it. Start-up compiles the first snapshot through the same step as every reload.
 
 pub mod admin;
+pub mod ctx;
 pub mod demo;
 pub mod proxy;
-pub mod upstreams;
+pub mod reload;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -15,15 +17,14 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::listening::Service;
 
-use crate::config::{Config, UpstreamTargets};
+use crate::compile::{compile, CompileContext};
+use crate::config::{Config, Overrides, Problems, UpstreamTargets};
 use crate::metrics::{Metrics, MetricsError};
-use crate::ratelimit::redis::RedisStore;
-use crate::ratelimit::{CompiledRateLimit, Sweeper};
+use crate::ratelimit::Sweeper;
+use crate::upstream::HealthChecker;
 
 /// How often local rate limiters drop stale keys (sooner when a key cap is reached).
 const RATE_LIMIT_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
-use crate::snapshot::Snapshot;
-use upstreams::{UpstreamError, UpstreamGroup};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -31,9 +32,9 @@ pub enum StartError {
     /// Metrics registration failed.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
-    /// An upstream group could not be built.
-    #[error(transparent)]
-    Upstream(#[from] UpstreamError),
+    /// The configuration could not be compiled.
+    #[error("{0}")]
+    Compile(#[from] Problems),
     /// No loopback port for the demo backend.
     #[error("cannot reserve a loopback port for the demo backend: {0}")]
     DemoPort(std::io::Error),
@@ -55,13 +56,32 @@ fn check_bindable(addr: SocketAddr) -> Result<(), StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
+/// How the process was started.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// The config file re-read at each reload (`None`: the embedded default).
+    pub config_path: Option<std::path::PathBuf>,
+    /// Command-line overrides, applied again at each reload.
+    pub overrides: Overrides,
+    /// Take over the listening sockets of a running Palisade (graceful upgrade).
+    pub upgrade: bool,
+    /// Unix socket the listening sockets are handed over on.
+    pub upgrade_sock: String,
+}
+
+/// Default path of the graceful-upgrade socket.
+pub const DEFAULT_UPGRADE_SOCK: &str = "/tmp/palisade_upgrade.sock";
+
 /// Builds every service from `config` and runs until the process is signalled. Only returns
 /// on a start-up error.
-pub fn run(config: Config) -> Result<(), StartError> {
-    for l in &config.listeners {
-        check_bindable(l.address)?;
+pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
+    if !opts.upgrade {
+        // With --upgrade the sockets come from the running process instead.
+        for l in &config.listeners {
+            check_bindable(l.address)?;
+        }
+        check_bindable(config.admin)?;
     }
-    check_bindable(config.admin)?;
 
     let needs_demo = config
         .upstreams
@@ -77,29 +97,27 @@ pub fn run(config: Config) -> Result<(), StartError> {
     };
 
     let metrics = Arc::new(Metrics::new()?);
-    let mut groups = Vec::new();
-    let mut health_services = Vec::new();
-    for up in &config.upstreams {
-        let (group, hc) = UpstreamGroup::build(up, demo_addr)?;
-        groups.push(group);
-        health_services.extend(hc);
-    }
-    let redis = config.redis.clone().map(|r| Arc::new(RedisStore::new(r)));
-    let rate_limits: Vec<Arc<CompiledRateLimit>> = config
-        .rate_limits
-        .iter()
-        .map(|r| Arc::new(CompiledRateLimit::new(r.clone(), redis.clone(), &metrics)))
-        .collect();
     let threads = config.threads;
     let h2c = config.h2c;
     let listeners: Vec<SocketAddr> = config.listeners.iter().map(|l| l.address).collect();
     let admin_addr = config.admin;
-    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::build(
-        Arc::new(config),
-        groups,
-        &rate_limits,
-        &metrics,
-    )));
+    let first = compile(
+        config,
+        &CompileContext {
+            metrics: &metrics,
+            previous: None,
+            demo_addr,
+            generation: 1,
+        },
+    )?;
+    let snapshot = Arc::new(ArcSwap::from_pointee(first));
+    let reloader = Arc::new(reload::Reloader::new(
+        Arc::clone(&snapshot),
+        Arc::clone(&metrics),
+        opts.config_path.clone(),
+        opts.overrides.clone(),
+        demo_addr,
+    ));
 
     let conf = ServerConf {
         threads,
@@ -107,9 +125,14 @@ pub fn run(config: Config) -> Result<(), StartError> {
         max_retries: 16,
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(5),
+        upgrade_sock: opts.upgrade_sock.clone(),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = pingora::server::configuration::Opt {
+        upgrade: opts.upgrade,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
 
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
@@ -130,7 +153,11 @@ pub fn run(config: Config) -> Result<(), StartError> {
 
     let mut admin = Service::new(
         "palisade admin".to_string(),
-        admin::AdminApp::new(Arc::clone(&snapshot), Arc::clone(&metrics)),
+        admin::AdminApp::new(
+            Arc::clone(&snapshot),
+            Arc::clone(&metrics),
+            Arc::clone(&reloader),
+        ),
     );
     admin.add_tcp(&admin_addr.to_string());
     admin.threads = Some(1);
@@ -144,18 +171,27 @@ pub fn run(config: Config) -> Result<(), StartError> {
         server.add_service(demo);
         tracing::info!(%addr, "demo backend listening (JSON echo)");
     }
-    for hc in health_services {
-        server.add_service(hc);
-    }
-    if !rate_limits.is_empty() {
-        server.add_service(pingora::services::background::background_service(
-            "rate-limit sweeper",
-            Sweeper::new(rate_limits, Arc::clone(&metrics), RATE_LIMIT_SWEEP_INTERVAL),
-        ));
-    }
+    let live = Arc::clone(&snapshot);
+    server.add_service(pingora::services::background::background_service(
+        "upstream health checks",
+        HealthChecker::new(Arc::new(move || live.load().upstreams.clone())),
+    ));
+    let live = Arc::clone(&snapshot);
+    server.add_service(pingora::services::background::background_service(
+        "rate-limit sweeper",
+        Sweeper::new(
+            Arc::new(move || live.load().rate_limits.clone()),
+            Arc::clone(&metrics),
+            RATE_LIMIT_SWEEP_INTERVAL,
+        ),
+    ));
+    server.add_service(pingora::services::background::background_service(
+        "config reload",
+        reload::ReloadService::new(reloader),
+    ));
     for addr in &listeners {
         tracing::info!(%addr, threads, "proxy listening");
     }
-    tracing::info!(addr = %admin_addr, "admin listening (/healthz, /readyz, /metrics)");
+    tracing::info!(addr = %admin_addr, "admin listening (/healthz, /readyz, /metrics, /config, POST /reload)");
     server.run_forever()
 }

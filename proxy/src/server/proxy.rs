@@ -4,7 +4,8 @@
 //! ```text
 //!  new_ctx ─ load snapshot once, request id
 //!     │
-//!  request_filter ─ timeouts, route match ─▶ header stages ─▶ body pre-read ─▶ body stages
+//!  request_filter ─ timeouts, client IP, route match ─▶ the route's pipeline, resumed until
+//!     │              it ends: it stops to have the body pre-read and to await a Redis check
 //!     │                 └─ 404 no_route        └─ block ─▶ JSON error, Ok(true): upstream never sees it
 //!  upstream_peer ─ round-robin over healthy, non-ejected, untried servers
 //!  upstream_request_filter ─ Host override, X-Request-Id, X-Forwarded-For
@@ -14,7 +15,6 @@
 //!  logging ─ metrics, one line per blocked request
 //! ```
 
-use std::borrow::Cow;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -25,14 +25,11 @@ use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use pingora::{Error, ErrorSource, ErrorType};
 
-use crate::config::OversizePolicy;
+use super::ctx::{BodyState, Outcome, RequestCtx, RequestId};
 use crate::metrics::Metrics;
-use crate::pipeline::ctx::Outcome;
-use crate::pipeline::{
-    Block, BodyState, Decision, RequestCtx, RequestId, RequestView, StageKind, Verdict,
-};
-use crate::ratelimit::AsyncStage;
-use crate::snapshot::{CompiledRoute, Snapshot};
+use crate::pipeline::{settle, Block, BodyPolicy, Oversize, StageKind, Step, Verdict};
+use crate::request::{content_length, Request};
+use crate::snapshot::Snapshot;
 
 /// The Palisade proxy service.
 pub struct PalisadeProxy {
@@ -74,14 +71,6 @@ fn request_host(req: &RequestHeader) -> &str {
     } else {
         raw.rsplit_once(':').map(|(h, _)| h).unwrap_or(raw)
     }
-}
-
-/// Parses `Content-Length`; `None` when absent. Pingora has already rejected invalid values.
-fn content_length(req: &RequestHeader) -> Option<u64> {
-    req.headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
 }
 
 fn is_chunked(req: &RequestHeader) -> bool {
@@ -169,20 +158,20 @@ impl PalisadeProxy {
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
-        route: &CompiledRoute,
+        policy: BodyPolicy,
+        needs_body: bool,
     ) -> Result<BodyRead> {
-        let needs_body = route.pipeline.needs_body();
-        let limit = route.inspect_limit;
+        let limit = policy.inspect_limit;
         let req = session.req_header();
         let chunked = is_chunked(req);
-        let length = content_length(req);
+        let length = content_length(&req.headers);
         if !chunked {
             match length {
                 None | Some(0) => return Ok(BodyRead::Proceed),
                 Some(n) if n > limit as u64 => {
-                    return Ok(match route.oversize {
-                        OversizePolicy::Block => BodyRead::TooLarge,
-                        OversizePolicy::Continue => {
+                    return Ok(match policy.oversize {
+                        Oversize::Block => BodyRead::TooLarge,
+                        Oversize::Continue => {
                             ctx.body_state = BodyState::Uninspected;
                             BodyRead::Proceed
                         }
@@ -208,9 +197,9 @@ impl PalisadeProxy {
             return Ok(BodyRead::TooLarge);
         }
         if buf.len() > limit {
-            match route.oversize {
-                OversizePolicy::Block => return Ok(BodyRead::TooLarge),
-                OversizePolicy::Continue => {
+            match policy.oversize {
+                Oversize::Block => return Ok(BodyRead::TooLarge),
+                Oversize::Continue => {
                     buf.truncate(limit);
                     ctx.body_state = BodyState::Partial;
                 }
@@ -243,7 +232,7 @@ impl ProxyHttp for PalisadeProxy {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip().to_canonical());
         if let Some(peer) = ctx.peer_ip {
-            let resolver = &snapshot.config.client_ip;
+            let resolver = &snapshot.client_ip;
             ctx.peer_trusted = resolver.is_trusted(peer);
             ctx.client_ip = Some(resolver.resolve(peer, &req.headers));
             if ctx.peer_trusted {
@@ -265,81 +254,61 @@ impl ProxyHttp for PalisadeProxy {
         };
         ctx.route = Some(ri);
         let route = &snapshot.routes[ri];
-        if route.needs_geo {
-            if let (Some(db), Some(ip)) = (&snapshot.config.geo, ctx.client_ip) {
+        let needs = route.pipeline.needs();
+        if needs.geo {
+            if let (Some(db), Some(ip)) = (&snapshot.geo, ctx.client_ip) {
                 ctx.geo = db.lookup(ip);
-                let label = ctx.geo.country.as_ref().map_or("unknown", |c| c.as_str());
                 self.metrics
-                    .client_country
-                    .with_label_values(&[label])
-                    .inc();
+                    .count_country(ctx.geo.country.as_ref().map_or("unknown", |c| c.as_str()));
             }
         }
 
-        let verdict = {
-            let view = RequestView {
-                head: session.req_header(),
-                client_ip: ctx.client_ip,
-                geo: ctx.geo,
-                body: None,
-                body_complete: false,
+        // The pipeline decides; this loop only does its I/O (body read, awaited checks). The
+        // request view is rebuilt per step (a few references) and never held across an await.
+        let mut at = 0;
+        let mut body_read = false;
+        loop {
+            let step = {
+                let req = Request::of_head(session.req_header(), &ctx.cache)
+                    .with_client(ctx.client_ip, ctx.geo.country, ctx.geo.asn)
+                    .with_body(ctx.body.as_deref(), ctx.body_state == BodyState::Complete);
+                route.pipeline.resume(at, body_read, &req, &mut ctx.notes)
             };
-            route.pipeline.run_header_stages(&view, &mut ctx.counted)
-        };
-        match verdict {
-            Verdict::Block(stage, b) => return self.block(session, ctx, stage, b).await,
-            Verdict::Allow => return Ok(false),
-            Verdict::Forward => {}
-        }
-        if let Some(rl) = &route.rate_limit {
-            let verdict = {
-                let view = RequestView {
-                    head: session.req_header(),
-                    client_ip: ctx.client_ip,
-                    geo: ctx.geo,
-                    body: None,
-                    body_complete: false,
-                };
-                rl.evaluate(&view).await
-            };
-            ctx.ratelimit_headers = verdict.headers;
-            match verdict.decision {
-                Decision::Block(b) => {
-                    return self.block(session, ctx, StageKind::RateLimit, b).await
+            let verdict = match step {
+                Step::Done(v) => v,
+                Step::ReadBody { next } => {
+                    let policy = route.pipeline.body();
+                    if let BodyRead::TooLarge =
+                        self.pre_read_body(session, ctx, policy, needs.body).await?
+                    {
+                        let b = Block::new(413, "body_too_large");
+                        return self.block(session, ctx, StageKind::Body, b).await;
+                    }
+                    body_read = true;
+                    at = next;
+                    continue;
                 }
-                Decision::Count(label) => ctx.counted.push(label),
-                Decision::Counted(labels) => ctx.counted.extend(labels),
-                Decision::Continue | Decision::Allow => {}
-            }
-        }
-
-        if route.pipeline.needs_body() || route.oversize == OversizePolicy::Block {
-            if let BodyRead::TooLarge = self.pre_read_body(session, ctx, route).await? {
-                let b = Block {
-                    status: 413,
-                    reason: Cow::Borrowed("body_too_large"),
-                    headers: vec![],
-                    details: None,
-                };
-                return self.block(session, ctx, StageKind::Access, b).await;
-            }
-        }
-        if route.pipeline.has_late_stages() {
-            let verdict = {
-                let view = RequestView {
-                    head: session.req_header(),
-                    client_ip: ctx.client_ip,
-                    geo: ctx.geo,
-                    body: ctx.body.as_deref(),
-                    body_complete: ctx.body_state == BodyState::Complete,
-                };
-                route.pipeline.run_body_stages(&view, &mut ctx.counted)
+                Step::Await {
+                    kind,
+                    pending,
+                    next,
+                } => {
+                    let (decision, notes) = pending.await;
+                    ctx.notes.merge(notes);
+                    match settle(kind, decision) {
+                        Some(v) => v,
+                        None => {
+                            at = next;
+                            continue;
+                        }
+                    }
+                }
             };
-            if let Verdict::Block(stage, b) = verdict {
-                return self.block(session, ctx, stage, b).await;
-            }
+            return match verdict {
+                Verdict::Block(stage, b) => self.block(session, ctx, stage, b).await,
+                Verdict::Forward | Verdict::Allow => Ok(false),
+            };
         }
-        Ok(false)
     }
 
     async fn upstream_peer(
@@ -418,9 +387,8 @@ impl ProxyHttp for PalisadeProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         upstream_response.insert_header("x-request-id", ctx.request_id.to_string())?;
-        if let Some((policy, state)) = ctx.ratelimit_headers.take() {
-            upstream_response.insert_header("ratelimit-policy", policy)?;
-            upstream_response.insert_header("ratelimit", state)?;
+        for (name, value) in ctx.notes.response_headers.drain(..) {
+            upstream_response.insert_header(name, value)?;
         }
         Ok(())
     }
@@ -437,10 +405,7 @@ impl ProxyHttp for PalisadeProxy {
             if let Some(addr) = peer._address.as_inet() {
                 group.record_failure(*addr);
             }
-            self.metrics
-                .upstream_errors
-                .with_label_values(&[group.name.as_str(), "connect"])
-                .inc();
+            group.errors[0].inc();
             // Nothing was sent yet, so any request may go to another server.
             if ctx.tried.len() < group.len() {
                 e.set_retry(true);
@@ -491,14 +456,8 @@ impl ProxyHttp for PalisadeProxy {
         };
         if status == 504 || status == 502 {
             if let Some(route) = ctx.route.and_then(|i| ctx.snapshot.routes.get(i)) {
-                let kind = if status == 504 { "timeout" } else { "failure" };
-                self.metrics
-                    .upstream_errors
-                    .with_label_values(&[
-                        ctx.snapshot.upstreams[route.upstream].name.as_str(),
-                        kind,
-                    ])
-                    .inc();
+                let kind = if status == 504 { 1 } else { 2 };
+                ctx.snapshot.upstreams[route.upstream].errors[kind].inc();
             }
         }
         if status > 0 {
@@ -542,11 +501,8 @@ impl ProxyHttp for PalisadeProxy {
         let m = &route.metrics;
         m.duration.observe(ctx.start.elapsed().as_secs_f64());
         m.response(status);
-        for label in &ctx.counted {
-            self.metrics
-                .counted
-                .with_label_values(&[route.name.as_str(), label])
-                .inc();
+        for label in &ctx.notes.counted {
+            m.counts.get(&[route.name.as_str(), label]).inc();
         }
         match &ctx.outcome {
             Outcome::Forwarded => m.forwarded.inc(),
@@ -558,9 +514,8 @@ impl ProxyHttp for PalisadeProxy {
                 details,
             } => {
                 m.blocked.inc();
-                self.metrics
-                    .blocked
-                    .with_label_values(&[route.name.as_str(), stage.name(), reason])
+                m.blocks
+                    .get(&[route.name.as_str(), stage.name(), reason])
                     .inc();
                 let req = session.req_header();
                 tracing::info!(

@@ -1,6 +1,8 @@
 //! Upstream groups: round-robin selection over pingora's `LoadBalancer`, with active health
-//! checks (pingora's TCP/HTTP checks in a background service) and passive health (consecutive
-//! connection failures seen by real requests eject a server for a while).
+//! checks (pingora's TCP/HTTP checks, run by [`HealthChecker`] for the groups of the snapshot
+//! in force) and passive health (consecutive connection failures seen by real requests eject a
+//! server for a while). A reload keeps the group (and so its health state) of an upstream
+//! whose settings did not change.
 //!
 //! Passive health is written here because pingora's load balancer only knows active checks.
 //! It is lock-free: one pair of atomics per server.
@@ -8,7 +10,9 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
 
 use pingora::lb::health_check::{
     HealthCheck as PingoraHealthCheck, HttpHealthCheck, TcpHealthCheck,
@@ -16,7 +20,7 @@ use pingora::lb::health_check::{
 use pingora::lb::selection::RoundRobin;
 use pingora::lb::{Backend, LoadBalancer};
 
-use crate::config::{HealthCheckKind, PassiveHealth, Upstream, UpstreamTargets};
+use crate::config::{HealthCheckKind, PassiveHealth, Upstream};
 
 /// Passive-health state of one server.
 struct ServerHealth {
@@ -36,6 +40,14 @@ pub struct UpstreamGroup {
     servers: Vec<ServerHealth>,
     passive: PassiveHealth,
     epoch: Instant,
+    /// Active health check interval, when configured.
+    check_every: Option<Duration>,
+    /// Milliseconds since `epoch` when the next active check is due.
+    next_check_ms: AtomicU64,
+    /// The settings and addresses it was built from (a reload reuses an identical group).
+    pub built_from: (Upstream, Vec<SocketAddr>),
+    /// `palisade_upstream_errors_total` handles: connect, timeout, failure.
+    pub errors: [prometheus::IntCounter; 3],
 }
 
 /// Why an upstream group could not be built.
@@ -52,17 +64,12 @@ pub enum UpstreamError {
 }
 
 impl UpstreamGroup {
-    /// Builds a group. `demo_addr` is where the built-in demo backend listens (for `demo: true`).
-    /// Returns the group and, when active health checks are configured, the load balancer that
-    /// must run as a pingora background service.
+    /// Builds a group over `addrs` (resolved by the compile step).
     pub fn build(
         up: &Upstream,
-        demo_addr: Option<SocketAddr>,
-    ) -> Result<(Arc<UpstreamGroup>, Option<HealthCheckService>), UpstreamError> {
-        let addrs: Vec<SocketAddr> = match &up.targets {
-            UpstreamTargets::Servers(a) => a.clone(),
-            UpstreamTargets::Demo => demo_addr.into_iter().collect(),
-        };
+        addrs: Vec<SocketAddr>,
+        errors: [prometheus::IntCounter; 3],
+    ) -> Result<Arc<UpstreamGroup>, UpstreamError> {
         let mut lb =
             LoadBalancer::<RoundRobin>::try_from_iter(addrs.iter().copied()).map_err(|source| {
                 UpstreamError::Targets {
@@ -78,8 +85,7 @@ impl UpstreamGroup {
                 ejected_until_ms: AtomicU64::new(0),
             })
             .collect();
-        let mut background = None;
-        let lb = if let Some(hc) = &up.health_check {
+        if let Some(hc) = &up.health_check {
             let check: Box<dyn PingoraHealthCheck + Send + Sync> = match hc.kind {
                 HealthCheckKind::Tcp => {
                     let mut c = TcpHealthCheck::new();
@@ -111,28 +117,33 @@ impl UpstreamGroup {
                 }
             };
             lb.set_health_check(check);
-            lb.health_check_frequency = Some(hc.interval);
-            lb.parallel_health_check = true;
-            // The background service owns the load balancer; the group keeps the shared handle.
-            let service = pingora::services::background::background_service(
-                &format!("health check {}", up.name),
-                lb,
-            );
-            let task = service.task();
-            background = Some(service);
-            task
-        } else {
-            Arc::new(lb)
-        };
-        let group = Arc::new(UpstreamGroup {
+        }
+        Ok(Arc::new(UpstreamGroup {
             name: up.name.clone(),
             host_header: up.host_header.clone(),
-            lb,
+            lb: Arc::new(lb),
             servers,
             passive: up.passive,
             epoch: Instant::now(),
-        });
-        Ok((group, background))
+            check_every: up.health_check.as_ref().map(|h| h.interval),
+            next_check_ms: AtomicU64::new(0),
+            built_from: (up.clone(), addrs),
+            errors,
+        }))
+    }
+
+    /// Runs the active health check if it is due.
+    async fn check_if_due(&self) {
+        let Some(every) = self.check_every else {
+            return;
+        };
+        let now = self.now_ms();
+        if now < self.next_check_ms.load(Ordering::Relaxed) {
+            return;
+        }
+        self.next_check_ms
+            .store(now + every.as_millis() as u64, Ordering::Relaxed);
+        self.lb.backends().run_health_check(true).await;
     }
 
     /// Picks a server round-robin among those that are healthy (active checks), not ejected
@@ -219,6 +230,32 @@ impl UpstreamGroup {
     }
 }
 
-/// A pingora background service running an upstream group's active health checks.
-pub type HealthCheckService =
-    pingora::services::background::GenBackgroundService<LoadBalancer<RoundRobin>>;
+/// The upstream groups in force now (they change with each reload).
+pub type GroupSource = Arc<dyn Fn() -> Vec<Arc<UpstreamGroup>> + Send + Sync>;
+
+/// Background service running the active health checks of the groups in force, each at its
+/// own interval; a group that a reload replaced is no longer checked, one it kept goes on.
+pub struct HealthChecker {
+    groups: GroupSource,
+}
+
+impl HealthChecker {
+    /// A checker over the groups `groups` returns at each tick.
+    pub fn new(groups: GroupSource) -> HealthChecker {
+        HealthChecker { groups }
+    }
+}
+
+#[async_trait]
+impl pingora::services::background::BackgroundService for HealthChecker {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        loop {
+            let groups = (self.groups)();
+            futures_util::future::join_all(groups.iter().map(|g| g.check_if_due())).await;
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+}

@@ -1,9 +1,9 @@
-//! Validate stage, request time: parsing JSON bodies for validation.
+//! Request model: parsing JSON bodies, once, for validation and the rules alike.
 //!
 //! `serde_json::Value` keeps the last of duplicate object keys. A backend whose parser keeps
 //! the first one would then act on a value the schema never saw (`{"role":"user",
 //! "role":"admin"}`), a classic parser-differential bypass. RFC 8259 leaves duplicates to the
-//! implementation and I-JSON (RFC 7493) forbids them, so the validator rejects them. This
+//! implementation and I-JSON (RFC 7493) forbids them, so the request model rejects them (validation answers 400, the rules inspect the body as text). This
 //! needs a visitor of our own: serde_json offers no duplicate-key check. The nesting limit
 //! (128) is serde_json's own and still applies.
 

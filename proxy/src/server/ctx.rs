@@ -9,8 +9,9 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::StageKind;
 use crate::identity::geo::ClientGeo;
+use crate::pipeline::{BlockDetails, Notes, StageKind};
+use crate::request::RequestCache;
 use crate::snapshot::Snapshot;
 
 /// How much of the request body was pre-read for inspection.
@@ -109,7 +110,7 @@ pub enum Outcome {
         /// Reason.
         reason: Cow<'static, str>,
         /// Structured details (validation violations), for the log line.
-        details: Option<std::sync::Arc<super::BlockDetails>>,
+        details: Option<std::sync::Arc<BlockDetails>>,
     },
     /// Not routed (no route matched).
     NoRoute,
@@ -142,16 +143,16 @@ pub struct RequestCtx {
     pub body_state: BodyState,
     /// The pre-read body (shares the bytes pingora replays upstream).
     pub body: Option<Bytes>,
-    /// Labels from `Count` decisions.
-    pub counted: Vec<Cow<'static, str>>,
+    /// The request's parsed parts, shared by every phase (each parsed at most once).
+    pub cache: RequestCache,
+    /// Count matches and response headers recorded by the stages.
+    pub notes: Notes,
     /// The outcome.
     pub outcome: Outcome,
     /// Upstream servers already tried (for retries on connection failure).
     pub tried: Vec<SocketAddr>,
     /// The upstream server currently used.
     pub upstream_addr: Option<SocketAddr>,
-    /// `RateLimit-Policy` and `RateLimit` values to add to an allowed response.
-    pub ratelimit_headers: Option<(String, String)>,
 }
 
 impl RequestCtx {
@@ -168,11 +169,11 @@ impl RequestCtx {
             geo: ClientGeo::default(),
             body_state: BodyState::NotRead,
             body: None,
-            counted: Vec::new(),
+            cache: RequestCache::default(),
+            notes: Notes::default(),
             outcome: Outcome::Forwarded,
             tried: Vec::new(),
             upstream_addr: None,
-            ratelimit_headers: None,
         }
     }
 }

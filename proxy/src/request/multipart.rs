@@ -1,10 +1,10 @@
-//! Rules step (evaluate): `multipart/form-data` bodies parsed into fields and file names with
-//! the `multer` crate. The body is already in memory, so the async parser is driven to
-//! completion synchronously on a ready stream: it never waits.
+//! Request model: `multipart/form-data` bodies parsed into fields and file names with the
+//! `multer` crate. The body is already in memory, so the async parser is driven to completion
+//! synchronously on a ready stream: it never waits.
 
 use bytes::Bytes;
 
-use super::fields::ParsedForm;
+use super::ParsedForm;
 
 /// Most parts inspected; a body with more is inspected up to this many.
 const MAX_PARTS: usize = 1000;

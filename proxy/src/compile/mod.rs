@@ -1,0 +1,755 @@
+//! Step 3 of parse → check → compile → snapshot → swap: a checked [`Config`] becomes a running
+//! [`Snapshot`]. This is where side effects happen: IP list files, rule sets, schema and
+//! OpenAPI documents and mmdb files are read, upstream names resolved, rule sets, schemas and
+//! IP sets compiled, metric handles resolved, and each route's pipeline built from the policy
+//! types its stages own. Every problem keeps its file, line and column ([`Problem`]).
+//!
+//! Given the snapshot in force, a reload keeps what did not change: the state of a rate-limit
+//! rule with the same settings (its buckets), an upstream group with the same settings and
+//! addresses (its health), and the Redis connection.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_saphyr::Spanned;
+
+use crate::config::file::{
+    AsnPolicyConfig, GeoPolicyConfig, RateLimitConfig, RateLimitHeadersConfig,
+    RateLimitStoreConfig, RedisConfig, RedisOnErrorConfig, RuleActionConfig, UnknownPolicy,
+};
+use crate::config::{content_hash, Config, Problem, Problems, UpstreamTargets};
+use crate::identity::client_ip::{ClientIpResolver, ForwardedHeader};
+use crate::identity::geo::{CountryCode, GeoDb};
+use crate::identity::ipset::{parse_cidr, IpSet, IpSetBuilder};
+use crate::metrics::Metrics;
+use crate::pipeline::{
+    AccessPolicy, AccessStage, AsnPolicy, BodyPolicy, GeoPolicy, GeoStage, IpPolicy, IpStage,
+    ListMode, Oversize, Pipeline, Stage,
+};
+use crate::ratelimit::key::KeyPart;
+use crate::ratelimit::redis::RedisStore;
+use crate::ratelimit::rule::{
+    Rate, RateLimitAction, RateLimitRule, RateLimitScope, RateLimitStore, RedisOnError,
+    RedisSettings, RedisTarget,
+};
+use crate::ratelimit::{CompiledRateLimit, RateLimitStage};
+use crate::rules::compile::CompiledRuleSet;
+use crate::rules::eval::{AttachedRuleSet, ExclusionTarget};
+use crate::rules::RulesStage;
+use crate::schema::{ConfigSite, DocumentStore, RouteValidation, ValidateStage};
+use crate::snapshot::{CompiledRoute, Snapshot, SourceFile};
+use crate::upstream::UpstreamGroup;
+
+/// What a compilation starts from besides the config.
+pub struct CompileContext<'a> {
+    /// The metric families (handles are resolved from them).
+    pub metrics: &'a Arc<Metrics>,
+    /// The snapshot in force, whose unchanged parts are kept (`None` at start-up).
+    pub previous: Option<&'a Snapshot>,
+    /// Where the demo backend listens, when it runs.
+    pub demo_addr: Option<SocketAddr>,
+    /// Generation of the new snapshot.
+    pub generation: u64,
+}
+
+struct Out {
+    file: Arc<str>,
+    problems: Problems,
+    sources: Vec<SourceFile>,
+}
+
+impl Out {
+    fn at(&mut self, loc: &serde_saphyr::Location, message: String) {
+        self.problems.push(Problem::at(&self.file, loc, message));
+    }
+    fn global(&mut self, message: String) {
+        self.problems.push(Problem::file(&self.file, message));
+    }
+    fn source(&mut self, path: &Path, kind: &'static str) {
+        let hash = if path.is_dir() {
+            let mut names: Vec<String> = std::fs::read_dir(path)
+                .map(|d| {
+                    d.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            names.sort();
+            content_hash(names.join("\n").as_bytes())
+        } else {
+            std::fs::read(path)
+                .map(|b| content_hash(&b))
+                .unwrap_or_else(|_| "unreadable".into())
+        };
+        if !self.sources.iter().any(|s| s.path == path) {
+            self.sources.push(SourceFile {
+                path: path.to_path_buf(),
+                kind,
+                hash,
+            });
+        }
+    }
+}
+
+/// Compiles a checked configuration into a snapshot, or lists every problem found.
+pub fn compile(config: Config, cx: &CompileContext<'_>) -> Result<Snapshot, Problems> {
+    let mut out = Out {
+        file: Arc::clone(&config.source),
+        problems: Problems::default(),
+        sources: Vec::new(),
+    };
+    if let Some(p) = &config.path {
+        out.source(p, "config");
+    }
+    let ip_sets = ip_sets(&config, &mut out);
+    let client_ip = client_ip(&config, &ip_sets);
+    let geo = geo_db(&config, &mut out);
+    let redis = redis_store(config.redis.as_ref(), cx.previous, &mut out);
+    let rule_sets = rule_sets(&config, &ip_sets, &mut out);
+    let rate_limits = rate_limits(&config, redis.as_ref(), geo.is_some(), cx, &mut out);
+    let upstreams = upstreams(&config, cx, &mut out);
+
+    // Schema documents are read once per load, whichever routes refer to them.
+    let store = DocumentStore::new();
+    let mut routes = Vec::new();
+    for r in &config.routes {
+        let p = &r.policy;
+        let mut stages: Vec<Box<dyn Stage>> = Vec::new();
+        if let Some(s) = AccessStage::new(AccessPolicy {
+            methods: p.methods.clone(),
+            deny: p.deny.clone(),
+        }) {
+            stages.push(Box::new(s));
+        }
+        if let Some(ip) = &p.ip {
+            let resolve = |names: &[Spanned<String>]| {
+                names
+                    .iter()
+                    .filter_map(|n| {
+                        ip_sets
+                            .get(&n.value)
+                            .map(|s| (n.value.clone(), Arc::clone(s)))
+                    })
+                    .collect()
+            };
+            stages.push(Box::new(IpStage::new(IpPolicy {
+                allow: resolve(&ip.allow),
+                deny: resolve(&ip.deny),
+            })));
+        }
+        if let Some(g) = GeoStage::new(
+            p.geo.as_ref().map(geo_policy),
+            p.asn.as_ref().map(asn_policy),
+        ) {
+            stages.push(Box::new(g));
+        }
+        if let Some(rl) = RateLimitStage::for_route(&r.name, &rate_limits, cx.metrics) {
+            stages.push(Box::new(rl));
+        }
+        let attached = attach_rulesets(r, &rule_sets, &mut out);
+        if let Some(rules) = RulesStage::new(attached.clone()) {
+            stages.push(Box::new(rules));
+        }
+        let validation = p
+            .validate
+            .as_ref()
+            .and_then(|v| validation(&config, r, v, &store, &mut out));
+        if let Some(v) = &validation {
+            stages.push(Box::new(ValidateStage::new(
+                Arc::clone(v),
+                &r.name,
+                cx.metrics.validation_failures.clone(),
+            )));
+        }
+        let pipeline = Pipeline::new(
+            stages,
+            BodyPolicy {
+                inspect_limit: p.inspect_limit,
+                oversize: match p.oversize {
+                    crate::config::OversizePolicy::Block => Oversize::Block,
+                    crate::config::OversizePolicy::Continue => Oversize::Continue,
+                },
+            },
+        );
+        if pipeline.needs().geo && geo.is_none() && (p.geo.is_some() || p.asn.is_some()) {
+            out.at(
+                &r.at,
+                format!(
+                    "route {:?}: its geo policy needs the geoip databases",
+                    r.name
+                ),
+            );
+        }
+        routes.push(CompiledRoute::new(
+            r,
+            pipeline,
+            cx.metrics.route(&r.name),
+            attached,
+            validation,
+        ));
+    }
+    for f in store.files() {
+        out.source(&f, "schema");
+    }
+    out.problems.into_result()?;
+    Ok(Snapshot::assemble(
+        cx.generation,
+        Arc::new(config),
+        routes,
+        upstreams,
+        client_ip,
+        geo,
+        ip_sets,
+        rule_sets,
+        rate_limits,
+        redis,
+        out.sources,
+        cx.demo_addr,
+    ))
+}
+
+fn ip_sets(config: &Config, out: &mut Out) -> BTreeMap<String, Arc<IpSet>> {
+    let mut sets = BTreeMap::new();
+    for (name, cfg) in &config.ip_sets {
+        let mut b = IpSetBuilder::new();
+        // CIDRs were checked by the config step.
+        for c in cfg.cidrs.iter().filter_map(|c| parse_cidr(&c.value)) {
+            b.add(c);
+        }
+        if let Some(f) = &cfg.file {
+            let path = config.resolve(&f.value);
+            out.source(&path, "ip_list");
+            if let Err(e) = b.add_file(&path) {
+                out.at(&f.referenced, format!("ip set {name:?}: {e}"));
+            }
+        }
+        sets.insert(name.clone(), Arc::new(b.build()));
+    }
+    sets
+}
+
+fn client_ip(config: &Config, sets: &BTreeMap<String, Arc<IpSet>>) -> ClientIpResolver {
+    let Some(cfg) = &config.client_ip else {
+        return ClientIpResolver::default();
+    };
+    let mut trusted = IpSetBuilder::new();
+    for t in &cfg.trusted_proxies {
+        if let Some(n) = parse_cidr(&t.value) {
+            trusted.add(n);
+        } else if let Some(set) = sets.get(&t.value) {
+            trusted.add_set(set);
+        }
+    }
+    let header = match cfg.header.as_ref().map(|h| h.value.to_ascii_lowercase()) {
+        None => ForwardedHeader::XForwardedFor,
+        Some(h) if h == "x-forwarded-for" => ForwardedHeader::XForwardedFor,
+        Some(h) if h == "forwarded" => ForwardedHeader::Forwarded,
+        // Checked by the config step.
+        Some(h) => http::header::HeaderName::from_bytes(h.as_bytes())
+            .map(ForwardedHeader::Single)
+            .unwrap_or(ForwardedHeader::XForwardedFor),
+    };
+    ClientIpResolver::new(Arc::new(trusted.build()), header)
+}
+
+fn geo_db(config: &Config, out: &mut Out) -> Option<Arc<GeoDb>> {
+    let cfg = config.geoip.as_ref()?;
+    let country = cfg
+        .country_db
+        .as_ref()
+        .map(|p| (config.resolve(&p.value), p.referenced));
+    let asn = cfg
+        .asn_db
+        .as_ref()
+        .map(|p| (config.resolve(&p.value), p.referenced));
+    // Open each separately so each error points at its own line.
+    let mut ok = true;
+    for (path, loc) in country.iter().chain(asn.iter()) {
+        out.source(path, "geoip");
+        if let Err(e) = GeoDb::open(Some(path), None) {
+            out.at(loc, e.to_string());
+            ok = false;
+        }
+    }
+    if !ok {
+        return None;
+    }
+    match GeoDb::open(
+        country.as_ref().map(|c| c.0.as_path()),
+        asn.as_ref().map(|a| a.0.as_path()),
+    ) {
+        Ok(db) => Some(Arc::new(db)),
+        Err(e) => {
+            out.global(e.to_string());
+            None
+        }
+    }
+}
+
+fn unknown_blocks<T>(unknown: Option<UnknownPolicy>, list: &ListMode<T>) -> bool {
+    // An allow-list admits only what is on it, so by default it turns away clients the
+    // database does not know; a deny-list lets them through. `unknown:` overrides either.
+    match unknown {
+        Some(u) => u == UnknownPolicy::Block,
+        None => matches!(list, ListMode::Allow(_)),
+    }
+}
+
+fn geo_policy(cfg: &GeoPolicyConfig) -> GeoPolicy {
+    let codes = |l: &[Spanned<String>]| -> Vec<CountryCode> {
+        l.iter()
+            .filter_map(|c| CountryCode::parse(&c.value))
+            .collect()
+    };
+    // Exactly one list: checked by the config step.
+    let countries = match (&cfg.allow, &cfg.deny) {
+        (Some(a), _) => ListMode::Allow(codes(a)),
+        (None, d) => ListMode::Deny(d.as_deref().map(codes).unwrap_or_default()),
+    };
+    GeoPolicy {
+        block_unknown: unknown_blocks(cfg.unknown, &countries),
+        countries,
+    }
+}
+
+fn asn_policy(cfg: &AsnPolicyConfig) -> AsnPolicy {
+    let asns = match (&cfg.allow, &cfg.deny) {
+        (Some(a), _) => ListMode::Allow(a.clone()),
+        (None, d) => ListMode::Deny(d.clone().unwrap_or_default()),
+    };
+    AsnPolicy {
+        block_unknown: unknown_blocks(cfg.unknown, &asns),
+        asns,
+    }
+}
+
+fn redis_store(
+    cfg: Option<&RedisConfig>,
+    previous: Option<&Snapshot>,
+    out: &mut Out,
+) -> Option<Arc<RedisStore>> {
+    let cfg = cfg?;
+    let mut check_url = |u: &Spanned<String>| {
+        if let Err(e) = redis::Client::open(u.value.as_str()) {
+            out.at(
+                &u.referenced,
+                format!(
+                    "redis: invalid URL {:?}: {e}; write it like `redis://127.0.0.1:6379/0`",
+                    u.value
+                ),
+            );
+        }
+    };
+    let target = match (&cfg.url, &cfg.cluster) {
+        (Some(u), None) => {
+            check_url(u);
+            RedisTarget::Single(u.value.clone())
+        }
+        (None, Some(nodes)) => {
+            nodes.iter().for_each(&mut check_url);
+            RedisTarget::Cluster(nodes.iter().map(|n| n.value.clone()).collect())
+        }
+        // Exactly one: checked by the config step.
+        _ => return None,
+    };
+    let settings = RedisSettings {
+        target,
+        timeout: cfg
+            .timeout
+            .map(|d| d.0)
+            .unwrap_or(std::time::Duration::from_millis(50)),
+        on_error: match cfg.on_error {
+            None | Some(RedisOnErrorConfig::Local) => RedisOnError::Local,
+            Some(RedisOnErrorConfig::Allow) => RedisOnError::Allow,
+            Some(RedisOnErrorConfig::Block) => RedisOnError::Block,
+        },
+        retry_after: cfg
+            .retry_after
+            .map(|d| d.0)
+            .unwrap_or(std::time::Duration::from_secs(1)),
+    };
+    if let Some(prev) = previous
+        .and_then(|p| p.redis.as_ref())
+        .filter(|r| *r.settings() == settings)
+    {
+        return Some(Arc::clone(prev));
+    }
+    Some(Arc::new(RedisStore::new(settings)))
+}
+
+fn rule_sets(
+    config: &Config,
+    ip_sets: &BTreeMap<String, Arc<IpSet>>,
+    out: &mut Out,
+) -> BTreeMap<String, Arc<CompiledRuleSet>> {
+    let mut sets: BTreeMap<String, Arc<CompiledRuleSet>> = BTreeMap::new();
+    for p in &config.rulesets {
+        let loaded = if p.value == crate::rules::managed::BUILTIN_MANAGED {
+            crate::rules::compile::load_managed(ip_sets)
+        } else if p.value.starts_with("builtin:") {
+            out.at(
+                &p.referenced,
+                format!(
+                    "rulesets: unknown built-in {:?}; the built-in rule sets are `{}`",
+                    p.value,
+                    crate::rules::managed::BUILTIN_MANAGED
+                ),
+            );
+            continue;
+        } else {
+            let path = config.resolve(&p.value);
+            match crate::rules::compile::rule_files(&path) {
+                Ok(files) => {
+                    if path.is_dir() {
+                        out.source(&path, "ruleset_dir");
+                    }
+                    files
+                        .iter()
+                        .map(|f| {
+                            out.source(f, "ruleset");
+                            crate::rules::compile::load(f, ip_sets)
+                        })
+                        .collect()
+                }
+                Err(e) => {
+                    out.at(
+                        &p.referenced,
+                        format!("rulesets: cannot read {}: {e}", path.display()),
+                    );
+                    continue;
+                }
+            }
+        };
+        for result in loaded {
+            match result {
+                Ok(set) => {
+                    if let Some(prev) = sets.get(&set.name) {
+                        out.at(
+                            &p.referenced,
+                            format!(
+                                "rule set name {:?} is used by both {} and {}",
+                                set.name,
+                                prev.path.display(),
+                                set.path.display()
+                            ),
+                        );
+                    } else {
+                        sets.insert(set.name.clone(), Arc::new(set));
+                    }
+                }
+                // Located in the rule file itself, kept as structure.
+                Err(problems) => out.problems.0.extend(problems.0),
+            }
+        }
+    }
+    sets
+}
+
+fn attach_rulesets(
+    route: &crate::config::Route,
+    sets: &BTreeMap<String, Arc<CompiledRuleSet>>,
+    out: &mut Out,
+) -> Vec<AttachedRuleSet> {
+    let name = &route.name;
+    let p = &route.policy;
+    let mut attached = Vec::new();
+    for r in &p.rulesets {
+        let Some(set) = sets.get(&r.name.value) else {
+            let known: Vec<&str> = sets.keys().map(String::as_str).collect();
+            out.at(
+                &r.name.referenced,
+                format!(
+                    "route {name:?}: unknown rule set {:?}; loaded rule sets: [{}]",
+                    r.name.value,
+                    known.join(", ")
+                ),
+            );
+            continue;
+        };
+        let mut att = AttachedRuleSet::plain(Arc::clone(set));
+        att.action_override = r.action_override;
+        for d in &r.disabled_rules {
+            match set.rules.iter().position(|x| x.id == d.value) {
+                Some(i) => att.tuning[i].disabled = true,
+                None => out.at(
+                    &d.referenced,
+                    format!(
+                        "route {name:?}: rule set {:?} has no rule {:?}",
+                        set.name, d.value
+                    ),
+                ),
+            }
+        }
+        for (id, action) in &r.rule_overrides {
+            match set.rules.iter().position(|x| &x.id == id) {
+                Some(i) => att.tuning[i].action = Some(*action),
+                None => out.at(
+                    &r.name.referenced,
+                    format!(
+                        "route {name:?}: rule_overrides: rule set {:?} has no rule {id:?}",
+                        set.name
+                    ),
+                ),
+            }
+        }
+        attached.push(att);
+    }
+    for ex in &p.exclusions {
+        let mut targets = Vec::new();
+        for f in &ex.fields {
+            match ExclusionTarget::parse(&f.value) {
+                Ok(t) => targets.push(t),
+                Err(e) => out.at(&f.referenced, format!("route {name:?}: {e}")),
+            }
+        }
+        for sel in &ex.rules {
+            let mut hits = 0;
+            for att in &mut attached {
+                for (i, rule) in att.set.rules.iter().enumerate() {
+                    let selected = match sel.value.strip_prefix("label:") {
+                        Some(label) => rule.labels.iter().any(|l| l == label),
+                        None => rule.id == sel.value,
+                    };
+                    if selected {
+                        hits += 1;
+                        att.tuning[i].exclusions.extend(targets.iter().cloned());
+                    }
+                }
+            }
+            if hits == 0 {
+                out.at(
+                    &sel.referenced,
+                    format!(
+                        "route {name:?}: exclusion names {:?}, which matches no rule of the route's rule sets",
+                        sel.value
+                    ),
+                );
+            }
+        }
+    }
+    attached
+}
+
+/// Compiles a route's `validate:` section; its problems are located in the config file.
+fn validation(
+    config: &Config,
+    route: &crate::config::Route,
+    cfg: &crate::config::file::ValidateConfig,
+    store: &DocumentStore,
+    out: &mut Out,
+) -> Option<Arc<RouteValidation>> {
+    let site = ConfigSite {
+        file: &config.source,
+        route: &route.name,
+        route_at: route.at,
+    };
+    let inspect_limit = route.policy.inspect_limit;
+    match crate::schema::compile(cfg, &config.base_dir, store, &site) {
+        Ok(v) => {
+            if v.needs_body() && v.max_body().is_some_and(|m| m > inspect_limit) {
+                out.at(
+                    &route.at,
+                    format!(
+                        "route {:?}: validate.max_body is above body.inspect_limit \
+                         ({inspect_limit} bytes): bodies in between could not be checked against \
+                         their schema; raise inspect_limit (up to 64KiB) or lower max_body",
+                        route.name
+                    ),
+                );
+            }
+            let outside = v.outside_prefix(&route.path_prefix);
+            if let Some(first) = outside.first() {
+                out.at(
+                    &route.at,
+                    format!(
+                        "route {:?}: {} validated operation(s) can never match under \
+                         path_prefix {:?} (first: {first}); operation paths are full \
+                         request paths: set validate.base_path for an OpenAPI document or fix \
+                         the paths",
+                        route.name,
+                        outside.len(),
+                        route.path_prefix
+                    ),
+                );
+            }
+            Some(Arc::new(v))
+        }
+        Err(problems) => {
+            out.problems.0.extend(problems);
+            None
+        }
+    }
+}
+
+fn rate_limit_rule(c: &RateLimitConfig, out: &mut Out) -> Option<RateLimitRule> {
+    let name = c.name.value.clone();
+    let mut key = Vec::new();
+    for k in &c.key {
+        match KeyPart::parse(&k.value) {
+            Ok(p) => key.push(p),
+            Err(e) => out.at(&k.referenced, format!("rate limit {name:?}: {e}")),
+        }
+    }
+    let rate = match Rate::parse(&c.rate.value) {
+        Ok(r) => r,
+        Err(e) => {
+            out.at(&c.rate.referenced, format!("rate limit {name:?}: {e}"));
+            return None;
+        }
+    };
+    if rate.interval().is_zero() {
+        out.at(
+            &c.rate.referenced,
+            format!("rate limit {name:?}: rate too high (more than one per nanosecond)"),
+        );
+    }
+    let burst = c.burst.unwrap_or(rate.count).max(1);
+    let mut scope = RateLimitScope::default();
+    if let Some(s) = &c.scope {
+        scope.routes = s
+            .routes
+            .as_ref()
+            .map(|rs| rs.iter().map(|r| r.value.clone()).collect());
+        scope.methods = s
+            .methods
+            .as_ref()
+            .map(|m| m.iter().map(|m| m.0.clone()).collect());
+        if let Some(p) = &s.path {
+            match regex::RegexBuilder::new(&p.value)
+                .size_limit(1 << 20)
+                .build()
+            {
+                Ok(r) => scope.path = Some(r),
+                Err(e) => out.at(
+                    &p.referenced,
+                    format!("rate limit {name:?}: invalid path regex: {e}"),
+                ),
+            }
+        }
+    }
+    Some(RateLimitRule {
+        name,
+        key,
+        rate,
+        burst,
+        scope,
+        action: match c.action {
+            Some(RuleActionConfig::Count) => RateLimitAction::Count,
+            _ => RateLimitAction::Block,
+        },
+        store: match c.store {
+            Some(RateLimitStoreConfig::Redis) => RateLimitStore::Redis,
+            _ => RateLimitStore::Local,
+        },
+        headers_always: c.headers == Some(RateLimitHeadersConfig::Always),
+        max_keys: c.max_keys.unwrap_or(100_000),
+    })
+}
+
+fn rate_limits(
+    config: &Config,
+    redis: Option<&Arc<RedisStore>>,
+    have_geo: bool,
+    cx: &CompileContext<'_>,
+    out: &mut Out,
+) -> Vec<Arc<CompiledRateLimit>> {
+    let mut rules = Vec::new();
+    for c in &config.rate_limits {
+        let Some(rule) = rate_limit_rule(c, out) else {
+            continue;
+        };
+        if !have_geo && rule.key.iter().any(KeyPart::needs_geo) {
+            out.at(
+                &c.name.referenced,
+                format!(
+                    "rate limit {:?}: a country or asn key needs `geoip` databases",
+                    rule.name
+                ),
+            );
+        }
+        let kept = cx.previous.and_then(|p| {
+            p.rate_limits
+                .iter()
+                .find(|old| old.rule.name == rule.name && old.same_rule(&rule, redis))
+        });
+        rules.push(match kept {
+            Some(old) => Arc::clone(old),
+            None => Arc::new(CompiledRateLimit::new(rule, redis.cloned(), cx.metrics)),
+        });
+    }
+    rules
+}
+
+fn resolve(target: &str) -> Result<Vec<SocketAddr>, String> {
+    if let Ok(a) = target.parse::<SocketAddr>() {
+        return Ok(vec![a]);
+    }
+    match target.to_socket_addrs() {
+        Ok(a) => {
+            let v: Vec<SocketAddr> = a.collect();
+            if v.is_empty() {
+                Err(format!("target {target:?} resolved to no address"))
+            } else {
+                Ok(v)
+            }
+        }
+        Err(e) => Err(format!(
+            "target {target:?} is not a valid `host:port` or does not resolve: {e}"
+        )),
+    }
+}
+
+fn upstreams(config: &Config, cx: &CompileContext<'_>, out: &mut Out) -> Vec<Arc<UpstreamGroup>> {
+    let mut groups = Vec::new();
+    for up in &config.upstreams {
+        let addrs: Vec<SocketAddr> = match &up.targets {
+            UpstreamTargets::Servers(targets) => {
+                let mut addrs = Vec::new();
+                for t in targets {
+                    match resolve(&t.address) {
+                        Ok(a) => addrs.extend(a),
+                        Err(m) => {
+                            let m = format!("upstream {:?}: {m}", up.name);
+                            match &t.at {
+                                Some(at) => out.at(at, m),
+                                None => out.global(m),
+                            }
+                        }
+                    }
+                }
+                addrs
+            }
+            UpstreamTargets::Demo => match cx.demo_addr {
+                Some(a) => vec![a],
+                None => {
+                    out.global(format!(
+                        "upstream {:?}: `demo: true` needs the demo backend, which starts only \
+                         with a config that has it at start-up: restart Palisade",
+                        up.name
+                    ));
+                    Vec::new()
+                }
+            },
+        };
+        let kept = cx.previous.and_then(|p| {
+            p.upstreams
+                .iter()
+                .find(|g| g.built_from.0 == *up && g.built_from.1 == addrs)
+        });
+        if let Some(g) = kept {
+            groups.push(Arc::clone(g));
+            continue;
+        }
+        let errors = ["connect", "timeout", "failure"].map(|k| {
+            cx.metrics
+                .upstream_errors
+                .with_label_values(&[up.name.as_str(), k])
+        });
+        match UpstreamGroup::build(up, addrs, errors) {
+            Ok(g) => groups.push(g),
+            Err(e) => out.global(e.to_string()),
+        }
+    }
+    groups
+}
