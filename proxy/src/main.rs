@@ -207,14 +207,14 @@ fn run_tests(paths: Vec<PathBuf>, config: Option<&PathBuf>) -> ExitCode {
 
 /// Loads, checks and compiles a configuration, as `palisade run` would.
 fn compiled(config: Option<&PathBuf>) -> Result<palisade::snapshot::Snapshot, config::Problems> {
-    let cfg = config::load(config.map(PathBuf::as_path), &Overrides::default())?;
     let metrics = palisade::metrics::Metrics::new().map_err(|e| {
         config::Problems::from(config::Problem::file(&"<metrics>".into(), e.to_string()))
     })?;
     // A placeholder address for a demo upstream: nothing is started.
     let demo = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9)));
-    palisade::compile::compile(
-        cfg,
+    palisade::compile::load_and_compile(
+        config.map(PathBuf::as_path),
+        &Overrides::default(),
         &palisade::compile::CompileContext {
             metrics: &std::sync::Arc::new(metrics),
             previous: None,

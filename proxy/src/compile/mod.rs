@@ -94,9 +94,30 @@ impl Out {
 
 /// Compiles a checked configuration into a snapshot, or lists every problem found.
 pub fn compile(config: Config, cx: &CompileContext<'_>) -> Result<Snapshot, Problems> {
+    compile_with(config, Problems::default(), cx)
+}
+
+/// Loads, checks and compiles `path` (or the embedded default): every problem of every step
+/// is listed together (`palisade check`, reloads).
+pub fn load_and_compile(
+    path: Option<&Path>,
+    overrides: &crate::config::Overrides,
+    cx: &CompileContext<'_>,
+) -> Result<Snapshot, Problems> {
+    let (config, problems) = crate::config::load_all(path, overrides)?;
+    compile_with(config, problems, cx)
+}
+
+/// Compiles a config whose check found `earlier` problems; they are reported with the
+/// compile step's own.
+pub fn compile_with(
+    config: Config,
+    earlier: Problems,
+    cx: &CompileContext<'_>,
+) -> Result<Snapshot, Problems> {
     let mut out = Out {
         file: Arc::clone(&config.source),
-        problems: Problems::default(),
+        problems: earlier,
         sources: Vec::new(),
     };
     if let Some(p) = &config.path {

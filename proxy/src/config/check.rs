@@ -50,6 +50,19 @@ pub fn check(
     overrides: &Overrides,
     base_dir: &Path,
 ) -> Result<Config, Problems> {
+    let (config, problems) = check_all(source, file, overrides, base_dir);
+    problems.into_result()?;
+    Ok(config)
+}
+
+/// Like [`check`], but returns the config (with defaults where a value was bad) together with
+/// the problems, so that `palisade check` can also list what the compile step finds.
+pub fn check_all(
+    source: &Arc<str>,
+    file: FileConfig,
+    overrides: &Overrides,
+    base_dir: &Path,
+) -> (Config, Problems) {
     let mut issues = Issues {
         file: Arc::clone(source),
         found: Problems::default(),
@@ -271,8 +284,7 @@ pub fn check(
         }
     }
 
-    issues.found.into_result()?;
-    Ok(Config {
+    let config = Config {
         source: Arc::clone(source),
         path: None,
         base_dir: base_dir.to_path_buf(),
@@ -299,7 +311,8 @@ pub fn check(
         rate_limits: file.rate_limits,
         redis: file.redis,
         rulesets: file.rulesets,
-    })
+    };
+    (config, issues.found)
 }
 
 fn host_match(name: &str, at: &Location, host: Option<&str>, issues: &mut Issues) -> HostMatch {

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use serde_saphyr::{Location, Spanned};
 
-pub use check::check;
+pub use check::{check, check_all};
 pub use file::{HealthCheckKind, LogFormat, OversizePolicy, RuleAction};
 pub use located::{yaml_error_parts, Problem, Problems};
 
@@ -317,6 +317,32 @@ pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, Proble
         Some(p) => load_file(p, overrides),
         None => load_default(overrides),
     }
+}
+
+/// Reads, parses and checks `path` (or the embedded default), returning the config together
+/// with the problems the check found: `Err` only when the file cannot be read or parsed.
+pub fn load_all(
+    path: Option<&Path>,
+    overrides: &Overrides,
+) -> Result<(Config, Problems), Problems> {
+    let (name, text, dir): (Arc<str>, String, PathBuf) = match path {
+        Some(p) => {
+            let name: Arc<str> = p.display().to_string().into();
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| Problem::file(&name, format!("cannot read the config file: {e}")))?;
+            (name, text, base_dir(Some(p)))
+        }
+        None => (
+            DEFAULT_CONFIG_NAME.into(),
+            DEFAULT_CONFIG_YAML.into(),
+            PathBuf::from("."),
+        ),
+    };
+    let parsed = parse(&name, &text)?;
+    let (mut config, problems) = check_all(&name, parsed, overrides, &dir);
+    config.path = path.map(Path::to_path_buf);
+    config.text_hash = content_hash(text.as_bytes());
+    Ok((config, problems))
 }
 
 /// A short content hash (FNV-1a, 64 bit, hex) identifying a file's version in `GET /config`:

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 
-use crate::compile::{compile, CompileContext};
+use crate::compile::{load_and_compile, CompileContext};
 use crate::config::{self, Overrides, Problems};
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshot;
@@ -116,17 +116,16 @@ impl Reloader {
         status.last_attempt = now_secs();
         status.last_trigger = trigger;
         let old = self.live.load_full();
-        let result = config::load(self.config_path.as_deref(), &self.overrides).and_then(|c| {
-            compile(
-                c,
-                &CompileContext {
-                    metrics: &self.metrics,
-                    previous: Some(&old),
-                    demo_addr: self.demo_addr,
-                    generation: old.generation + 1,
-                },
-            )
-        });
+        let result = load_and_compile(
+            self.config_path.as_deref(),
+            &self.overrides,
+            &CompileContext {
+                metrics: &self.metrics,
+                previous: Some(&old),
+                demo_addr: self.demo_addr,
+                generation: old.generation + 1,
+            },
+        );
         match result {
             Ok(new) => {
                 let generation = new.generation;
