@@ -333,7 +333,7 @@ async fn oversize_block_answers_413_and_the_backend_sees_nothing() {
     }
     assert_eq!(b.count(), 0);
     p.expect_metric(
-        "palisade_blocked_total{reason=\"body_too_large\",route=\"r\",stage=\"access\"}",
+        "palisade_blocked_total{reason=\"body_too_large\",route=\"r\",stage=\"body\"}",
         4.0,
     )
     .await;

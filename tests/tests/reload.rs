@@ -271,7 +271,7 @@ async fn rate_limit_counters_survive_a_reload_of_an_unrelated_rule() {
         "new rules in force"
     );
     assert_eq!(
-        raw_get(p.addr, "/x?q=ok").await.unwrap().status,
+        raw_get(p.addr, "/limited").await.unwrap().status,
         429,
         "the bucket survived"
     );

@@ -109,7 +109,7 @@ impl Problems {
     pub fn sort(&mut self) {
         let mut order: Vec<Arc<str>> = Vec::new();
         for p in &self.0 {
-            if !order.iter().any(|f| *f == p.file) {
+            if !order.contains(&p.file) {
                 order.push(Arc::clone(&p.file));
             }
         }
