@@ -341,7 +341,7 @@ fn main() -> ExitCode {
                     c.upstreams.len(),
                     c.routes.len()
                 );
-                for r in &s.routes {
+                for r in s.routes.iter() {
                     if let Some(v) = &r.validation {
                         println!(
                             "  route {:?}: validates {} operation(s); schema files: {}",

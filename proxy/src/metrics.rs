@@ -3,6 +3,7 @@
 //! code, status classes), never from request data, so cardinality stays bounded.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -111,29 +112,40 @@ pub struct Metrics {
 
 /// Counter handles of one metric family, resolved once per label set and then read without a
 /// lock: `with_label_values` hashes the labels and takes the family's lock on every call,
-/// which the request path must not. Reads are an `ArcSwap` load and a hash lookup; a new label
-/// set (rare: labels come from bounded sets) copies the map once.
+/// which the request path must not. Reads are an `ArcSwap` load, one hash of the labels and a
+/// bucket lookup, without allocating; a new label set (rare: labels come from bounded sets)
+/// copies the map once.
 pub struct LabelCache {
     family: IntCounterVec,
-    handles: ArcSwap<HashMap<Box<[Box<str>]>, IntCounter>>,
+    hasher: RandomState,
+    /// Handles by the hash of their labels; a bucket holds the (rare) colliding label sets.
+    handles: ArcSwap<HashMap<u64, Bucket>>,
 }
+
+/// Label sets whose hashes are equal, with their handles.
+type Bucket = Vec<(Box<[Box<str>]>, IntCounter)>;
 
 impl LabelCache {
     /// A cache over `family`.
     pub fn new(family: IntCounterVec) -> LabelCache {
         LabelCache {
             family,
+            hasher: RandomState::new(),
             handles: ArcSwap::from_pointee(HashMap::new()),
         }
     }
 
     /// The handle of one label set.
     pub fn get(&self, labels: &[&str]) -> IntCounter {
-        let map = self.handles.load();
-        if let Some(c) = map
-            .iter()
-            .find(|(k, _)| k.len() == labels.len() && k.iter().zip(labels).all(|(a, b)| &**a == *b))
-            .map(|(_, c)| c)
+        let hash = self.hasher.hash_one(labels);
+        let same = |k: &[Box<str>]| {
+            k.len() == labels.len() && k.iter().zip(labels).all(|(a, b)| &**a == *b)
+        };
+        if let Some((_, c)) = self
+            .handles
+            .load()
+            .get(&hash)
+            .and_then(|bucket| bucket.iter().find(|(k, _)| same(k)))
         {
             return c.clone();
         }
@@ -141,7 +153,10 @@ impl LabelCache {
         let key: Box<[Box<str>]> = labels.iter().map(|l| Box::<str>::from(*l)).collect();
         self.handles.rcu(|m| {
             let mut m = HashMap::clone(m);
-            m.insert(key.clone(), c.clone());
+            let bucket = m.entry(hash).or_default();
+            if !bucket.iter().any(|(k, _)| same(k)) {
+                bucket.push((key.clone(), c.clone()));
+            }
             m
         });
         c
@@ -379,5 +394,26 @@ impl RouteMetrics {
         if let Some(c) = self.responses.get((status / 100).wrapping_sub(1) as usize) {
             c.inc();
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_cache_resolves_each_label_set_once_and_keeps_them_apart() {
+        let family = IntCounterVec::new(Opts::new("t_total", "t"), &["a", "b"]).unwrap();
+        let cache = LabelCache::new(family.clone());
+        cache.get(&["x", "y"]).inc();
+        cache.get(&["x", "y"]).inc();
+        cache.get(&["y", "x"]).inc();
+        assert_eq!(family.with_label_values(&["x", "y"]).get(), 2);
+        assert_eq!(family.with_label_values(&["y", "x"]).get(), 1);
+        assert_eq!(
+            cache.handles.load().values().map(Vec::len).sum::<usize>(),
+            2
+        );
     }
 }

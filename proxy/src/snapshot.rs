@@ -100,11 +100,8 @@ pub struct Snapshot {
     pub generation: u64,
     /// The checked configuration it was built from.
     pub config: Arc<Config>,
-    /// Routes, in config order.
-    pub routes: Vec<CompiledRoute>,
-    /// Route indices, most specific first: exact host, then wildcard (longer first), then any;
-    /// within each, longest prefix first. Matching takes the first hit: O(routes).
-    order: Vec<usize>,
+    /// Routes, in config order, with their matching order.
+    pub routes: RouteTable,
     /// Upstream groups, as in [`Config::upstreams`].
     pub upstreams: Vec<Arc<UpstreamGroup>>,
     /// Client IP resolution.
@@ -125,26 +122,17 @@ pub struct Snapshot {
     pub demo_addr: Option<SocketAddr>,
 }
 
-impl Snapshot {
-    /// Assembles a snapshot from compiled parts; orders routes for matching.
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "assembled once by the compile step"
-    )]
-    pub fn assemble(
-        generation: u64,
-        config: Arc<Config>,
-        routes: Vec<CompiledRoute>,
-        upstreams: Vec<Arc<UpstreamGroup>>,
-        client_ip: ClientIpResolver,
-        geo: Option<Arc<GeoDb>>,
-        ip_sets: BTreeMap<String, Arc<IpSet>>,
-        rule_sets: BTreeMap<String, Arc<CompiledRuleSet>>,
-        rate_limits: Vec<Arc<CompiledRateLimit>>,
-        redis: Option<Arc<RedisStore>>,
-        sources: Vec<SourceFile>,
-        demo_addr: Option<SocketAddr>,
-    ) -> Snapshot {
+/// Routes in config order (index them like a slice), and the order they are matched in.
+pub struct RouteTable {
+    routes: Vec<CompiledRoute>,
+    /// Route indices, most specific first: exact host, then wildcard (longer first), then any;
+    /// within each, longest prefix first. Matching takes the first hit: O(routes).
+    order: Vec<usize>,
+}
+
+impl RouteTable {
+    /// Orders `routes` for matching.
+    pub fn new(routes: Vec<CompiledRoute>) -> RouteTable {
         let mut order: Vec<usize> = (0..routes.len()).collect();
         order.sort_by_key(|&i| {
             let r = &routes[i];
@@ -155,29 +143,25 @@ impl Snapshot {
             };
             (host_rank, usize::MAX - r.prefix.len())
         });
-        Snapshot {
-            generation,
-            config,
-            routes,
-            order,
-            upstreams,
-            client_ip,
-            geo,
-            ip_sets,
-            rule_sets,
-            rate_limits,
-            redis,
-            sources,
-            demo_addr,
-        }
+        RouteTable { routes, order }
     }
+}
 
+impl std::ops::Deref for RouteTable {
+    type Target = [CompiledRoute];
+    fn deref(&self) -> &[CompiledRoute] {
+        &self.routes
+    }
+}
+
+impl Snapshot {
     /// Finds the route for a host (lower-case, without port) and path.
     pub fn route_for(&self, host: &str, path: &str) -> Option<usize> {
-        self.order
+        let t = &self.routes;
+        t.order
             .iter()
             .copied()
-            .find(|&i| self.routes[i].matches(host, path))
+            .find(|&i| t.routes[i].matches(host, path))
     }
 }
 

@@ -26,12 +26,12 @@ use crate::identity::ipset::{parse_cidr, IpSet, IpSetBuilder};
 use crate::metrics::Metrics;
 use crate::pipeline::{
     AccessPolicy, AccessStage, AsnPolicy, BodyPolicy, GeoPolicy, GeoStage, IpPolicy, IpStage,
-    ListMode, Oversize, Pipeline, Stage,
+    ListMode, Pipeline, Stage,
 };
 use crate::ratelimit::key::KeyPart;
 use crate::ratelimit::redis::RedisStore;
 use crate::ratelimit::rule::{
-    Rate, RateLimitAction, RateLimitRule, RateLimitScope, RateLimitStore, RedisOnError,
+    PathRegex, Rate, RateLimitAction, RateLimitRule, RateLimitScope, RateLimitStore, RedisOnError,
     RedisSettings, RedisTarget,
 };
 use crate::ratelimit::{CompiledRateLimit, RateLimitStage};
@@ -39,7 +39,7 @@ use crate::rules::compile::CompiledRuleSet;
 use crate::rules::eval::{AttachedRuleSet, ExclusionTarget};
 use crate::rules::RulesStage;
 use crate::schema::{ConfigSite, DocumentStore, RouteValidation, ValidateStage};
-use crate::snapshot::{CompiledRoute, Snapshot, SourceFile};
+use crate::snapshot::{CompiledRoute, RouteTable, Snapshot, SourceFile};
 use crate::upstream::UpstreamGroup;
 
 /// What a compilation starts from besides the config.
@@ -67,7 +67,11 @@ impl Out {
     fn global(&mut self, message: String) {
         self.problems.push(Problem::file(&self.file, message));
     }
+    /// Records a file read for the snapshot, hashing its content (once per path).
     fn source(&mut self, path: &Path, kind: &'static str) {
+        if self.sources.iter().any(|s| s.path == path) {
+            return;
+        }
         let hash = if path.is_dir() {
             let mut names: Vec<String> = std::fs::read_dir(path)
                 .map(|d| {
@@ -82,13 +86,11 @@ impl Out {
                 .map(|b| content_hash(&b))
                 .unwrap_or_else(|_| "unreadable".into())
         };
-        if !self.sources.iter().any(|s| s.path == path) {
-            self.sources.push(SourceFile {
-                path: path.to_path_buf(),
-                kind,
-                hash,
-            });
-        }
+        self.sources.push(SourceFile {
+            path: path.to_path_buf(),
+            kind,
+            hash,
+        });
     }
 }
 
@@ -121,7 +123,12 @@ pub fn compile_with(
         sources: Vec::new(),
     };
     if let Some(p) = &config.path {
-        out.source(p, "config");
+        // The hash of the text the config step read, not of a second read.
+        out.sources.push(SourceFile {
+            path: p.clone(),
+            kind: "config",
+            hash: config.text_hash.clone(),
+        });
     }
     let ip_sets = ip_sets(&config, &mut out);
     let client_ip = client_ip(&config, &ip_sets);
@@ -187,21 +194,9 @@ pub fn compile_with(
             stages,
             BodyPolicy {
                 inspect_limit: p.inspect_limit,
-                oversize: match p.oversize {
-                    crate::config::OversizePolicy::Block => Oversize::Block,
-                    crate::config::OversizePolicy::Continue => Oversize::Continue,
-                },
+                oversize: p.oversize,
             },
         );
-        if pipeline.needs().geo && geo.is_none() && (p.geo.is_some() || p.asn.is_some()) {
-            out.at(
-                &r.at,
-                format!(
-                    "route {:?}: its geo policy needs the geoip databases",
-                    r.name
-                ),
-            );
-        }
         routes.push(CompiledRoute::new(
             r,
             pipeline,
@@ -214,10 +209,10 @@ pub fn compile_with(
         out.source(&f, "schema");
     }
     out.problems.into_result()?;
-    Ok(Snapshot::assemble(
-        cx.generation,
-        Arc::new(config),
-        routes,
+    Ok(Snapshot {
+        generation: cx.generation,
+        config: Arc::new(config),
+        routes: RouteTable::new(routes),
         upstreams,
         client_ip,
         geo,
@@ -225,9 +220,9 @@ pub fn compile_with(
         rule_sets,
         rate_limits,
         redis,
-        out.sources,
-        cx.demo_addr,
-    ))
+        sources: out.sources,
+        demo_addr: cx.demo_addr,
+    })
 }
 
 fn ip_sets(config: &Config, out: &mut Out) -> BTreeMap<String, Arc<IpSet>> {
@@ -641,7 +636,7 @@ fn rate_limit_rule(c: &RateLimitConfig, out: &mut Out) -> Option<RateLimitRule> 
                 .size_limit(1 << 20)
                 .build()
             {
-                Ok(r) => scope.path = Some(r),
+                Ok(r) => scope.path = Some(PathRegex(r)),
                 Err(e) => out.at(
                     &p.referenced,
                     format!("rate limit {name:?}: invalid path regex: {e}"),
@@ -773,4 +768,51 @@ fn upstreams(config: &Config, cx: &CompileContext<'_>, out: &mut Out) -> Vec<Arc
         }
     }
     groups
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn committed_json_schemas_are_current() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../schemas/");
+        for (file, generated, command) in [
+            (
+                "palisade-config.schema.json",
+                crate::config::json_schema(),
+                "palisade schema",
+            ),
+            (
+                "palisade-ruleset.schema.json",
+                crate::rules::ruleset_json_schema(),
+                "palisade schema --ruleset",
+            ),
+        ] {
+            let committed = std::fs::read_to_string(format!("{dir}{file}")).unwrap_or_default();
+            assert!(
+                committed == generated,
+                "schemas/{file} is stale: run `{command} > schemas/{file}`"
+            );
+        }
+    }
+
+    #[test]
+    fn embedded_default_compiles_with_the_managed_rule_sets() {
+        let config = crate::config::load_default(&crate::config::Overrides::default()).unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let snapshot = compile(
+            config,
+            &CompileContext {
+                metrics: &metrics,
+                previous: None,
+                demo_addr: Some(([127, 0, 0, 1], 9).into()),
+                generation: 1,
+            },
+        )
+        .unwrap();
+        assert!(!snapshot.rule_sets.is_empty());
+        assert!(snapshot.routes.iter().all(|r| r.pipeline.needs().body));
+    }
 }

@@ -32,6 +32,7 @@ pub use access::{AccessPolicy, AccessStage};
 pub use geo::{AsnPolicy, GeoPolicy, GeoStage, ListMode};
 pub use ip::{IpPolicy, IpStage};
 
+pub use crate::config::OversizePolicy;
 use crate::request::Request;
 
 /// Position of a stage in the pipeline: stages always run in this order. This enum is the one
@@ -194,22 +195,13 @@ pub trait Stage: Send + Sync {
     fn evaluate<'s>(&'s self, req: &Request<'_>, notes: &mut Notes) -> Eval<'s>;
 }
 
-/// What to do about a body larger than the inspection limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Oversize {
-    /// Refuse it with 413 (`body_too_large`, stage `body`).
-    Block,
-    /// Forward it; inspect what fits.
-    Continue,
-}
-
 /// A route's body pre-read settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BodyPolicy {
     /// Bytes buffered for inspection.
     pub inspect_limit: usize,
     /// Bodies over the limit.
-    pub oversize: Oversize,
+    pub oversize: OversizePolicy,
 }
 
 /// The outcome of running a route's pipeline to its end.
@@ -264,7 +256,7 @@ impl Pipeline {
             .iter()
             .position(|s| s.kind() > StageKind::Body)
             .unwrap_or(stages.len());
-        let body_at = (needs.body || body.oversize == Oversize::Block).then_some(after_body);
+        let body_at = (needs.body || body.oversize == OversizePolicy::Block).then_some(after_body);
         Pipeline {
             stages,
             body_at,
@@ -378,7 +370,7 @@ mod tests {
 
     const NO_BODY: BodyPolicy = BodyPolicy {
         inspect_limit: 1024,
-        oversize: Oversize::Continue,
+        oversize: OversizePolicy::Continue,
     };
 
     fn run(p: &Pipeline) -> (Vec<String>, Verdict) {
@@ -485,7 +477,7 @@ mod tests {
             vec![],
             BodyPolicy {
                 inspect_limit: 10,
-                oversize: Oversize::Block,
+                oversize: OversizePolicy::Block,
             },
         );
         assert_eq!(run(&p).0, ["read body before 0"]);

@@ -73,13 +73,13 @@ impl CompiledRateLimit {
         s.methods
             .as_ref()
             .is_none_or(|m| m.iter().any(|m| m.as_str() == req.method))
-            && s.path.as_ref().is_none_or(|r| r.is_match(req.path))
+            && s.path.as_ref().is_none_or(|r| r.0.is_match(req.path))
     }
 
     /// Whether two rules are the same rule with the same settings, so that a reload can keep
     /// the state of the old one (its buckets) for the new snapshot.
     pub fn same_rule(&self, rule: &RateLimitRule, redis: Option<&Arc<RedisStore>>) -> bool {
-        format!("{:?}", self.rule) == format!("{rule:?}")
+        self.rule == *rule
             && match (&self.redis, redis) {
                 (None, _) if rule.store == RateLimitStore::Local => true,
                 (Some(a), Some(b)) => Arc::ptr_eq(a, b),

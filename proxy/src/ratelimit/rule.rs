@@ -101,18 +101,29 @@ pub struct RedisSettings {
 }
 
 /// Which requests a rule applies to.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct RateLimitScope {
     /// Route names (`None` = all).
     pub routes: Option<Vec<String>>,
     /// Methods (`None` = all).
     pub methods: Option<Vec<http::Method>>,
     /// Path regex.
-    pub path: Option<regex::Regex>,
+    pub path: Option<PathRegex>,
+}
+
+/// A scope's path regex; two are equal when their patterns are (a reload keeps a rule's
+/// state only when nothing about it changed).
+#[derive(Debug, Clone)]
+pub struct PathRegex(pub regex::Regex);
+
+impl PartialEq for PathRegex {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
 }
 
 /// A validated rate-limit rule.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RateLimitRule {
     /// Name.
     pub name: String,

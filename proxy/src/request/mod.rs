@@ -292,6 +292,7 @@ impl<'a> Request<'a> {
         })
     }
 
+    /// The `Content-Type` header (empty when absent or not text).
     pub fn content_type(&self) -> &str {
         self.headers
             .get(http::header::CONTENT_TYPE)
@@ -299,12 +300,14 @@ impl<'a> Request<'a> {
             .unwrap_or("")
     }
 
+    /// Query arguments, decoded once by [`parse_urlencoded`], in order (duplicates kept).
     pub fn query_pairs(&self) -> &[(String, String)] {
         self.cache()
             .query_pairs
             .get_or_init(|| parse_urlencoded(self.query.as_bytes()))
     }
 
+    /// Cookies of every `Cookie` header, parsed once by [`parse_cookies`], in order.
     pub fn cookies(&self) -> &[(String, String)] {
         self.cache()
             .cookies

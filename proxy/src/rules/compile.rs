@@ -24,10 +24,6 @@ use crate::identity::ipset::IpSet;
 /// Regex compile size limit for patterns from rule files (see `regex::RegexBuilder`).
 const REGEX_SIZE_LIMIT: usize = 4 << 20;
 
-/// Every problem found in one rule file, located (file, line, column) by the one located-error
-/// type of Palisade; problems inside a rule name it in their message.
-pub type RuleFileError = Problems;
-
 /// How a rule set decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -504,7 +500,7 @@ pub fn compile(
     path: &Path,
     file: RuleSetFile,
     ip_sets: &BTreeMap<String, Arc<IpSet>>,
-) -> Result<CompiledRuleSet, RuleFileError> {
+) -> Result<CompiledRuleSet, Problems> {
     let base_dir = path.parent().unwrap_or(Path::new("."));
     let mut c = Compiler {
         base_dir,
@@ -615,7 +611,7 @@ pub fn compile(
 pub fn load(
     path: &Path,
     ip_sets: &BTreeMap<String, Arc<IpSet>>,
-) -> Result<CompiledRuleSet, RuleFileError> {
+) -> Result<CompiledRuleSet, Problems> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         Problem::file(
             &path.display().to_string().into(),
@@ -630,7 +626,7 @@ pub fn load_text(
     path: &Path,
     text: &str,
     ip_sets: &BTreeMap<String, Arc<IpSet>>,
-) -> Result<CompiledRuleSet, RuleFileError> {
+) -> Result<CompiledRuleSet, Problems> {
     let name: Arc<str> = path.display().to_string().into();
     let file: RuleSetFile =
         serde_saphyr::from_str_with_options(text, crate::config::yaml_options())
@@ -641,7 +637,7 @@ pub fn load_text(
 /// The managed rule sets embedded in the binary (see [`super::managed`]), compiled.
 pub fn load_managed(
     ip_sets: &BTreeMap<String, Arc<IpSet>>,
-) -> Vec<Result<CompiledRuleSet, RuleFileError>> {
+) -> Vec<Result<CompiledRuleSet, Problems>> {
     super::managed::MANAGED_RULESETS
         .iter()
         .map(|(file, text)| {

@@ -27,7 +27,7 @@ use pingora::{Error, ErrorSource, ErrorType};
 
 use super::ctx::{BodyState, Outcome, RequestCtx, RequestId};
 use crate::metrics::Metrics;
-use crate::pipeline::{settle, Block, BodyPolicy, Oversize, StageKind, Step, Verdict};
+use crate::pipeline::{settle, Block, BodyPolicy, OversizePolicy, StageKind, Step, Verdict};
 use crate::request::{content_length, Request};
 use crate::snapshot::Snapshot;
 
@@ -170,8 +170,8 @@ impl PalisadeProxy {
                 None | Some(0) => return Ok(BodyRead::Proceed),
                 Some(n) if n > limit as u64 => {
                     return Ok(match policy.oversize {
-                        Oversize::Block => BodyRead::TooLarge,
-                        Oversize::Continue => {
+                        OversizePolicy::Block => BodyRead::TooLarge,
+                        OversizePolicy::Continue => {
                             ctx.body_state = BodyState::Uninspected;
                             BodyRead::Proceed
                         }
@@ -198,8 +198,8 @@ impl PalisadeProxy {
         }
         if buf.len() > limit {
             match policy.oversize {
-                Oversize::Block => return Ok(BodyRead::TooLarge),
-                Oversize::Continue => {
+                OversizePolicy::Block => return Ok(BodyRead::TooLarge),
+                OversizePolicy::Continue => {
                     buf.truncate(limit);
                     ctx.body_state = BodyState::Partial;
                 }

@@ -48,7 +48,9 @@ pub struct Reloader {
     config_path: Option<PathBuf>,
     overrides: Overrides,
     demo_addr: Option<SocketAddr>,
-    /// Serializes reloads and holds their status (never taken on the request path).
+    /// Serializes reloads (held for a whole rebuild; never taken on the request path).
+    reloading: Mutex<()>,
+    /// What `GET /config` shows; held only to read or write it.
     status: Mutex<ReloadStatus>,
     /// Set by the SIGHUP handler, consumed by the watcher loop.
     hangup: Arc<AtomicBool>,
@@ -86,6 +88,7 @@ impl Reloader {
             config_path,
             overrides,
             demo_addr,
+            reloading: Mutex::new(()),
             status: Mutex::new(ReloadStatus {
                 last_success: now_secs(),
                 last_attempt: now_secs(),
@@ -103,18 +106,23 @@ impl Reloader {
 
     /// The reload status.
     pub fn status(&self) -> ReloadStatus {
-        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+        self.status_mut().clone()
+    }
+
+    fn status_mut(&self) -> std::sync::MutexGuard<'_, ReloadStatus> {
+        // A panic while holding it cannot leave the status half-written in a harmful way.
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Reads, checks and compiles the config and swaps the snapshot; on any problem the old
     /// snapshot stays. Blocking (file reads, compilation): call it off the async workers.
     pub fn reload(&self, trigger: &'static str) -> Result<u64, Problems> {
-        let mut status = match self.status.lock() {
-            Ok(s) => s,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        status.last_attempt = now_secs();
-        status.last_trigger = trigger;
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        {
+            let mut status = self.status_mut();
+            status.last_attempt = now_secs();
+            status.last_trigger = trigger;
+        }
         let old = self.live.load_full();
         let result = load_and_compile(
             self.config_path.as_deref(),
@@ -129,20 +137,25 @@ impl Reloader {
         match result {
             Ok(new) => {
                 let generation = new.generation;
-                status.restart_required = restart_required(&old.config, &new.config);
-                if !status.restart_required.is_empty() {
-                    tracing::warn!(settings = ?status.restart_required,
+                let restart = restart_required(&old.config, &new.config);
+                if !restart.is_empty() {
+                    tracing::warn!(settings = ?restart,
                         "these settings changed but apply only after a restart or graceful upgrade");
                 }
                 self.live.store(Arc::new(new));
-                status.last_success = now_secs();
-                status.last_error = None;
+                let now = now_secs();
+                {
+                    let mut status = self.status_mut();
+                    status.restart_required = restart;
+                    status.last_success = now;
+                    status.last_error = None;
+                }
                 self.metrics
                     .config_reloads
                     .with_label_values(&["success"])
                     .inc();
                 self.metrics.config_generation.set(generation as i64);
-                self.metrics.config_last_success.set(status.last_success);
+                self.metrics.config_last_success.set(now);
                 tracing::info!(generation, trigger, "configuration reloaded");
                 Ok(generation)
             }
@@ -151,6 +164,7 @@ impl Reloader {
                     .config_reloads
                     .with_label_values(&["failure"])
                     .inc();
+                let mut status = self.status_mut();
                 // Logged once: the same problems again (a second SIGHUP on the same broken
                 // file) are not repeated at error level.
                 if status.last_error.as_ref() != Some(&problems) {
