@@ -8,6 +8,7 @@
 #
 #   benches/load.sh [ROUNDS] [SECONDS] [CONNECTIONS]        (defaults 5 8 50)
 #   WORKLOADS="get post1k" MODSEC=1 benches/load.sh
+#   PALISADE_BIN=/path/to/other/palisade benches/load.sh     (e.g. a build of an older commit)
 set -euo pipefail
 rounds=${1:-5} secs=${2:-8} conns=${3:-50}
 workloads=${WORKLOADS:-get post1k}
@@ -15,7 +16,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 peer=${PEER_SCRIPTS:-$root/../shared/peer}
 proxy_cpu=${PROXY_CPU:-1}
-bin=$root/target/release/palisade
+bin=${PALISADE_BIN:-$root/target/release/palisade}
 out=${OUT_DIR:-$(mktemp -d /tmp/palisade-load.XXXXXX)}
 mkdir -p "$out"
 
