@@ -283,3 +283,31 @@ async fn rate_limit_counters_survive_a_reload_of_an_unrelated_rule() {
     assert_eq!(post_reload(&p).await.status, 200);
     assert_eq!(raw_get(p.addr, "/limited").await.unwrap().status, 200);
 }
+
+#[tokio::test]
+async fn a_file_that_keeps_changing_is_reloaded_within_a_second_while_it_changes() {
+    let backend = Backend::start("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    write_rules(dir.path());
+    let a = version('a', backend.addr, "");
+    let b = version('b', backend.addr, "");
+    let p = Palisade::start_in(dir, &a, false).await;
+    // Rewrite every 50 ms, faster than the watcher's 100 ms tick: the debounce never sees a
+    // quiet period, so only the 1 s cap can reload.
+    let started = Instant::now();
+    let mut i = 0u32;
+    let mut reloaded_while_writing = false;
+    while started.elapsed() < Duration::from_millis(2500) {
+        i += 1;
+        rewrite(&p, if i.is_multiple_of(2) { &a } else { &b });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if i.is_multiple_of(10) && generation(&p).await > 1 {
+            reloaded_while_writing = true;
+            break;
+        }
+    }
+    assert!(
+        reloaded_while_writing,
+        "no reload within 2.5 s of continuous changes"
+    );
+}

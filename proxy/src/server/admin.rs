@@ -52,7 +52,10 @@ impl AdminApp {
                     .headers
                     .get(http::header::AUTHORIZATION)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "))
+                    // The scheme is case-insensitive (RFC 9110 §11.1).
+                    .and_then(|v| v.split_once(' '))
+                    .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                    .map(|(_, t)| t)
                     .unwrap_or("");
                 (!constant_time_eq(given.trim().as_bytes(), token.as_bytes())).then(|| {
                     reply(

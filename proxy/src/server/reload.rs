@@ -283,7 +283,7 @@ impl pingora::services::background::BackgroundService for ReloadService {
                 seen = now;
                 last_change = Instant::now();
                 first_change.get_or_insert(last_change);
-                continue;
+                // No `continue`: a file that changes at every tick must still reach MAX_DELAY.
             }
             let Some(first) = first_change else {
                 continue;
