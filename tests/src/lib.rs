@@ -264,6 +264,16 @@ impl Palisade {
     /// Like [`Palisade::start`], with an extra listener on `[::1]` and the config written into
     /// `dir` (so relative paths in it resolve there).
     pub async fn start_in(dir: tempfile::TempDir, config_body: &str, ipv6: bool) -> Palisade {
+        Palisade::start_in_with(dir, config_body, ipv6, &[]).await
+    }
+
+    /// Like [`Palisade::start_in`], with extra arguments after `run --config FILE`.
+    pub async fn start_in_with(
+        dir: tempfile::TempDir,
+        config_body: &str,
+        ipv6: bool,
+        extra: &[&str],
+    ) -> Palisade {
         Palisade::start_with(dir, |addr, admin, dir| {
             let mut yaml = listeners_yaml(addr, admin);
             let addr6 = ipv6.then(|| {
@@ -277,8 +287,11 @@ impl Palisade {
             let path = dir.join("palisade.yaml");
             std::fs::write(&path, yaml).unwrap();
             let path = path.to_str().unwrap().to_string();
-            let args = ["run", "--config", &path, "--threads", "2"].map(String::from);
-            (args.to_vec(), addr6)
+            let mut args = ["run", "--config", &path, "--threads", "2"]
+                .map(String::from)
+                .to_vec();
+            args.extend(extra.iter().map(|e| e.to_string()));
+            (args, addr6)
         })
         .await
     }
@@ -382,6 +395,11 @@ impl Palisade {
     /// The process id (for signals).
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Whether the process has exited (reaped, so a zombie counts as exited).
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_some()
     }
 
     /// The process's log so far.

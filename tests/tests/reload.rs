@@ -311,3 +311,77 @@ async fn a_file_that_keeps_changing_is_reloaded_within_a_second_while_it_changes
         "no reload within 2.5 s of continuous changes"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_upgrade_hands_the_sockets_over_without_refusing_a_request() {
+    let backend = Backend::start("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    write_rules(dir.path());
+    let sock = dir.path().join("upgrade.sock").display().to_string();
+    let mut old = Palisade::start_in_with(
+        dir,
+        &version('a', backend.addr, ""),
+        false,
+        &["--upgrade-sock", &sock],
+    )
+    .await;
+    let (addr, admin) = (old.addr, old.admin);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, bad) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let client = {
+        let (stop, ok, bad) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&bad));
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                // A new connection each time: every accept goes to whoever holds the socket.
+                match raw_get(addr, "/x?q=alpha").await.map(|r| r.status) {
+                    Some(403) => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => bad.fetch_add(1, Ordering::Relaxed),
+                };
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    // The new process waits for the sockets; SIGQUIT makes the old one hand them over.
+    let log = std::fs::File::create(old.dir.join("new.log")).unwrap();
+    let mut new = std::process::Command::new(palisade_tests::palisade_bin())
+        .args(["run", "--config"])
+        .arg(old.dir.join("palisade.yaml"))
+        .args(["--threads", "2", "--upgrade", "--upgrade-sock", &sock])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let quit = std::process::Command::new("kill")
+        .args(["-QUIT", &old.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(quit.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !old.exited() {
+        assert!(
+            Instant::now() < deadline,
+            "the old process did not drain and exit"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The new process serves alone now, listeners and admin alike.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    client.await.unwrap();
+    assert_eq!(raw_get(addr, "/x?q=alpha").await.unwrap().status, 403);
+    assert_eq!(raw_get(admin, "/healthz").await.unwrap().status, 200);
+    let _ = new.kill();
+    let _ = new.wait();
+    assert_eq!(
+        bad.load(Ordering::Relaxed),
+        0,
+        "requests refused or failed during the upgrade"
+    );
+    assert!(
+        ok.load(Ordering::Relaxed) > 20,
+        "the client ran through the handover"
+    );
+}

@@ -815,4 +815,57 @@ mod tests {
         assert!(!snapshot.rule_sets.is_empty());
         assert!(snapshot.routes.iter().all(|r| r.pipeline.needs().body));
     }
+
+    #[test]
+    fn a_recompile_keeps_unchanged_upstreams_and_rate_limits_and_replaces_changed_ones() {
+        let yaml = |target: &str, rate: &str| {
+            format!(
+                "listeners: [{{address: \"127.0.0.1:1\"}}]\nupstreams:\n  a: {{targets: [\"127.0.0.1:7001\"], passive: {{failures: 1}}}}\n  b: {{targets: [\"{target}\"]}}\n\
+                 rate_limits:\n  - {{name: one, key: [ip], rate: 5/s}}\n  - {{name: two, key: [ip], rate: {rate}, scope: {{path: \"^/x\"}}}}\n\
+                 routes:\n  - {{name: r, upstream: a}}\n"
+            )
+        };
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let build = |text: &str, previous: Option<&Snapshot>| {
+            let config =
+                crate::config::load_str("t.yaml", text, &crate::config::Overrides::default())
+                    .unwrap();
+            let cx = CompileContext {
+                metrics: &metrics,
+                previous,
+                demo_addr: None,
+                generation: previous.map_or(1, |p| p.generation + 1),
+            };
+            compile(config, &cx).unwrap()
+        };
+        let first = build(&yaml("127.0.0.1:7002", "1/s"), None);
+        // Passive health state of `a`: one failure ejects its only server.
+        let addr = "127.0.0.1:7001".parse().unwrap();
+        first.upstreams[0].record_failure(addr);
+        let second = build(&yaml("127.0.0.1:7003", "1/s"), Some(&first));
+        assert!(
+            Arc::ptr_eq(&first.upstreams[0], &second.upstreams[0]),
+            "a unchanged"
+        );
+        assert!(
+            !Arc::ptr_eq(&first.upstreams[1], &second.upstreams[1]),
+            "b has a new target"
+        );
+        assert_eq!(
+            second.upstreams[0].availability(),
+            (1, 0),
+            "a's ejection survived"
+        );
+        assert!(Arc::ptr_eq(&first.rate_limits[0], &second.rate_limits[0]));
+        assert!(
+            Arc::ptr_eq(&first.rate_limits[1], &second.rate_limits[1]),
+            "same path regex"
+        );
+        let third = build(&yaml("127.0.0.1:7003", "2/s"), Some(&second));
+        assert!(Arc::ptr_eq(&second.rate_limits[0], &third.rate_limits[0]));
+        assert!(
+            !Arc::ptr_eq(&second.rate_limits[1], &third.rate_limits[1]),
+            "rate changed"
+        );
+    }
 }
