@@ -30,16 +30,7 @@ fn config_yaml(routes: usize) -> String {
 fn bench(c: &mut Criterion) {
     let config = load_str("bench.yaml", &config_yaml(50), &Overrides::default()).unwrap();
     let metrics = Arc::new(Metrics::new().unwrap());
-    let snapshot = compile(
-        config,
-        &CompileContext {
-            metrics: &metrics,
-            previous: None,
-            demo_addr: None,
-            generation: 1,
-        },
-    )
-    .unwrap();
+    let snapshot = compile(config, &CompileContext::first(&metrics, None)).unwrap();
     let req = http::Request::get("http://h2.example.com/api/v1/svc37/items?limit=10")
         .body(())
         .unwrap();

@@ -23,12 +23,7 @@ fn stage(config: &str) -> ValidateStage {
     let metrics = std::sync::Arc::new(palisade::metrics::Metrics::new().unwrap());
     let snapshot = palisade::compile::compile(
         cfg,
-        &palisade::compile::CompileContext {
-            metrics: &metrics,
-            previous: None,
-            demo_addr: Some(([127, 0, 0, 1], 9).into()),
-            generation: 1,
-        },
+        &palisade::compile::CompileContext::first(&metrics, Some(([127, 0, 0, 1], 9).into())),
     )
     .unwrap();
     let route = snapshot

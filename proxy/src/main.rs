@@ -215,12 +215,7 @@ fn compiled(config: Option<&PathBuf>) -> Result<palisade::snapshot::Snapshot, co
     palisade::compile::load_and_compile(
         config.map(PathBuf::as_path),
         &Overrides::default(),
-        &palisade::compile::CompileContext {
-            metrics: &std::sync::Arc::new(metrics),
-            previous: None,
-            demo_addr: demo,
-            generation: 1,
-        },
+        &palisade::compile::CompileContext::first(&std::sync::Arc::new(metrics), demo),
     )
 }
 

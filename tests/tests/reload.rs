@@ -36,6 +36,13 @@ fn write_rules(dir: &std::path::Path) {
     }
 }
 
+/// A backend, and a directory holding both versions' rule files.
+async fn setup() -> (Backend, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    write_rules(dir.path());
+    (Backend::start("app").await, dir)
+}
+
 async fn post_reload(p: &Palisade) -> palisade_tests::RawResponse {
     raw_request(
         p.admin,
@@ -61,9 +68,7 @@ fn rewrite(p: &Palisade, body: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn steady_load_while_the_config_flips_through_all_three_triggers() {
-    let backend = Backend::start("app").await;
-    let dir = tempfile::tempdir().unwrap();
-    write_rules(dir.path());
+    let (backend, dir) = setup().await;
     let a = version('a', backend.addr, "");
     let b = version('b', backend.addr, "");
     let p = Palisade::start_in(dir, &a, false).await;
@@ -169,9 +174,7 @@ async fn steady_load_while_the_config_flips_through_all_three_triggers() {
 
 #[tokio::test]
 async fn an_invalid_change_keeps_the_old_rules_and_is_reported_with_file_and_line() {
-    let backend = Backend::start("app").await;
-    let dir = tempfile::tempdir().unwrap();
-    write_rules(dir.path());
+    let (backend, dir) = setup().await;
     let good = version('a', backend.addr, "reload: {watch: false}\n");
     let p = Palisade::start_in(dir, &good, false).await;
     let blocked = || async { raw_get(p.addr, "/x?q=alpha").await.unwrap().status };
@@ -253,9 +256,7 @@ async fn an_invalid_change_keeps_the_old_rules_and_is_reported_with_file_and_lin
 
 #[tokio::test]
 async fn rate_limit_counters_survive_a_reload_of_an_unrelated_rule() {
-    let backend = Backend::start("app").await;
-    let dir = tempfile::tempdir().unwrap();
-    write_rules(dir.path());
+    let (backend, dir) = setup().await;
     let limit =
         "reload: {watch: false}\nrate_limits:\n  - name: per-ip\n    key: [ip]\n    rate: 3/min\n    scope: {path: \"^/limited\"}\n";
     let p = Palisade::start_in(dir, &version('a', backend.addr, limit), false).await;
@@ -286,9 +287,7 @@ async fn rate_limit_counters_survive_a_reload_of_an_unrelated_rule() {
 
 #[tokio::test]
 async fn a_file_that_keeps_changing_is_reloaded_within_a_second_while_it_changes() {
-    let backend = Backend::start("app").await;
-    let dir = tempfile::tempdir().unwrap();
-    write_rules(dir.path());
+    let (backend, dir) = setup().await;
     let a = version('a', backend.addr, "");
     let b = version('b', backend.addr, "");
     let p = Palisade::start_in(dir, &a, false).await;
@@ -314,9 +313,7 @@ async fn a_file_that_keeps_changing_is_reloaded_within_a_second_while_it_changes
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_upgrade_hands_the_sockets_over_without_refusing_a_request() {
-    let backend = Backend::start("app").await;
-    let dir = tempfile::tempdir().unwrap();
-    write_rules(dir.path());
+    let (backend, dir) = setup().await;
     let sock = dir.path().join("upgrade.sock").display().to_string();
     let mut old = Palisade::start_in_with(
         dir,

@@ -54,6 +54,19 @@ pub struct CompileContext<'a> {
     pub generation: u64,
 }
 
+impl<'a> CompileContext<'a> {
+    /// The context of a first compilation (start-up, `palisade check`): nothing to keep,
+    /// generation 1.
+    pub fn first(metrics: &'a Arc<Metrics>, demo_addr: Option<SocketAddr>) -> Self {
+        CompileContext {
+            metrics,
+            previous: None,
+            demo_addr,
+            generation: 1,
+        }
+    }
+}
+
 struct Out {
     file: Arc<str>,
     problems: Problems,
@@ -804,12 +817,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new().unwrap());
         let snapshot = compile(
             config,
-            &CompileContext {
-                metrics: &metrics,
-                previous: None,
-                demo_addr: Some(([127, 0, 0, 1], 9).into()),
-                generation: 1,
-            },
+            &CompileContext::first(&metrics, Some(([127, 0, 0, 1], 9).into())),
         )
         .unwrap();
         assert!(!snapshot.rule_sets.is_empty());

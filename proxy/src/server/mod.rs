@@ -101,15 +101,7 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     let h2c = config.h2c;
     let listeners: Vec<SocketAddr> = config.listeners.iter().map(|l| l.address).collect();
     let admin_addr = config.admin;
-    let first = compile(
-        config,
-        &CompileContext {
-            metrics: &metrics,
-            previous: None,
-            demo_addr,
-            generation: 1,
-        },
-    )?;
+    let first = compile(config, &CompileContext::first(&metrics, demo_addr))?;
     let snapshot = Arc::new(ArcSwap::from_pointee(first));
     let reloader = Arc::new(reload::Reloader::new(
         Arc::clone(&snapshot),
