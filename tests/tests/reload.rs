@@ -193,6 +193,12 @@ async fn an_invalid_change_keeps_the_old_rules_and_is_reported_with_file_and_lin
         ),
         (
             good.clone(),
+            Some("name: set-a\nrules:\n  - id: r1\n    matchh: {field: \"query:q\", contains: x}\n".into()),
+            rules_a.clone(),
+            4,
+        ),
+        (
+            good.clone(),
             Some("name: set-a\nrules:\n  - id: r1\n    match: {field: \"query:q\", regex: \"(unclosed\"}\n".into()),
             rules_a.clone(),
             4,
