@@ -308,7 +308,29 @@ fn init_logging(config: &Config) {
     }
 }
 
+/// Pingora builds each service's listeners inside a task it spawns, and a bind that fails
+/// there (a port taken after `server::run` checked it) only panics that task: the process would
+/// run on without the listener, its admin port answering as if all were well. A proxy missing a
+/// configured listener must stop instead, with the reason.
+fn exit_when_a_listener_cannot_be_built() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.contains("Failed to build listeners") {
+            eprintln!("palisade: cannot listen on a configured address ({message}); exiting");
+            std::process::exit(1);
+        }
+    }));
+}
+
 fn main() -> ExitCode {
+    exit_when_a_listener_cannot_be_built();
     let cli = Cli::parse();
     match cli.command {
         Command::Geoip { command } => geoip(command),

@@ -49,6 +49,35 @@ fn proxy_addrs() -> (SocketAddr, SocketAddr) {
     )
 }
 
+/// Whether process `pid` holds a listening TCP socket on `addr` (Linux: the socket's inode in
+/// `/proc/net/tcp{,6}` among the process's descriptors).
+pub fn listens_on(pid: u32, addr: SocketAddr) -> bool {
+    let table = if addr.is_ipv4() {
+        "/proc/net/tcp"
+    } else {
+        "/proc/net/tcp6"
+    };
+    let port = format!(":{:04X}", addr.port());
+    let inodes: Vec<String> = std::fs::read_to_string(table)
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // local_address is field 1, state field 3 (0A = LISTEN), inode field 9.
+            (f.len() > 9 && f[1].ends_with(&port) && f[3] == "0A").then(|| f[9].to_string())
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .any(|link| {
+            let link = link.to_string_lossy();
+            inodes.iter().any(|i| link == format!("socket:[{i}]"))
+        })
+}
+
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -371,10 +400,21 @@ impl Palisade {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!("({status})\n{}", self.log()));
             }
-            let admin_up = raw_get(self.admin, "/healthz")
-                .await
-                .is_some_and(|r| r.status == 200);
-            let proxy_up = tokio::net::TcpStream::connect(self.addr).await.is_ok();
+            // A port taken by another test after the proxy checked it: pingora retries the
+            // bind for 30 s; start again on other ports instead (the process is killed on drop).
+            let log = self.log();
+            if log.contains("is in use, will try again") {
+                return Err(log);
+            }
+            // Both ports must be listened on by this process: a port lost to another test
+            // after the proxy checked it would otherwise be served by that test's proxy.
+            let pid = self.child.id();
+            let owned = listens_on(pid, self.addr) && listens_on(pid, self.admin);
+            let admin_up = owned
+                && raw_get(self.admin, "/healthz")
+                    .await
+                    .is_some_and(|r| r.status == 200);
+            let proxy_up = owned && tokio::net::TcpStream::connect(self.addr).await.is_ok();
             if admin_up && proxy_up {
                 return Ok(());
             }

@@ -480,3 +480,43 @@ async fn h2c_clients_are_served() {
     let seen = b.seen();
     assert_eq!(&seen[0].body[..], b"over h2c");
 }
+
+/// A listener that cannot be bound when pingora builds it (after Palisade's own check: here two
+/// spellings of one address, `127.0.0.1:P` and `[::ffff:127.0.0.1]:P`) stops the process with
+/// the reason, instead of leaving it running without that listener. Pingora retries the bind
+/// for 30 s first.
+#[test]
+fn a_listener_that_cannot_be_built_stops_the_process() {
+    let [port, admin] = free_ports::<2>();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let mut child = std::process::Command::new(palisade_bin())
+        .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--listen", &format!("[::ffff:127.0.0.1]:{port}")])
+        .args(["--admin", &format!("127.0.0.1:{admin}")])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "still running or wrong exit:\n{err}"
+    );
+    assert!(
+        err.contains("palisade: cannot listen on a configured address"),
+        "{err}"
+    );
+}
