@@ -348,14 +348,24 @@ async fn a_graceful_upgrade_hands_the_sockets_over_without_refusing_a_request() 
 
     // The new process waits for the sockets; SIGQUIT makes the old one hand them over.
     let log = std::fs::File::create(old.dir.join("new.log")).unwrap();
-    let mut new = std::process::Command::new(palisade_tests::palisade_bin())
-        .args(["run", "--config"])
-        .arg(old.dir.join("palisade.yaml"))
-        .args(["--threads", "2", "--upgrade", "--upgrade-sock", &sock])
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    // Killed on drop, so a failing assertion below leaves no process behind.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _new = KillOnDrop(
+        std::process::Command::new(palisade_tests::palisade_bin())
+            .args(["run", "--config"])
+            .arg(old.dir.join("palisade.yaml"))
+            .args(["--threads", "2", "--upgrade", "--upgrade-sock", &sock])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let quit = std::process::Command::new("kill")
         .args(["-QUIT", &old.pid().to_string()])
@@ -376,8 +386,6 @@ async fn a_graceful_upgrade_hands_the_sockets_over_without_refusing_a_request() 
     client.await.unwrap();
     assert_eq!(raw_get(addr, "/x?q=alpha").await.unwrap().status, 403);
     assert_eq!(raw_get(admin, "/healthz").await.unwrap().status, 200);
-    let _ = new.kill();
-    let _ = new.wait();
     assert_eq!(
         bad.load(Ordering::Relaxed),
         0,
