@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing Palisade needs on a fresh Debian/Ubuntu machine, and only
 # what is missing: a C toolchain and cmake (pingora's zlib-ng build), pkg-config, curl, and
-# redis-server (distributed rate-limit tests); then Rust via rustup if cargo is absent.
+# redis-server (distributed rate-limit tests), Flask and Node.js (the differential tests run
+# real Werkzeug and Node parsers as backends); then Rust via rustup if cargo is absent.
 # Idempotent: a second run installs nothing.
 set -euo pipefail
 
@@ -13,6 +14,10 @@ command -v curl >/dev/null || need+=(curl ca-certificates)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v python3 >/dev/null || need+=(python3)
 command -v mmdblookup >/dev/null || need+=(mmdb-bin)
+command -v node >/dev/null || need+=(nodejs)
+if ! /usr/bin/python3 -c 'import flask' 2>/dev/null && ! python3 -c 'import flask' 2>/dev/null; then
+  need+=(python3-flask)
+fi
 
 if ((${#need[@]})); then
   echo "ensure-deps: installing ${need[*]}" >&2

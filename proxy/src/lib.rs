@@ -17,6 +17,7 @@
 
 pub mod compile;
 pub mod config;
+pub mod files;
 pub mod identity;
 pub mod metrics;
 pub mod pipeline;

@@ -27,6 +27,8 @@ pub const REQUESTS_TOTAL: &str = "palisade_requests_total";
 pub const BLOCKED_TOTAL: &str = "palisade_blocked_total";
 /// `palisade_counted_total{route, label}`: count-mode (dry-run) matches.
 pub const COUNTED_TOTAL: &str = "palisade_counted_total";
+/// Requests refused before routing.
+pub const REFUSED_TOTAL: &str = "palisade_requests_refused_total";
 /// `palisade_request_duration_seconds{route}`: time from request head to logging.
 pub const REQUEST_DURATION: &str = "palisade_request_duration_seconds";
 /// `palisade_upstream_errors_total{upstream, kind}`: connect failures, timeouts, …
@@ -67,6 +69,8 @@ pub mod decision {
     pub const ERROR: &str = "error";
     /// No route matched.
     pub const NO_ROUTE: &str = "no_route";
+    /// Refused before routing (malformed or ambiguous request).
+    pub const REFUSED: &str = "refused";
 }
 
 /// Label used for requests that matched no route.
@@ -80,6 +84,8 @@ pub struct Metrics {
     pub blocked: IntCounterVec,
     /// Count-mode matches by route and label.
     pub counted: IntCounterVec,
+    /// Requests refused before routing, by reason.
+    refused: IntCounterVec,
     duration: HistogramVec,
     /// Upstream errors by upstream and kind.
     pub upstream_errors: IntCounterVec,
@@ -316,6 +322,14 @@ impl Metrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(blocked.clone()))?;
         registry.register(Box::new(counted.clone()))?;
+        let refused = IntCounterVec::new(
+            Opts::new(
+                REFUSED_TOTAL,
+                "Requests refused before routing (malformed, ambiguous or over a limit), by reason.",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(refused.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(upstream_errors.clone()))?;
         registry.register(Box::new(upstream_servers.clone()))?;
@@ -325,6 +339,7 @@ impl Metrics {
             requests,
             blocked,
             counted,
+            refused,
             duration,
             upstream_errors,
             upstream_servers,
@@ -368,6 +383,14 @@ impl Metrics {
             blocks: Arc::new(LabelCache::new(self.blocked.clone())),
             counts: Arc::new(LabelCache::new(self.counted.clone())),
         }
+    }
+
+    /// Counts a request refused before routing (reasons are constants of the code).
+    pub fn refused(&self, reason: &'static str) {
+        self.requests
+            .with_label_values(&[NO_ROUTE_LABEL, decision::REFUSED])
+            .inc();
+        self.refused.with_label_values(&[reason]).inc();
     }
 
     /// Counts a request that matched no route.

@@ -29,6 +29,8 @@ pub struct CompiledRoute {
     prefix: String,
     /// Index into [`Snapshot::upstreams`].
     pub upstream: usize,
+    /// Which path the backend receives.
+    pub forward_path: crate::config::file::ForwardPath,
     /// The inspection stages, in pipeline order, with the body step.
     pub pipeline: Pipeline,
     /// Pre-resolved metric handles (no label hashing per request).
@@ -53,6 +55,7 @@ impl CompiledRoute {
             host: route.host.clone(),
             prefix: route.path_prefix.clone(),
             upstream: route.upstream,
+            forward_path: route.policy.forward_path,
             pipeline,
             metrics,
             rulesets,

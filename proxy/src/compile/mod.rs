@@ -95,9 +95,13 @@ impl Out {
             names.sort();
             content_hash(names.join("\n").as_bytes())
         } else {
-            std::fs::read(path)
+            // Regular files only: reading a FIFO would block the compile step.
+            std::fs::metadata(path)
+                .ok()
+                .filter(|m| m.is_file())
+                .and_then(|_| std::fs::read(path).ok())
                 .map(|b| content_hash(&b))
-                .unwrap_or_else(|_| "unreadable".into())
+                .unwrap_or_else(|| "unreadable".into())
         };
         self.sources.push(SourceFile {
             path: path.to_path_buf(),

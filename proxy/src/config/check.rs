@@ -146,6 +146,7 @@ pub fn check_all(
     }
 
     let default_body = body_settings(&file.body, None, &mut issues);
+    let http = http_settings(&file.http, &mut issues);
 
     // Upstreams: indexed in name order (BTreeMap).
     let mut upstreams: Vec<Upstream> = Vec::new();
@@ -252,6 +253,7 @@ pub fn check_all(
                 }),
                 inspect_limit,
                 oversize,
+                forward_path: p.forward_path.unwrap_or(http.forward_path),
                 ip: p.ip,
                 geo: p.geo.filter(|_| geo_ok),
                 asn: p.asn.filter(|_| asn_ok),
@@ -303,6 +305,7 @@ pub fn check_all(
             .map(|d| d.0)
             .unwrap_or(Duration::from_millis(100)),
         timeouts,
+        http,
         upstreams,
         routes,
         ip_sets: file.ip_sets,
@@ -545,6 +548,92 @@ fn check_asn_policy(
     let has_db = geoip.and_then(|g| g.asn_db.as_ref()).is_some();
     let db = (has_db, "an ASN database", "asn_db");
     one_list(route, at, "asn", db, &cfg.allow, &cfg.deny, issues).is_some()
+}
+
+fn http_settings(h: &super::file::HttpConfig, issues: &mut Issues) -> super::Http {
+    let d = super::Http::default();
+    let size =
+        |v: Option<super::file::HumanSize>, default: usize, name: &str, issues: &mut Issues| {
+            match v {
+                None => default,
+                Some(s) if s.0 < 1024 || s.0 > 1024 * 1024 => {
+                    issues.global(format!(
+                        "http.{name} {} is outside 1KiB..1MiB: browsers send a few KiB of headers",
+                        s.0
+                    ));
+                    default
+                }
+                // Bounded above, so the cast cannot truncate.
+                Some(s) => s.0 as usize,
+            }
+        };
+    let max_head_size = size(h.max_head_size, d.max_head_size, "max_head_size", issues);
+    let max_header_size = size(
+        h.max_header_size,
+        d.max_header_size,
+        "max_header_size",
+        issues,
+    );
+    if max_header_size > max_head_size {
+        issues.global(format!(
+            "http.max_header_size ({max_header_size}) is larger than http.max_head_size \
+             ({max_head_size}): one header could never be that long"
+        ));
+    }
+    let max_headers = match h.max_headers {
+        Some(n) if !(8..=1000).contains(&n) => {
+            issues.global(format!("http.max_headers {n} is outside 8..1000"));
+            d.max_headers
+        }
+        Some(n) => n,
+        None => d.max_headers,
+    };
+    let mut deadline =
+        |v: Option<super::file::HumanDuration>, default: Duration, name: &str| match v {
+            Some(t) if t.0.is_zero() => {
+                issues.global(format!(
+                    "http.{name} is zero: every request would time out; use e.g. `15s`"
+                ));
+                default
+            }
+            Some(t) => t.0,
+            None => default,
+        };
+    let head_timeout = deadline(h.head_timeout, d.head_timeout, "head_timeout");
+    let body_timeout = deadline(h.body_timeout, d.body_timeout, "body_timeout");
+    let mut untrusted_headers = d.untrusted_headers;
+    if let Some(list) = &h.untrusted_headers {
+        untrusted_headers.clear();
+        for name in list {
+            let lower = name.trim().to_ascii_lowercase();
+            if http::HeaderName::from_bytes(lower.as_bytes()).is_err() {
+                issues.global(format!(
+                    "http.untrusted_headers: {name:?} is not a header name"
+                ));
+            } else if matches!(
+                lower.as_str(),
+                "host" | "content-length" | "transfer-encoding"
+            ) {
+                issues.global(format!(
+                    "http.untrusted_headers: {name:?} frames or routes every request and cannot be removed"
+                ));
+            } else {
+                untrusted_headers.push(lower);
+            }
+        }
+    }
+    super::Http {
+        encoded_slash: h.encoded_slash.unwrap_or(d.encoded_slash),
+        forward_path: h.forward_path.unwrap_or(d.forward_path),
+        max_head_size,
+        max_headers,
+        max_header_size,
+        head_timeout,
+        body_timeout,
+        max_connections_per_ip: h.max_connections_per_ip.unwrap_or(d.max_connections_per_ip),
+        content_encoding: h.content_encoding.unwrap_or(d.content_encoding),
+        untrusted_headers,
+    }
 }
 
 fn body_settings(

@@ -43,6 +43,10 @@ pub struct FileConfig {
     /// Request body inspection defaults (routes may override).
     #[serde(default)]
     pub body: BodyConfig,
+    /// How client requests are read: path normalization, limits on the head, deadlines,
+    /// connection limits, body encodings and the headers untrusted clients may not set.
+    #[serde(default)]
+    pub http: HttpConfig,
     /// Named upstream groups.
     #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamConfig>,
@@ -175,6 +179,87 @@ pub struct BodyConfig {
     pub oversize: Option<OversizePolicy>,
 }
 
+/// How client requests are read and what they may contain (see `SECURITY.md`).
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// What an encoded slash (`%2F`) in a path is: `decode` (a separator, default), `reject`
+    /// (400) or `keep` (part of the segment; forwarded encoded).
+    #[serde(default)]
+    pub encoded_slash: Option<EncodedSlashConfig>,
+    /// Which path the backend receives: `normalized` (default: decoded, dot segments and `;`
+    /// parameters removed, slashes merged, re-encoded) or `original` (as the client sent it;
+    /// routing and inspection still use the normalized path). Routes may override it.
+    #[serde(default)]
+    pub forward_path: Option<ForwardPath>,
+    /// Largest request head (request line and headers) in bytes; larger gets 431 (default
+    /// 32KiB).
+    #[serde(default)]
+    pub max_head_size: Option<HumanSize>,
+    /// Most header fields in a request; more gets 431 (default 100).
+    #[serde(default)]
+    pub max_headers: Option<usize>,
+    /// Longest single header field value; longer gets 431 (default 8KiB).
+    #[serde(default)]
+    pub max_header_size: Option<HumanSize>,
+    /// Deadline for the whole request head from its first byte; expiry answers 408 (default
+    /// 15s). Stops clients that drip a header byte at a time.
+    #[serde(default)]
+    pub head_timeout: Option<HumanDuration>,
+    /// Deadline for reading an inspected body, from the end of the head; expiry answers 408
+    /// (default 30s).
+    #[serde(default)]
+    pub body_timeout: Option<HumanDuration>,
+    /// Most open client connections per client address (the TCP peer); more are closed at
+    /// once (default 256; 0 = no limit).
+    #[serde(default)]
+    pub max_connections_per_ip: Option<usize>,
+    /// Bodies with a `Content-Encoding` (gzip, deflate): `refuse` (415, default) or `decode`
+    /// (inflated for inspection, at most the inspection limit, and forwarded as sent).
+    #[serde(default)]
+    pub content_encoding: Option<ContentEncodingPolicy>,
+    /// Headers that only a trusted proxy (`client_ip.trusted_proxies`) may set: removed from
+    /// requests of other clients before anything reads them. Default: `Forwarded`, the
+    /// `X-Forwarded-*` family, `X-Real-IP`, `True-Client-IP`, `CF-Connecting-IP`,
+    /// `X-Client-IP`, `X-Cluster-Client-IP`, `Fastly-Client-IP`, `X-Original-URL`,
+    /// `X-Rewrite-URL`, `X-Original-Host`, `X-Host` and the method overrides
+    /// (`X-HTTP-Method-Override`, `X-HTTP-Method`, `X-Method-Override`).
+    #[serde(default)]
+    pub untrusted_headers: Option<Vec<String>>,
+}
+
+/// What an encoded slash in a path means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum EncodedSlashConfig {
+    /// A separator.
+    Decode,
+    /// 400.
+    Reject,
+    /// Part of the segment.
+    Keep,
+}
+
+/// Which path the backend receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardPath {
+    /// The normalized path, re-encoded.
+    Normalized,
+    /// The path as received.
+    Original,
+}
+
+/// What happens to a request body with a `Content-Encoding`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ContentEncodingPolicy {
+    /// 415 `unsupported_content_encoding`.
+    Refuse,
+    /// Inflate gzip/deflate for inspection; other codings get 415.
+    Decode,
+}
+
 /// What happens to a request whose body exceeds the inspection limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -287,6 +372,9 @@ pub struct PolicyConfig {
     /// Body inspection overrides for this route.
     #[serde(default)]
     pub body: Option<BodyConfig>,
+    /// Which path the backend receives for this route (overrides `http.forward_path`).
+    #[serde(default)]
+    pub forward_path: Option<ForwardPath>,
     /// Client IP allow/deny by IP set name.
     #[serde(default)]
     pub ip: Option<IpPolicyConfig>,

@@ -33,6 +33,8 @@ pub const DEFAULT_CONFIG_NAME: &str = "<embedded default config>";
 /// `shared/notes/pingora-body-inspection.md`).
 pub const MAX_INSPECT_LIMIT: u64 = 64 * 1024;
 
+pub use crate::files::{read_text_file, MAX_TEXT_FILE};
+
 /// A checked configuration: plain data, nothing opened or compiled.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -64,6 +66,8 @@ pub struct Config {
     pub watch_debounce: Duration,
     /// Timeouts.
     pub timeouts: Timeouts,
+    /// How client requests are read.
+    pub http: Http,
     /// Upstream groups; routes refer to them by index.
     pub upstreams: Vec<Upstream>,
     /// Routes, in the order written (matching picks the most specific).
@@ -104,6 +108,77 @@ pub fn resolve_path(base_dir: &Path, p: &str) -> PathBuf {
 pub struct Listener {
     /// Bound address.
     pub address: SocketAddr,
+}
+
+/// How client requests are read, defaults applied (see [`file::HttpConfig`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Http {
+    /// Meaning of `%2F` in paths.
+    pub encoded_slash: file::EncodedSlashConfig,
+    /// Default forwarded path.
+    pub forward_path: file::ForwardPath,
+    /// Largest request head in bytes.
+    pub max_head_size: usize,
+    /// Most header fields.
+    pub max_headers: usize,
+    /// Longest header value in bytes.
+    pub max_header_size: usize,
+    /// Deadline for the request head.
+    pub head_timeout: Duration,
+    /// Deadline for an inspected body.
+    pub body_timeout: Duration,
+    /// Connections per client address (0 = no limit).
+    pub max_connections_per_ip: usize,
+    /// Request bodies with a content coding.
+    pub content_encoding: file::ContentEncodingPolicy,
+    /// Lower-case names of the headers only trusted proxies may send.
+    pub untrusted_headers: Vec<String>,
+}
+
+/// Headers only a trusted proxy may set (identity, routing and method overrides).
+pub const DEFAULT_UNTRUSTED_HEADERS: &[&str] = &[
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+    "x-real-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "x-client-ip",
+    "x-cluster-client-ip",
+    "fastly-client-ip",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-host",
+    "x-host",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+impl Default for Http {
+    fn default() -> Self {
+        Http {
+            encoded_slash: file::EncodedSlashConfig::Decode,
+            forward_path: file::ForwardPath::Normalized,
+            max_head_size: 32 * 1024,
+            max_headers: 100,
+            max_header_size: 8 * 1024,
+            head_timeout: Duration::from_secs(15),
+            body_timeout: Duration::from_secs(30),
+            max_connections_per_ip: 256,
+            content_encoding: file::ContentEncodingPolicy::Refuse,
+            untrusted_headers: DEFAULT_UNTRUSTED_HEADERS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        }
+    }
 }
 
 /// Concrete timeouts with defaults applied.
@@ -244,6 +319,8 @@ pub struct RoutePolicy {
     pub inspect_limit: usize,
     /// Oversize policy.
     pub oversize: OversizePolicy,
+    /// Which path the backend receives.
+    pub forward_path: file::ForwardPath,
     /// Client IP allow/deny by set name (names checked).
     pub ip: Option<file::IpPolicyConfig>,
     /// Country allow/deny (codes checked, exactly one list).
@@ -287,7 +364,7 @@ pub fn parse(source: &Arc<str>, text: &str) -> Result<file::FileConfig, Problems
 /// Reads, parses and checks a configuration file, applying overrides.
 pub fn load_file(path: &Path, overrides: &Overrides) -> Result<Config, Problems> {
     let name: Arc<str> = path.display().to_string().into();
-    let text = std::fs::read_to_string(path)
+    let text = read_text_file(path, MAX_TEXT_FILE)
         .map_err(|e| Problem::file(&name, format!("cannot read the config file: {e}")))?;
     let parsed = parse(&name, &text)?;
     let mut config = check(&name, parsed, overrides, &base_dir(Some(path)))?;
@@ -328,7 +405,7 @@ pub fn load_all(
     let (name, text, dir): (Arc<str>, String, PathBuf) = match path {
         Some(p) => {
             let name: Arc<str> = p.display().to_string().into();
-            let text = std::fs::read_to_string(p)
+            let text = read_text_file(p, MAX_TEXT_FILE)
                 .map_err(|e| Problem::file(&name, format!("cannot read the config file: {e}")))?;
             (name, text, base_dir(Some(p)))
         }

@@ -81,6 +81,15 @@ impl fmt::Debug for GeoDb {
 }
 
 fn open(path: &Path) -> Result<Reader<Vec<u8>>, GeoDbError> {
+    if !std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+        return Err(GeoDbError {
+            path: path.display().to_string(),
+            source: maxminddb::MaxMindDbError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file",
+            )),
+        });
+    }
     Reader::open_readfile(path).map_err(|source| GeoDbError {
         path: path.display().to_string(),
         source,

@@ -128,13 +128,17 @@ impl IpSetBuilder {
     pub fn add_list(&mut self, text: &str, keep: usize) -> (Vec<BadLine>, usize) {
         let mut bad = Vec::new();
         let mut total = 0;
+        let mut good = 0;
         for (i, raw) in text.lines().enumerate() {
             let line = raw.split('#').next().unwrap_or("").trim();
             if line.is_empty() {
                 continue;
             }
             match parse_cidr(line) {
-                Some(n) => self.add(n),
+                Some(n) => {
+                    good += 1;
+                    self.add(n);
+                }
                 None => {
                     total += 1;
                     if bad.len() < keep {
@@ -146,16 +150,32 @@ impl IpSetBuilder {
                 }
             }
         }
+        // A file with no address at all is not an IP list (a config pointed at `/etc/shadow`):
+        // its lines are named, never printed, unless they look like attempted addresses.
+        if good == 0 {
+            for b in &mut bad {
+                let addressy = b
+                    .text
+                    .chars()
+                    .all(|c| c.is_ascii_hexdigit() || ".:/ \t".contains(c));
+                if !addressy {
+                    b.text = "(not an address; text not shown)".into();
+                }
+            }
+        }
         (bad, total)
     }
 
     /// Adds every entry of an IP list file; any bad line is an error naming file and line.
     pub fn add_file(&mut self, path: &Path) -> Result<(), IpListError> {
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| IpListError::Read {
-            path: name.clone(),
-            source,
-        })?;
+        let text =
+            crate::files::read_text_file(path, crate::files::MAX_TEXT_FILE).map_err(|source| {
+                IpListError::Read {
+                    path: name.clone(),
+                    source,
+                }
+            })?;
         let (lines, total) = self.add_list(&text, 20);
         if total > 0 {
             return Err(IpListError::BadLines {
@@ -336,6 +356,9 @@ mod tests {
             }
         );
         assert_eq!(bad[1].line, 3);
+        let (bad, _) = IpSetBuilder::new().add_list("root:$6$salt$hash:19000::\n::1/200\n", 10);
+        assert_eq!(bad[0].text, "(not an address; text not shown)");
+        assert_eq!(bad[1].text, "::1/200");
     }
 
     #[test]

@@ -73,7 +73,7 @@ impl CompiledRateLimit {
         s.methods
             .as_ref()
             .is_none_or(|m| m.iter().any(|m| m.as_str() == req.method))
-            && s.path.as_ref().is_none_or(|r| r.0.is_match(req.path))
+            && s.path.as_ref().is_none_or(|r| r.0.is_match(req.path()))
     }
 
     /// Whether two rules are the same rule with the same settings, so that a reload can keep

@@ -8,6 +8,7 @@
 //! header phase parsed (query, cookies) the body phase reuses. Body parts (form, JSON, XML)
 //! are only parsed by stages after the body pre-read.
 
+pub mod canon;
 mod decode;
 pub mod json;
 mod multipart;
@@ -24,6 +25,7 @@ pub use decode::{bytes_to_text, parse_cookies, parse_urlencoded};
 /// pingora requires to be `Sync`: hence `OnceLock` (an uncontended atomic per first use).
 #[derive(Debug, Default)]
 pub struct RequestCache {
+    path: OnceLock<String>,
     query_pairs: OnceLock<Vec<(String, String)>>,
     cookies: OnceLock<Vec<(String, String)>>,
     body_kind: OnceLock<BodyKind>,
@@ -53,8 +55,8 @@ enum Cache<'a> {
 pub struct Request<'a> {
     /// Method.
     pub method: &'a str,
-    /// Raw path, as received.
-    pub path: &'a str,
+    /// Raw path, as received (percent-encoded; [`Request::path`] is the normalized one).
+    pub raw_path: &'a str,
     /// Raw query string (without `?`).
     pub query: &'a str,
     /// Headers.
@@ -83,6 +85,17 @@ pub struct ParsedJson {
     pub malformed: bool,
 }
 
+/// The value of a parameter of a media type (`charset` of `text/plain; charset=utf-8`),
+/// unquoted; `None` when absent.
+pub fn content_type_param<'a>(content_type: &'a str, name: &str) -> Option<&'a str> {
+    content_type.split(';').skip(1).find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().trim_matches('"'))
+    })
+}
+
 /// Form fields and uploaded file names.
 #[derive(Debug, Default)]
 pub struct ParsedForm {
@@ -90,8 +103,12 @@ pub struct ParsedForm {
     pub fields: Vec<(String, String)>,
     /// Uploaded file names.
     pub files: Vec<String>,
-    /// The multipart body did not parse to its end.
+    /// Contents of uploaded files that are text (UTF-8), in order.
+    pub file_texts: Vec<String>,
+    /// The multipart body did not parse to its end, or had more parts than are inspected.
     pub malformed: bool,
+    /// Why the body must be refused (ambiguous boundary or part headers).
+    pub refusal: Option<canon::Refusal>,
 }
 
 /// How the body is parsed, from its content type.
@@ -119,6 +136,19 @@ pub fn content_length(headers: &HeaderMap) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+impl RequestCache {
+    /// The normalized path recorded by [`RequestCache::set_path`] (`/` before that).
+    pub fn path(&self) -> &str {
+        self.path.get().map_or("/", String::as_str)
+    }
+
+    /// Records the normalized path of the request (done once, before routing).
+    pub fn set_path(&self, path: String) {
+        // Set once per request, before any stage reads it.
+        let _ = self.path.set(path);
+    }
+}
+
 impl<'a> Request<'a> {
     /// A view of one request with a cache of its own (tests, `palisade explain`, benches).
     #[allow(clippy::too_many_arguments, reason = "plain data constructor")]
@@ -134,7 +164,7 @@ impl<'a> Request<'a> {
     ) -> Self {
         Request {
             method,
-            path,
+            raw_path: path,
             query,
             headers,
             body,
@@ -151,7 +181,7 @@ impl<'a> Request<'a> {
     pub fn of_head(head: &'a http::request::Parts, cache: &'a RequestCache) -> Self {
         Request {
             method: head.method.as_str(),
-            path: head.uri.path(),
+            raw_path: head.uri.path(),
             query: head.uri.query().unwrap_or(""),
             headers: &head.headers,
             body: &[],
@@ -192,6 +222,18 @@ impl<'a> Request<'a> {
         }
     }
 
+    /// The decoded, normalized path (see [`canon::normalize_path`]) that routing, rules,
+    /// validation and rate limits use. The proxy sets it before routing, with the configured
+    /// encoded-slash policy; otherwise it is computed on first use with the default policy
+    /// (and a path that does not normalize is used raw: the proxy refuses such requests).
+    pub fn path(&self) -> &str {
+        self.cache().path.get_or_init(|| {
+            canon::normalize_path(self.raw_path, canon::EncodedSlash::default())
+                .map(|p| p.decoded())
+                .unwrap_or_else(|_| self.raw_path.to_string())
+        })
+    }
+
     /// `Content-Length`, parsed by the one parser.
     pub fn content_length(&self) -> Option<u64> {
         content_length(self.headers)
@@ -226,27 +268,63 @@ impl<'a> Request<'a> {
         })
     }
 
-    /// JSON members of a JSON body (every level), and whether it failed to parse.
+    /// JSON members of a JSON body (every level, every occurrence of a repeated key), and
+    /// whether it failed to parse.
     pub fn json(&self) -> &ParsedJson {
         self.cache().json.get_or_init(|| {
             if self.body_kind() != BodyKind::Json || self.body.is_empty() {
                 return ParsedJson::default();
             }
-            match self.json_document() {
-                Ok(v) => {
-                    let mut members = Vec::new();
-                    flatten_json(v, &mut String::new(), None, &mut members, 0);
-                    ParsedJson {
-                        members,
-                        malformed: false,
-                    }
-                }
+            match json::members(self.body) {
+                Ok(members) => ParsedJson {
+                    members,
+                    malformed: false,
+                },
                 Err(_) => ParsedJson {
                     members: Vec::new(),
                     malformed: true,
                 },
             }
         })
+    }
+
+    /// Refuses a pre-read body that cannot be inspected as the backend will read it: JSON
+    /// nested deeper than [`json::MAX_DEPTH`], a multipart body whose boundary or part headers
+    /// can be read two ways, a charset whose bytes do not show ASCII syntax as ASCII (UTF-7,
+    /// UTF-16, EBCDIC …). Run once, right after the body is read, before any stage sees it.
+    pub fn body_refusal(&self) -> Option<canon::Refusal> {
+        if let Some(charset) = content_type_param(self.content_type(), "charset") {
+            let ok = [
+                "utf-8",
+                "utf8",
+                "us-ascii",
+                "ascii",
+                "iso-8859-1",
+                "latin1",
+                "windows-1252",
+            ]
+            .iter()
+            .any(|c| charset.eq_ignore_ascii_case(c));
+            if !ok {
+                return Some(canon::Refusal {
+                    status: 415,
+                    reason: "unsupported_media_type",
+                    detail: "a charset other than UTF-8, US-ASCII or Latin-1",
+                });
+            }
+        }
+        if self.body.is_empty() {
+            return None;
+        }
+        match self.body_kind() {
+            BodyKind::Json if json::depth(self.body) > json::MAX_DEPTH => Some(canon::Refusal {
+                status: 400,
+                reason: "json_too_deep",
+                detail: "JSON nested deeper than 64 levels",
+            }),
+            BodyKind::Multipart => self.form().refusal.clone(),
+            _ => None,
+        }
     }
 
     /// How the body is parsed, decided once per request from the content type.
@@ -385,11 +463,12 @@ fn xml_values(body: &[u8]) -> (Vec<String>, bool) {
         }
     }
     flush(&mut text, &mut out);
+    // Values past the cap were not read: the rules see the whole body as text instead.
+    if out.len() >= MAX_XML_VALUES {
+        malformed = true;
+    }
     (out, malformed || !elements)
 }
-
-/// JSON nesting deeper than this is not inspected further (bounds work on hostile bodies).
-const MAX_JSON_DEPTH: usize = 64;
 
 /// One member of a JSON document.
 #[derive(Debug, Clone)]
@@ -400,62 +479,4 @@ pub struct JsonMember {
     pub key: Option<String>,
     /// Its value as text, when it is a scalar (strings, numbers, booleans; null is empty).
     pub scalar: Option<String>,
-}
-
-fn flatten_json(
-    v: &serde_json::Value,
-    ptr: &mut String,
-    key: Option<&str>,
-    out: &mut Vec<JsonMember>,
-    depth: usize,
-) {
-    if depth > MAX_JSON_DEPTH {
-        return;
-    }
-    match v {
-        serde_json::Value::Object(m) => {
-            if let Some(k) = key {
-                out.push(JsonMember {
-                    pointer: ptr.clone(),
-                    key: Some(k.to_string()),
-                    scalar: None,
-                });
-            }
-            for (k, child) in m {
-                let len = ptr.len();
-                ptr.push('/');
-                ptr.push_str(&k.replace('~', "~0").replace('/', "~1"));
-                flatten_json(child, ptr, Some(k), out, depth + 1);
-                ptr.truncate(len);
-            }
-        }
-        serde_json::Value::Array(a) => {
-            if let Some(k) = key {
-                out.push(JsonMember {
-                    pointer: ptr.clone(),
-                    key: Some(k.to_string()),
-                    scalar: None,
-                });
-            }
-            for (i, child) in a.iter().enumerate() {
-                let len = ptr.len();
-                ptr.push('/');
-                ptr.push_str(&i.to_string());
-                flatten_json(child, ptr, None, out, depth + 1);
-                ptr.truncate(len);
-            }
-        }
-        scalar => {
-            let text = match scalar {
-                serde_json::Value::String(s) => s.clone(),
-                serde_json::Value::Null => String::new(),
-                other => other.to_string(),
-            };
-            out.push(JsonMember {
-                pointer: ptr.clone(),
-                key: key.map(str::to_string),
-                scalar: Some(text),
-            });
-        }
-    }
 }

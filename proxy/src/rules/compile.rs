@@ -314,7 +314,7 @@ impl Compiler<'_> {
         let mut phrases: Vec<String> = f.phrases.clone().unwrap_or_default();
         if let Some(pf) = &f.phrases_file {
             let path = self.base_dir.join(&pf.value);
-            match std::fs::read_to_string(&path) {
+            match crate::files::read_text_file(&path, crate::files::MAX_TEXT_FILE) {
                 Ok(text) => phrases.extend(
                     text.lines()
                         .map(|l| l.trim())
@@ -612,7 +612,7 @@ pub fn load(
     path: &Path,
     ip_sets: &BTreeMap<String, Arc<IpSet>>,
 ) -> Result<CompiledRuleSet, Problems> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let text = crate::files::read_text_file(path, crate::files::MAX_TEXT_FILE).map_err(|e| {
         Problem::file(
             &path.display().to_string().into(),
             format!("cannot read rule set: {e}"),

@@ -32,8 +32,11 @@ pub enum Origin {
 pub enum Field {
     /// The method.
     Method,
-    /// The path, raw (percent-encoded as received).
+    /// The path, decoded and normalized (what routing sees: `/x/../%61dmin` is `/admin`).
     Path,
+    /// The path as received (percent-encoded, dot segments and `;` parameters kept): where
+    /// traversal and encoding tricks show.
+    PathRaw,
     /// Path and query as received.
     Uri,
     /// The raw query string.
@@ -66,6 +69,8 @@ pub enum Field {
     FormField(String),
     /// Multipart file names.
     FileNames,
+    /// Contents of uploaded files that are text (first 16 KiB of each).
+    FileContents,
     /// JSON object keys (every level).
     JsonKeys,
     /// JSON scalar values (every level; strings, numbers, booleans as text).
@@ -85,7 +90,9 @@ pub enum Field {
     /// Labels added by earlier rules.
     Labels,
     /// Values of headers other than the standard ones with a fixed grammar (see
-    /// [`STANDARD_HEADERS`]): where custom headers such as `X-Api-Version` carry input.
+    /// [`STANDARD_HEADERS`]): where custom headers such as `X-Api-Version` carry input. A
+    /// standard header whose value does not fit its grammar (`Accept-Language: en' OR 1=1`)
+    /// is inspected here too (see `rules::grammar`).
     HeadersCustom,
     /// The body when no parser claims it: not urlencoded, multipart, XML, or valid JSON
     /// (plain text, GraphQL documents, a malformed JSON or multipart body).
@@ -173,6 +180,7 @@ impl Field {
         Ok(match s {
             "method" => Field::Method,
             "path" => Field::Path,
+            "path.raw" => Field::PathRaw,
             "uri" => Field::Uri,
             "query_string" => Field::QueryString,
             "query.names" => Field::QueryNames,
@@ -185,6 +193,7 @@ impl Field {
             "form.names" => Field::FormNames,
             "form.values" => Field::FormValues,
             "files.names" => Field::FileNames,
+            "files.contents" => Field::FileContents,
             "json.keys" => Field::JsonKeys,
             "json.values" => Field::JsonValues,
             "args.names" => Field::ArgsNames,
@@ -198,9 +207,9 @@ impl Field {
             "xml.values" => Field::XmlValues,
             "body_size" => Field::BodySize,
             _ => return Err(format!(
-                "unknown field {s:?}; fields are method, path, uri, query_string, query.names, query.values, query:NAME, \
+                "unknown field {s:?}; fields are method, path, path.raw, uri, query_string, query.names, query.values, query:NAME, \
                  header:NAME, headers.names, headers.values, cookie:NAME, cookies.names, cookies.values, body, \
-                 form.names, form.values, form:NAME, files.names, json.keys, json.values, json:/POINTER, \
+                 form.names, form.values, form:NAME, files.names, files.contents, json.keys, json.values, json:/POINTER, \
                  args.names, args.values, headers.custom, body.unparsed, xml.values, body_size, client_ip, country, \
                  asn, labels"
             )),
@@ -216,6 +225,7 @@ impl Field {
                 | Field::FormValues
                 | Field::FormField(_)
                 | Field::FileNames
+                | Field::FileContents
                 | Field::JsonKeys
                 | Field::JsonValues
                 | Field::JsonPointer(_)
@@ -280,12 +290,13 @@ impl FieldValues for RuleInput<'_> {
         };
         match field {
             Field::Method => vec![bv(Origin::Other, None, self.method)],
-            Field::Path => vec![bv(Origin::Path, None, self.path)],
+            Field::Path => vec![bv(Origin::Path, None, self.path())],
+            Field::PathRaw => vec![bv(Origin::Path, None, self.raw_path)],
             Field::Uri => {
                 let text = if self.query.is_empty() {
-                    Cow::Borrowed(self.path)
+                    Cow::Borrowed(self.raw_path)
                 } else {
-                    Cow::Owned(format!("{}?{}", self.path, self.query))
+                    Cow::Owned(format!("{}?{}", self.raw_path, self.query))
                 };
                 vec![Value {
                     origin: Origin::Uri,
@@ -344,6 +355,12 @@ impl FieldValues for RuleInput<'_> {
                 .iter()
                 .map(|f| bv(Origin::Form, None, f))
                 .collect(),
+            Field::FileContents => self
+                .form()
+                .file_texts
+                .iter()
+                .map(|f| bv(Origin::Form, None, f))
+                .collect(),
             Field::JsonKeys => self
                 .json()
                 .members
@@ -391,7 +408,10 @@ impl FieldValues for RuleInput<'_> {
             Field::HeadersCustom => self
                 .headers
                 .iter()
-                .filter(|(k, _)| STANDARD_HEADERS.binary_search(&k.as_str()).is_err())
+                .filter(|(k, x)| {
+                    STANDARD_HEADERS.binary_search(&k.as_str()).is_err()
+                        || !super::grammar::conforms(k.as_str(), x.as_bytes())
+                })
                 .map(|(k, x)| Value {
                     origin: Origin::Header,
                     name: Some(Cow::Borrowed(k.as_str())),

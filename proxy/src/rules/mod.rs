@@ -7,6 +7,7 @@ pub mod compile;
 pub mod eval;
 pub mod fields;
 pub mod file;
+pub mod grammar;
 pub mod managed;
 pub mod testing;
 pub mod transforms;
@@ -78,7 +79,7 @@ impl Stage for RulesStage {
             match m.action {
                 file::RuleAction::Log => {
                     tracing::info!(target: "palisade::rules", rule_set = %m.set, rule = %m.rule,
-                        method = %req.method, path = %req.path, client = ?req.client_ip, "rule matched (log)");
+                        method = %req.method, path = %req.path(), client = ?req.client_ip, "rule matched (log)");
                     notes.counted.push(Cow::Owned(format!("rule:{}", m.rule)));
                 }
                 file::RuleAction::Count => {

@@ -129,7 +129,7 @@ pub fn absolute(path: &Path) -> PathBuf {
 /// Reads and parses one schema or OpenAPI document: `.json` as JSON, `.yaml`/`.yml` as YAML,
 /// anything else as JSON and then YAML. Errors carry `file:line:col`.
 pub fn read_document(path: &Path) -> Result<Value, String> {
-    let text = std::fs::read_to_string(path)
+    let text = crate::files::read_text_file(path, crate::files::MAX_TEXT_FILE)
         .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
     let ext = path
         .extension()

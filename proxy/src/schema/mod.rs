@@ -461,7 +461,7 @@ impl ValidateStage {
         };
         let preflight = method == http::Method::OPTIONS
             && req.headers.contains_key("access-control-request-method");
-        let (op, captures) = match v.table.lookup(&method, req.path, preflight) {
+        let (op, captures) = match v.table.lookup(&method, req.path(), preflight) {
             Lookup::Found(op, captures) => (op, captures),
             Lookup::Preflight => return Decision::Continue,
             Lookup::MethodNotAllowed(allow) if v.unknown_block => {

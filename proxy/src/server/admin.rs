@@ -173,6 +173,23 @@ impl ServeHttp for AdminApp {
                 ),
             };
         }
+        let known = matches!(
+            path.as_str(),
+            "/config" | "/healthz" | "/readyz" | "/metrics"
+        );
+        if known && method != http::Method::GET && method != http::Method::HEAD {
+            // Read endpoints only read: anything else is refused, never treated as a GET.
+            let mut r = reply(
+                405,
+                "application/json",
+                br#"{"error":"method_not_allowed"}"#.to_vec(),
+            );
+            r.headers_mut().insert(
+                http::header::ALLOW,
+                http::HeaderValue::from_static("GET, HEAD"),
+            );
+            return r;
+        }
         match path.as_str() {
             "/config" => reply(
                 200,

@@ -11,6 +11,7 @@ use bytes::Bytes;
 
 use crate::identity::geo::ClientGeo;
 use crate::pipeline::{BlockDetails, Notes, StageKind};
+use crate::request::canon::{Authority, Framing};
 use crate::request::RequestCache;
 use crate::snapshot::Snapshot;
 
@@ -114,6 +115,14 @@ pub enum Outcome {
     },
     /// Not routed (no route matched).
     NoRoute,
+    /// Refused before routing: the request has no single reading (framing, host, path) or
+    /// breaks a limit of the HTTP layer.
+    Refused {
+        /// Status sent.
+        status: u16,
+        /// Reason.
+        reason: &'static str,
+    },
     /// The proxy answered an error itself (upstream failure, bad request, …).
     Error {
         /// Status sent.
@@ -153,6 +162,15 @@ pub struct RequestCtx {
     pub tried: Vec<SocketAddr>,
     /// The upstream server currently used.
     pub upstream_addr: Option<SocketAddr>,
+    /// Request framing, read once before routing.
+    pub framing: Framing,
+    /// The request's authority (host and port), read once before routing.
+    pub authority: Authority,
+    /// The normalized path, percent-encoded for the request line.
+    pub normal_path: String,
+    /// Body bytes read for inspection that pingora's replay buffer could not keep; sent to
+    /// the upstream ahead of the rest of the body by `request_body_filter`.
+    pub replay: Option<Bytes>,
 }
 
 impl RequestCtx {
@@ -174,6 +192,10 @@ impl RequestCtx {
             outcome: Outcome::Forwarded,
             tried: Vec::new(),
             upstream_addr: None,
+            framing: Framing::default(),
+            authority: Authority::default(),
+            normal_path: String::new(),
+            replay: None,
         }
     }
 }

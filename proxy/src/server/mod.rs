@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod ctx;
 pub mod demo;
+pub mod guard;
 pub mod proxy;
 pub mod reload;
 
@@ -96,6 +97,17 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         None
     };
 
+    if !config.admin.ip().is_loopback() {
+        if config.admin_token.is_none() {
+            tracing::warn!(address = %config.admin,
+                "THE ADMIN LISTENER IS NOT ON LOOPBACK AND HAS NO TOKEN: anyone who reaches it can read \
+                 /config and /metrics (POST /reload still answers loopback clients only). Bind it to \
+                 127.0.0.1 or a private interface, or set admin.token / PALISADE_ADMIN_TOKEN");
+        } else {
+            tracing::warn!(address = %config.admin,
+                "the admin listener is not on loopback: keep it off the public network");
+        }
+    }
     let metrics = Arc::new(Metrics::new()?);
     let threads = config.threads;
     let h2c = config.h2c;
@@ -127,20 +139,21 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+    let mut app = pingora::proxy::http_proxy(
         &server.configuration,
         proxy::PalisadeProxy::new(Arc::clone(&snapshot), Arc::clone(&metrics)),
-        "palisade proxy",
+    );
+    if h2c {
+        let mut opts = HttpServerOptions::default();
+        opts.h2c = true;
+        app.server_options = Some(opts);
+    }
+    let mut proxy = Service::new(
+        "palisade proxy".to_string(),
+        guard::GuardedApp::new(app, Arc::clone(&snapshot)),
     );
     for addr in &listeners {
         proxy.add_tcp(&addr.to_string());
-    }
-    if h2c {
-        if let Some(app) = proxy.app_logic_mut() {
-            let mut opts = HttpServerOptions::default();
-            opts.h2c = true;
-            app.server_options = Some(opts);
-        }
     }
 
     let mut admin = Service::new(

@@ -20,15 +20,18 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use pingora::http::authority::{raw_target_authority, RawTargetAuthority};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use pingora::{Error, ErrorSource, ErrorType};
 
 use super::ctx::{BodyState, Outcome, RequestCtx, RequestId};
+use crate::config::file::{ContentEncodingPolicy, EncodedSlashConfig, ForwardPath};
 use crate::metrics::Metrics;
 use crate::pipeline::{settle, Block, BodyPolicy, OversizePolicy, StageKind, Step, Verdict};
-use crate::request::{content_length, Request};
+use crate::request::canon::{self, EncodedSlash, Refusal};
+use crate::request::Request;
 use crate::snapshot::Snapshot;
 
 /// The Palisade proxy service.
@@ -50,38 +53,31 @@ enum BodyRead {
     Proceed,
     /// Larger than the limit under `oversize: block`, or unreplayable: answer 413.
     TooLarge,
+    /// The body did not arrive within `http.body_timeout`: answer 408.
+    TimedOut,
 }
 
-/// The host of a request, lower-case and without port: from the URI authority (HTTP/2,
-/// absolute-form) or the `Host` header.
-fn request_host(req: &RequestHeader) -> &str {
-    let raw = req
-        .uri
-        .authority()
-        .map(|a| a.host())
-        .or_else(|| {
-            req.headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
-        .unwrap_or("");
-    // Strip a port, keeping IPv6 literals (`[::1]:8080`) intact.
-    if let Some(end) = raw.strip_prefix('[').and_then(|r| r.find(']')) {
-        &raw[..end + 2]
-    } else {
-        raw.rsplit_once(':').map(|(h, _)| h).unwrap_or(raw)
-    }
-}
-
-fn is_chunked(req: &RequestHeader) -> bool {
-    req.headers
-        .get_all(http::header::TRANSFER_ENCODING)
-        .iter()
-        .any(|v| {
-            v.to_str()
-                .map(|s| s.to_ascii_lowercase().contains("chunked"))
-                .unwrap_or(true)
-        })
+/// Inflates a `gzip`/`deflate` body, at most `limit` bytes of output (a decompression bomb
+/// stops there). `None` for codings other than these; the flag tells whether the whole body
+/// fit.
+fn inflate(coding: &[u8], body: &[u8], limit: usize) -> Option<std::io::Result<(Vec<u8>, bool)>> {
+    use std::io::Read;
+    let reader: Box<dyn Read + '_> = match coding {
+        b"gzip" | b"x-gzip" => Box::new(flate2::read::MultiGzDecoder::new(body)),
+        b"deflate" => Box::new(flate2::read::ZlibDecoder::new(body)),
+        _ => return None,
+    };
+    let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit + 1));
+    Some(
+        reader
+            .take(limit as u64 + 1)
+            .read_to_end(&mut out)
+            .map(|_| {
+                let complete = out.len() <= limit;
+                out.truncate(limit);
+                (out, complete)
+            }),
+    )
 }
 
 /// Writes a JSON error `{"error": reason, "request_id": id, ...fields}` and ends the response.
@@ -151,6 +147,168 @@ impl PalisadeProxy {
         Ok(true)
     }
 
+    /// Answers a request refused before or outside the pipeline (malformed, ambiguous, over a
+    /// limit): always a 4xx with Palisade's JSON body, logged as a client error.
+    async fn refuse(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        r: Refusal,
+    ) -> Result<bool> {
+        let id = ctx.request_id.to_string();
+        tracing::info!(request_id = %id, status = r.status, reason = r.reason, detail = r.detail,
+            client = ?ctx.client_ip, "request refused");
+        respond_json_error(session, &id, r.status, r.reason, &[], None).await?;
+        ctx.outcome = Outcome::Refused {
+            status: r.status,
+            reason: r.reason,
+        };
+        Ok(true)
+    }
+
+    /// Reads the canonical head (framing, limits, authority, path) before routing, after
+    /// removing the headers only trusted proxies may set. See `request::canon`.
+    fn canonical_head(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), Refusal> {
+        let http = &ctx.snapshot.config.http;
+        if !ctx.peer_trusted {
+            let req = session.req_header_mut();
+            for name in &http.untrusted_headers {
+                req.remove_header(name.as_str());
+            }
+        }
+        let req = session.req_header();
+        ctx.framing = canon::framing(&req.headers)?;
+        if req.headers.len() > http.max_headers {
+            return Err(Refusal {
+                status: 431,
+                reason: "too_many_headers",
+                detail: "more header fields than http.max_headers",
+            });
+        }
+        let mut head = req.uri.to_string().len() + 16;
+        for (name, value) in &req.headers {
+            if value.len() > http.max_header_size {
+                return Err(Refusal {
+                    status: 431,
+                    reason: "header_too_large",
+                    detail: "a header value longer than http.max_header_size",
+                });
+            }
+            head += name.as_str().len() + value.len() + 4;
+        }
+        if head > http.max_head_size {
+            return Err(Refusal {
+                status: 431,
+                reason: "header_too_large",
+                detail: "a request head larger than http.max_head_size",
+            });
+        }
+        // Absolute-form targets keep their authority in the raw target (pingora leaves it off
+        // the URI); HTTP/2's `:authority` is on the URI.
+        const BAD_TARGET: Refusal = Refusal {
+            status: 400,
+            reason: "bad_request_target",
+            detail: "a request target that is not an http(s) URL or path",
+        };
+        if !req.raw_path_is_utf8() {
+            return Err(BAD_TARGET);
+        }
+        let target = match raw_target_authority(req.raw_path()) {
+            RawTargetAuthority::Absolute {
+                scheme, authority, ..
+            } => {
+                if !(scheme.eq_ignore_ascii_case(b"http") || scheme.eq_ignore_ascii_case(b"https"))
+                {
+                    return Err(BAD_TARGET);
+                }
+                Some(authority)
+            }
+            RawTargetAuthority::AmbiguousAuthority => return Err(BAD_TARGET),
+            RawTargetAuthority::None => req.uri.authority().map(|a| a.as_str().as_bytes()),
+        };
+        ctx.authority = canon::authority(target, &req.headers)?;
+        if !req.headers.contains_key(http::header::HOST) {
+            // Named only by the target: the rules see it as `Host`, as the backend will.
+            let host = ctx.authority.to_header();
+            if let Ok(v) = http::HeaderValue::from_str(&host) {
+                session
+                    .req_header_mut()
+                    .insert_header(http::header::HOST, v)
+                    .ok();
+            }
+        }
+        let req = session.req_header();
+        let slash = match http.encoded_slash {
+            EncodedSlashConfig::Decode => EncodedSlash::Decode,
+            EncodedSlashConfig::Reject => EncodedSlash::Reject,
+            EncodedSlashConfig::Keep => EncodedSlash::Keep,
+        };
+        let path = canon::normalize_path(req.uri.path(), slash)?;
+        ctx.normal_path = path.encoded();
+        ctx.cache.set_path(path.decoded());
+        Ok(())
+    }
+
+    /// After the body pre-read: inflates a compressed body for inspection (by policy) and
+    /// refuses bodies that cannot be inspected as the backend will read them.
+    fn check_body(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+        policy: BodyPolicy,
+    ) -> Result<(), Refusal> {
+        let req = session.req_header();
+        let coding = req
+            .headers
+            .get(http::header::CONTENT_ENCODING)
+            .map(|v| v.as_bytes().trim_ascii().to_ascii_lowercase())
+            .filter(|c| !c.is_empty() && c != b"identity");
+        if let (Some(coding), Some(body)) = (coding, ctx.body.as_ref()) {
+            let unsupported = Refusal {
+                status: 415,
+                reason: "unsupported_content_encoding",
+                detail: "a request body with a content coding Palisade does not inspect",
+            };
+            if ctx.snapshot.config.http.content_encoding == ContentEncodingPolicy::Refuse {
+                return Err(unsupported);
+            }
+            if ctx.body_state != BodyState::Complete {
+                // A compressed prefix cannot be inflated reliably: refuse rather than guess.
+                return Err(Refusal {
+                    status: 413,
+                    reason: "body_too_large",
+                    detail: "a compressed body larger than the inspection limit",
+                });
+            }
+            let (plain, complete) = inflate(&coding, body, policy.inspect_limit)
+                .ok_or(unsupported)?
+                .map_err(|_| Refusal {
+                    status: 400,
+                    reason: "bad_content_encoding",
+                    detail: "the body does not decode with its Content-Encoding",
+                })?;
+            if !complete {
+                match policy.oversize {
+                    OversizePolicy::Block => {
+                        return Err(Refusal {
+                            status: 413,
+                            reason: "body_too_large",
+                            detail: "the decoded body is larger than the inspection limit",
+                        })
+                    }
+                    OversizePolicy::Continue => ctx.body_state = BodyState::Partial,
+                }
+            }
+            ctx.body = Some(Bytes::from(plain));
+        }
+        let view = Request::of_head(req, &ctx.cache)
+            .with_body(ctx.body.as_deref(), ctx.body_state == BodyState::Complete);
+        match view.body_refusal() {
+            Some(r) => Err(r),
+            None => Ok(()),
+        }
+    }
+
     /// Pre-reads the body for inspection, within pingora's replay buffer (see
     /// `shared/notes/pingora-body-inspection.md`): bodies with a known length are read only if
     /// they fit the limit; chunked bodies are read until they end or pass the limit.
@@ -162,9 +320,11 @@ impl PalisadeProxy {
         needs_body: bool,
     ) -> Result<BodyRead> {
         let limit = policy.inspect_limit;
-        let req = session.req_header();
-        let chunked = is_chunked(req);
-        let length = content_length(&req.headers);
+        let length = ctx.framing.length;
+        // HTTP/2 frames bodies itself: without `content-length` the length is unknown until
+        // the stream ends, as with chunked HTTP/1.1.
+        let chunked = ctx.framing.chunked
+            || (length.is_none() && session.is_http2() && !session.is_body_empty());
         if !chunked {
             match length {
                 None | Some(0) => return Ok(BodyRead::Proceed),
@@ -185,21 +345,39 @@ impl PalisadeProxy {
         // so that what we read here is replayed to the upstream.
         session.enable_retry_buffering();
         let mut buf = BytesMut::with_capacity(length.map_or(8192, |n| n as usize).min(limit + 1));
-        while buf.len() <= limit {
-            match session.read_request_body().await? {
-                Some(chunk) => buf.extend_from_slice(&chunk),
-                None => break,
+        let deadline = ctx.snapshot.config.http.body_timeout;
+        let read = tokio::time::timeout(deadline, async {
+            while buf.len() <= limit {
+                match session.read_request_body().await {
+                    Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
+                    Ok(None) => break,
+                    Err(mut e) => {
+                        // Malformed chunks, resets and read timeouts are the client's doing.
+                        e.as_down();
+                        return Err(e);
+                    }
+                }
             }
-        }
-        if session.as_ref().retry_buffer_truncated() {
-            // One read overran the replay buffer: the bytes cannot be forwarded any more, so the
-            // request cannot be proxied intact whatever the policy says.
-            return Ok(BodyRead::TooLarge);
+            Ok(())
+        })
+        .await;
+        match read {
+            Ok(r) => r?,
+            Err(_) => return Ok(BodyRead::TimedOut),
         }
         if buf.len() > limit {
             match policy.oversize {
                 OversizePolicy::Block => return Ok(BodyRead::TooLarge),
                 OversizePolicy::Continue => {
+                    if session.as_ref().retry_buffer_truncated() {
+                        // One read overran pingora's replay buffer: the bytes read are sent
+                        // ahead of the rest of the body by `request_body_filter`. If the body
+                        // also ended there, pingora would not call that filter again: refuse.
+                        if session.is_body_done() {
+                            return Ok(BodyRead::TooLarge);
+                        }
+                        ctx.replay = Some(Bytes::copy_from_slice(&buf));
+                    }
                     buf.truncate(limit);
                     ctx.body_state = BodyState::Partial;
                 }
@@ -246,7 +424,10 @@ impl ProxyHttp for PalisadeProxy {
             }
         }
 
-        let Some(ri) = snapshot.route_for(request_host(req), req.uri.path()) else {
+        if let Err(r) = self.canonical_head(session, ctx) {
+            return self.refuse(session, ctx, r).await;
+        }
+        let Some(ri) = snapshot.route_for(&ctx.authority.host, ctx.cache.path()) else {
             ctx.outcome = Outcome::NoRoute;
             let id = ctx.request_id.to_string();
             respond_json_error(session, &id, 404, "no_route", &[], None).await?;
@@ -278,10 +459,19 @@ impl ProxyHttp for PalisadeProxy {
                 Step::Done(v) => v,
                 Step::ReadBody { next } => {
                     let policy = route.pipeline.body();
-                    if let BodyRead::TooLarge =
-                        self.pre_read_body(session, ctx, policy, needs.body).await?
-                    {
-                        let b = Block::new(413, "body_too_large");
+                    match self.pre_read_body(session, ctx, policy, needs.body).await? {
+                        BodyRead::TooLarge => {
+                            let b = Block::new(413, "body_too_large");
+                            return self.block(session, ctx, StageKind::Body, b).await;
+                        }
+                        BodyRead::TimedOut => {
+                            let b = Block::new(408, "client_timeout");
+                            return self.block(session, ctx, StageKind::Body, b).await;
+                        }
+                        BodyRead::Proceed => {}
+                    }
+                    if let Err(r) = self.check_body(session, ctx, policy) {
+                        let b = Block::new(r.status, r.reason);
                         return self.block(session, ctx, StageKind::Body, b).await;
                     }
                     body_read = true;
@@ -347,8 +537,34 @@ impl ProxyHttp for PalisadeProxy {
     ) -> Result<()> {
         let snapshot = &ctx.snapshot;
         if let Some(route) = ctx.route.and_then(|i| snapshot.routes.get(i)) {
-            if let Some(host) = &snapshot.upstreams[route.upstream].host_header {
-                upstream_request.insert_header(http::header::HOST, host.as_str())?;
+            // The backend gets the request line in origin form, with the path the route
+            // forwards: the normalized one that was routed and inspected, or the original.
+            let path = match route.forward_path {
+                ForwardPath::Normalized => ctx.normal_path.as_str(),
+                ForwardPath::Original => upstream_request.uri.path(),
+            };
+            let target = match upstream_request.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_string(),
+            };
+            let uri = http::Uri::try_from(target).map_err(|e| {
+                Error::because(ErrorType::InternalError, "rebuilding the request target", e)
+            })?;
+            upstream_request.set_uri(uri);
+            // ... and the host that was routed on, whatever form the client named it in.
+            let host = match &snapshot.upstreams[route.upstream].host_header {
+                Some(host) => host.clone(),
+                None => ctx.authority.to_header(),
+            };
+            upstream_request.insert_header(http::header::HOST, host)?;
+        }
+        // Set from what the proxy saw, unless a trusted proxy in front already said it.
+        for (name, value) in [
+            ("x-forwarded-proto", "http".to_string()),
+            ("x-forwarded-host", ctx.authority.to_header()),
+        ] {
+            if !(ctx.peer_trusted && upstream_request.headers.contains_key(name)) {
+                upstream_request.insert_header(name, value)?;
             }
         }
         upstream_request.insert_header("x-request-id", ctx.request_id.to_string())?;
@@ -376,6 +592,26 @@ impl ProxyHttp for PalisadeProxy {
         }
         if let Some(client) = ctx.client_ip {
             upstream_request.insert_header("x-real-ip", client.to_string())?;
+        }
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // Bytes read for inspection past pingora's replay buffer go out first.
+        if let Some(first) = ctx.replay.take() {
+            let mut joined =
+                BytesMut::with_capacity(first.len() + body.as_ref().map_or(0, |b| b.len()));
+            joined.extend_from_slice(&first);
+            if let Some(rest) = body.as_ref() {
+                joined.extend_from_slice(rest);
+            }
+            *body = Some(joined.freeze());
         }
         Ok(())
     }
@@ -470,6 +706,9 @@ impl ProxyHttp for PalisadeProxy {
         if status == 0 {
             // The client went away: routine (e.g. a load generator stopping), not an incident.
             tracing::debug!(request_id = %ctx.request_id, error = %e, "client closed the connection");
+        } else if status < 500 {
+            tracing::info!(request_id = %ctx.request_id, status, reason, error = %e,
+                "client error");
         } else {
             tracing::warn!(request_id = %ctx.request_id, status, reason, upstream = ?ctx.upstream_addr,
                 error = %e, "request failed");
@@ -493,8 +732,10 @@ impl ProxyHttp for PalisadeProxy {
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
         let Some(route) = ctx.route.and_then(|i| ctx.snapshot.routes.get(i)) else {
-            if ctx.outcome == Outcome::NoRoute {
-                self.metrics.no_route();
+            match ctx.outcome {
+                Outcome::NoRoute => self.metrics.no_route(),
+                Outcome::Refused { reason, .. } => self.metrics.refused(reason),
+                _ => {}
             }
             return;
         };
@@ -506,7 +747,7 @@ impl ProxyHttp for PalisadeProxy {
         }
         match &ctx.outcome {
             Outcome::Forwarded => m.forwarded.inc(),
-            Outcome::Error { .. } | Outcome::NoRoute => m.error.inc(),
+            Outcome::Error { .. } | Outcome::NoRoute | Outcome::Refused { .. } => m.error.inc(),
             Outcome::Blocked {
                 stage,
                 status,

@@ -1,0 +1,1 @@
+//! Palisade's fuzz targets live in `tests/targets.rs` (see `fuzz/README.md`).

@@ -1,0 +1,479 @@
+//! The connection guard: what a hardened nginx or Envoy enforces below HTTP, which pingora
+//! 0.9 does not offer.
+//!
+//! - **A deadline for the whole request head** (`http.head_timeout`, from its first byte):
+//!   pingora only times out each read, so a client dripping one header byte a second holds a
+//!   connection and its buffers for as long as it likes. On expiry the client gets a 408 with
+//!   Palisade's JSON body and the connection is closed.
+//! - **A limit on the head size** (`http.max_head_size`) enforced while it arrives (pingora
+//!   buffers up to 1 MiB before it looks): 431.
+//! - **Connections per client address** (`http.max_connections_per_ip`): more are closed at
+//!   accept.
+//! - **Pingora's own error answers** (a 400 for an unparsable head, a 405 for `CONNECT`)
+//!   carry `Server: Pingora` and no body; they are rewritten into Palisade's JSON answers.
+//!
+//! It works on the byte stream (a wrapper around pingora's `Stream`) because pingora reads
+//! the head before any hook of `ProxyHttp` runs. HTTP/2 connections (the prior-knowledge
+//! preface) pass through untouched: h2 has its own limits on header lists.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::tls::{SslDigest, TlsRef};
+use pingora::protocols::Stream;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl,
+    TimingDigest, UniqueID, UniqueIDType, ALPN,
+};
+use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+use super::ctx::RequestId;
+use crate::snapshot::Snapshot;
+
+/// The limits the guard enforces, read from the live snapshot for each new connection.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    head_timeout: Duration,
+    max_head_size: usize,
+}
+
+/// Open connections per client address.
+#[derive(Default)]
+pub struct ConnectionTable {
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One counted connection; uncounted when dropped.
+struct Permit {
+    table: Arc<ConnectionTable>,
+    ip: IpAddr,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.table.open.lock() {
+            if let Some(n) = open.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    open.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+impl ConnectionTable {
+    fn acquire(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<Permit> {
+        let mut open = self.open.lock().ok()?;
+        let n = open.entry(ip).or_insert(0);
+        if max > 0 && *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Permit {
+            table: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+/// A [`ServerApp`] (the pingora HTTP proxy) behind the guard.
+pub struct GuardedApp<A> {
+    inner: Arc<A>,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    table: Arc<ConnectionTable>,
+}
+
+impl<A> GuardedApp<A> {
+    /// Guards `inner`, with limits from the live snapshot.
+    pub fn new(inner: A, snapshot: Arc<ArcSwap<Snapshot>>) -> Self {
+        GuardedApp {
+            inner: Arc::new(inner),
+            snapshot,
+            table: Arc::default(),
+        }
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        // A kept-alive connection comes back already guarded.
+        let stream: Stream = if stream.as_any().is::<GuardedStream>() {
+            stream
+        } else {
+            let snapshot = self.snapshot.load();
+            let http = &snapshot.config.http;
+            let limits = Limits {
+                head_timeout: http.head_timeout,
+                max_head_size: http.max_head_size,
+            };
+            let peer = stream
+                .get_socket_digest()
+                .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+            let permit = match peer {
+                Some(ip) => {
+                    let ip = ip.to_canonical();
+                    match self.table.acquire(ip, http.max_connections_per_ip) {
+                        Some(p) => Some(p),
+                        None => {
+                            tracing::info!(client = %ip, limit = http.max_connections_per_ip,
+                                "connection refused: too many open connections from this address");
+                            return None;
+                        }
+                    }
+                }
+                None => None,
+            };
+            Box::new(GuardedStream::new(stream, limits, permit))
+        };
+        self.inner.process_new(stream, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Between requests: the next byte read starts a head.
+    Idle,
+    /// Reading a head: `read` bytes so far, the last bytes kept to find `\r\n\r\n` across reads.
+    Head { read: usize, tail: [u8; 3] },
+    /// The head is complete (body, waiting for the response).
+    Request,
+    /// An HTTP/2 connection: not guarded here.
+    H2,
+    /// An answer of ours is being written; then the connection ends with `error`.
+    Failing(std::io::ErrorKind),
+}
+
+/// A client connection behind the guard.
+pub struct GuardedStream {
+    inner: Stream,
+    limits: Limits,
+    state: State,
+    deadline: Option<Pin<Box<Sleep>>>,
+    /// Bytes of an answer of ours still to write, and how far.
+    out: Option<(Vec<u8>, usize)>,
+    _permit: Option<Permit>,
+}
+
+impl std::fmt::Debug for GuardedStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuardedStream")
+            .field("inner", &self.inner)
+            .field("state", &self.state)
+            .finish()
+    }
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+/// A complete HTTP/1.1 answer with Palisade's JSON error body; the connection closes after.
+fn answer(status: u16, reason: &str) -> Vec<u8> {
+    let text = match status {
+        400 => "Bad Request",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        414 => "URI Too Long",
+        431 => "Request Header Fields Too Large",
+        501 => "Not Implemented",
+        505 => "HTTP Version Not Supported",
+        _ => "Error",
+    };
+    let body = serde_json::json!({"error": reason, "request_id": RequestId::next().to_string()})
+        .to_string();
+    format!(
+        "HTTP/1.1 {status} {text}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// If `buf` is one of pingora's own error answers (`Server: Pingora`, no body), its status.
+fn pingora_error_status(buf: &[u8]) -> Option<u16> {
+    if buf.len() < 12 || !buf.starts_with(b"HTTP/1.") {
+        return None;
+    }
+    // Pingora's error answers are a few short header lines.
+    let buf = &buf[..buf.len().min(256)];
+    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = &buf[..head_end];
+    let pingora = head
+        .windows(17)
+        .any(|w| w.eq_ignore_ascii_case(b"\r\nserver: pingora"));
+    if !pingora {
+        return None;
+    }
+    std::str::from_utf8(&buf[9..12]).ok()?.parse().ok()
+}
+
+impl GuardedStream {
+    fn new(inner: Stream, limits: Limits, permit: Option<Permit>) -> Self {
+        GuardedStream {
+            inner,
+            limits,
+            state: State::Idle,
+            deadline: None,
+            out: None,
+            _permit: permit,
+        }
+    }
+
+    /// Starts writing an answer of ours, after which reads fail with `kind`.
+    fn fail(&mut self, status: u16, reason: &str, kind: std::io::ErrorKind) {
+        tracing::info!(status, reason, "request refused while reading its head");
+        self.out = Some((answer(status, reason), 0));
+        self.state = State::Failing(kind);
+        self.deadline = None;
+    }
+
+    /// Writes what is left of an answer of ours.
+    fn poll_out(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while let Some((bytes, at)) = &mut self.out {
+            if *at >= bytes.len() {
+                self.out = None;
+                break;
+            }
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &bytes[*at..]))?;
+            if n == 0 {
+                self.out = None;
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            *at += n;
+        }
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    /// Tracks the head in freshly read bytes.
+    fn saw(&mut self, new: &[u8]) {
+        if new.is_empty() {
+            return;
+        }
+        if self.state == State::Idle {
+            if new.starts_with(H2_PREFACE) {
+                self.state = State::H2;
+                return;
+            }
+            self.state = State::Head {
+                read: 0,
+                tail: [0; 3],
+            };
+            self.deadline = Some(Box::pin(tokio::time::sleep(self.limits.head_timeout)));
+        }
+        let State::Head { read, tail } = self.state else {
+            return;
+        };
+        // Look for the end of the head (`\r\n\r\n`, or `\n\n` as lenient parsers accept) in
+        // the last bytes of earlier reads followed by the new ones.
+        let mut window = [tail[0], tail[1], tail[2], 0];
+        let mut end = None;
+        for (i, &b) in new.iter().enumerate() {
+            window = [window[1], window[2], window[3], b];
+            if window == *b"\r\n\r\n" || window[2..] == *b"\n\n" {
+                end = Some(i + 1);
+                break;
+            }
+        }
+        match end {
+            Some(at) if read + at <= self.limits.max_head_size => {
+                self.state = State::Request;
+                self.deadline = None;
+            }
+            _ if read + new.len() > self.limits.max_head_size => {
+                self.fail(431, "header_too_large", std::io::ErrorKind::InvalidData);
+            }
+            _ => {
+                self.state = State::Head {
+                    read: read + new.len(),
+                    tail: [window[1], window[2], window[3]],
+                };
+            }
+        }
+    }
+}
+
+impl AsyncRead for GuardedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if let State::Failing(kind) = this.state {
+            ready!(this.poll_out(cx))?;
+            return Poll::Ready(Err(kind.into()));
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let filled = buf.filled();
+                let new = filled[before..].to_vec();
+                this.saw(&new);
+                if let State::Failing(kind) = this.state {
+                    // Do not hand pingora a head that broke a limit.
+                    buf.set_filled(before);
+                    ready!(this.poll_out(cx))?;
+                    return Poll::Ready(Err(kind.into()));
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                if let Some(d) = this.deadline.as_mut() {
+                    if d.as_mut().poll(cx).is_ready() {
+                        this.fail(408, "client_timeout", std::io::ErrorKind::TimedOut);
+                        ready!(this.poll_out(cx))?;
+                        return Poll::Ready(Err(std::io::ErrorKind::TimedOut.into()));
+                    }
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl AsyncWrite for GuardedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if this.out.is_some() {
+            ready!(this.poll_out(cx))?;
+        }
+        if this.state != State::H2 {
+            if let Some(status) = pingora_error_status(buf) {
+                // Pingora's own answer to a request it could not take: ours instead.
+                let reason = match status {
+                    405 => "method_not_allowed",
+                    408 => "client_timeout",
+                    _ => "bad_request",
+                };
+                this.out = Some((answer(status, reason), 0));
+                ready!(this.poll_out(cx))?;
+                return Poll::Ready(Ok(buf.len()));
+            }
+            // A final response starts: the next byte read begins the next request's head.
+            let informational = buf.len() > 9 && buf.starts_with(b"HTTP/1.") && buf[9] == b'1';
+            if buf.starts_with(b"HTTP/1.") && !informational && this.state == State::Request {
+                this.state = State::Idle;
+            }
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.out.is_some() {
+            ready!(this.poll_out(cx))?;
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.out.is_some() {
+            ready!(this.poll_out(cx))?;
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
+#[async_trait]
+impl Shutdown for GuardedStream {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await
+    }
+}
+
+impl UniqueID for GuardedStream {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for GuardedStream {
+    fn get_ssl(&self) -> Option<&TlsRef> {
+        self.inner.get_ssl()
+    }
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for GuardedStream {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for GuardedStream {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for GuardedStream {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+#[async_trait]
+impl Peek for GuardedStream {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pingora_answers_are_recognized() {
+        let p = b"HTTP/1.1 400 Bad Request\r\nServer: Pingora\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(pingora_error_status(p), Some(400));
+        let ours = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n\r\n";
+        assert_eq!(pingora_error_status(ours), None);
+        let a = String::from_utf8(answer(408, "client_timeout")).unwrap();
+        assert!(a.starts_with("HTTP/1.1 408 Request Timeout\r\n"), "{a}");
+        assert!(a.contains("\"error\":\"client_timeout\""), "{a}");
+    }
+}
