@@ -252,7 +252,17 @@ fn explain(config: Option<&PathBuf>, request: &std::path::Path, host: &str) -> E
         .next()
         .unwrap_or("/")
         .to_string();
-    // Route exactly as the proxy does.
+    // Route exactly as the proxy does: on the normalized path.
+    let path = match palisade::request::canon::normalize_path(
+        &path,
+        palisade::request::canon::EncodedSlash::Decode,
+    ) {
+        Ok(p) => p.decoded(),
+        Err(r) => {
+            eprintln!("the proxy refuses this path with {} {}: {}", r.status, r.reason, r.detail);
+            return ExitCode::FAILURE;
+        }
+    };
     let Some(route) = snapshot
         .route_for(&host.to_ascii_lowercase(), &path)
         .map(|i| &snapshot.routes[i])

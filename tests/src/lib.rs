@@ -773,6 +773,11 @@ impl RedisServer {
         assert!(ok, "redis-server on port {port} did not answer PING");
     }
 
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// `redis://127.0.0.1:port/0`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)

@@ -735,3 +735,43 @@ async fn http2_bodies_without_a_length_are_inspected() {
         }
     }
 }
+
+#[tokio::test]
+async fn expect_continue_bodies_are_read_and_inspected() {
+    let backend = Backend::start("b").await;
+    let p = Palisade::start(&config(&backend, "")).await;
+    for (body, status) in [(&b"q=<script>alert(1)</script>"[..], 403), (&b"q=hello"[..], 200)] {
+        let before = backend.count();
+        let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        s.write_all(
+            format!(
+                "POST /api/x HTTP/1.1\r\nHost: t\r\nUser-Agent: Mozilla/5.0 (t)\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        // The client waits for the interim answer before sending its body.
+        let mut first = vec![0u8; 25];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut first))
+            .await
+            .expect("a 100 Continue within 5 s")
+            .unwrap();
+        assert!(first.starts_with(b"HTTP/1.1 100 Continue"), "{}", String::from_utf8_lossy(&first));
+        s.write_all(body).await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&rest);
+        assert!(text.contains(&format!(" {status} ")), "{text}");
+        if status == 200 {
+            assert_eq!(&backend.seen().last().unwrap().body[..], body);
+            assert!(backend.seen().last().unwrap().header("expect").is_none());
+        } else {
+            assert_eq!(backend.count(), before);
+        }
+    }
+}

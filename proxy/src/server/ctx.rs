@@ -171,6 +171,8 @@ pub struct RequestCtx {
     /// Body bytes read for inspection that pingora's replay buffer could not keep; sent to
     /// the upstream ahead of the rest of the body by `request_body_filter`.
     pub replay: Option<Bytes>,
+    /// Palisade answered `Expect: 100-continue` itself (to pre-read the body).
+    pub continued: bool,
 }
 
 impl RequestCtx {
@@ -196,6 +198,7 @@ impl RequestCtx {
             authority: Authority::default(),
             normal_path: String::new(),
             replay: None,
+            continued: false,
         }
     }
 }

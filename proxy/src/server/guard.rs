@@ -15,6 +15,12 @@
 //! It works on the byte stream (a wrapper around pingora's `Stream`) because pingora reads
 //! the head before any hook of `ProxyHttp` runs. HTTP/2 connections (the prior-knowledge
 //! preface) pass through untouched: h2 has its own limits on header lists.
+//!
+//! The first head of a connection is read here, before pingora sees the connection, and
+//! replayed to it: pingora allocates its per-request state (tens of KiB per connection) up
+//! front, so a flood of clients that never finish a head costs only this small buffer each
+//! (see `benches/flood.py`). Later heads on a kept-alive connection are read by pingora
+//! through the same wrapper, which then enforces the deadline and size as they stream by.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -46,6 +52,8 @@ use crate::snapshot::Snapshot;
 struct Limits {
     head_timeout: Duration,
     max_head_size: usize,
+    /// How long a new connection may stay silent before its first byte.
+    first_byte: Duration,
 }
 
 /// Open connections per client address.
@@ -122,6 +130,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
             let limits = Limits {
                 head_timeout: http.head_timeout,
                 max_head_size: http.max_head_size,
+                first_byte: snapshot.config.timeouts.client_read.min(http.head_timeout),
             };
             let peer = stream
                 .get_socket_digest()
@@ -140,7 +149,11 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
                 }
                 None => None,
             };
-            Box::new(GuardedStream::new(stream, limits, permit))
+            let mut guarded = GuardedStream::new(stream, limits, permit);
+            if !guarded.read_first_head(shutdown).await {
+                return None;
+            }
+            Box::new(guarded)
         };
         self.inner.process_new(stream, shutdown).await
     }
@@ -172,6 +185,10 @@ pub struct GuardedStream {
     deadline: Option<Pin<Box<Sleep>>>,
     /// Bytes of an answer of ours still to write, and how far.
     out: Option<(Vec<u8>, usize)>,
+    /// Bytes read ahead by [`GuardedStream::read_first_head`], replayed to pingora first.
+    pre: Vec<u8>,
+    /// How much of `pre` was replayed.
+    pre_at: usize,
     _permit: Option<Permit>,
 }
 
@@ -234,7 +251,49 @@ impl GuardedStream {
             state: State::Idle,
             deadline: None,
             out: None,
+            pre: Vec::new(),
+            pre_at: 0,
             _permit: permit,
+        }
+    }
+
+    /// Reads the connection's first request head (or the HTTP/2 preface) ahead of pingora,
+    /// within the deadlines; `false` when the connection is to be dropped (closed by the
+    /// client, silent, over a limit or too slow: answered first where HTTP allows).
+    async fn read_first_head(&mut self, shutdown: &ShutdownWatch) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut shutdown = shutdown.clone();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let wait = match (self.state, &self.deadline) {
+                (State::Idle, _) => self.limits.first_byte,
+                (State::Head { .. }, Some(d)) => {
+                    d.deadline().saturating_duration_since(tokio::time::Instant::now())
+                }
+                (State::Request | State::H2, _) => return true,
+                _ => return false,
+            };
+            let read = tokio::select! {
+                r = tokio::time::timeout(wait, self.inner.read(&mut chunk)) => r,
+                _ = shutdown.changed() => return false,
+            };
+            match read {
+                Ok(Ok(0)) | Ok(Err(_)) => return false,
+                Ok(Ok(n)) => {
+                    self.saw(&chunk[..n]);
+                    if let State::Failing(_) = self.state {
+                        let _ = std::future::poll_fn(|cx| self.poll_out(cx)).await;
+                        return false;
+                    }
+                    self.pre.extend_from_slice(&chunk[..n]);
+                }
+                Err(_) if self.state == State::Idle => return false,
+                Err(_) => {
+                    self.fail(408, "client_timeout", std::io::ErrorKind::TimedOut);
+                    let _ = std::future::poll_fn(|cx| self.poll_out(cx)).await;
+                    return false;
+                }
+            }
         }
     }
 
@@ -318,6 +377,16 @@ impl AsyncRead for GuardedStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
+        if this.pre_at < this.pre.len() {
+            let n = buf.remaining().min(this.pre.len() - this.pre_at);
+            buf.put_slice(&this.pre[this.pre_at..this.pre_at + n]);
+            this.pre_at += n;
+            if this.pre_at == this.pre.len() {
+                this.pre = Vec::new();
+                this.pre_at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
         if let State::Failing(kind) = this.state {
             ready!(this.poll_out(cx))?;
             return Poll::Ready(Err(kind.into()));
@@ -456,8 +525,26 @@ impl GetSocketDigest for GuardedStream {
 
 #[async_trait]
 impl Peek for GuardedStream {
+    /// Peeks at what [`GuardedStream::read_first_head`] read ahead (pingora looks for the
+    /// HTTP/2 preface this way), reading a little more if the preface is still incomplete.
     async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
-        self.inner.try_peek(buf).await
+        use tokio::io::AsyncReadExt;
+        if self.pre_at >= self.pre.len() {
+            return self.inner.try_peek(buf).await;
+        }
+        let mut chunk = [0u8; 64];
+        while self.pre.len() - self.pre_at < buf.len() && self.state == State::H2 {
+            let n = self.inner.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            self.pre.extend_from_slice(&chunk[..n]);
+        }
+        let avail = &self.pre[self.pre_at..];
+        let n = avail.len().min(buf.len());
+        buf[..n].copy_from_slice(&avail[..n]);
+        buf[n..].fill(0);
+        Ok(true)
     }
 }
 

@@ -344,6 +344,17 @@ impl PalisadeProxy {
         // Pingora enables this itself when proxying starts; it must be on before the first read
         // so that what we read here is replayed to the upstream.
         session.enable_retry_buffering();
+        // A client that asked to be told before sending its body is told now: the body is
+        // read here, not by the upstream (whose own `100` would come too late).
+        let expects = session
+            .req_header()
+            .headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if expects && !session.is_http2() {
+            session.as_downstream_mut().write_continue_response().await?;
+            ctx.continued = true;
+        }
         let mut buf = BytesMut::with_capacity(length.map_or(8192, |n| n as usize).min(limit + 1));
         let deadline = ctx.snapshot.config.http.body_timeout;
         let read = tokio::time::timeout(deadline, async {
@@ -566,6 +577,10 @@ impl ProxyHttp for PalisadeProxy {
             if !(ctx.peer_trusted && upstream_request.headers.contains_key(name)) {
                 upstream_request.insert_header(name, value)?;
             }
+        }
+        if ctx.continued {
+            // The client got its `100 Continue` and sent the body already.
+            upstream_request.remove_header(&http::header::EXPECT);
         }
         upstream_request.insert_header("x-request-id", ctx.request_id.to_string())?;
         if let Some(peer) = ctx.peer_ip {
