@@ -259,7 +259,10 @@ fn explain(config: Option<&PathBuf>, request: &std::path::Path, host: &str) -> E
     ) {
         Ok(p) => p.decoded(),
         Err(r) => {
-            eprintln!("the proxy refuses this path with {} {}: {}", r.status, r.reason, r.detail);
+            eprintln!(
+                "the proxy refuses this path with {} {}: {}",
+                r.status, r.reason, r.detail
+            );
             return ExitCode::FAILURE;
         }
     };

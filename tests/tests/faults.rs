@@ -45,6 +45,8 @@ async fn bad_backend(mode: &'static str) -> std::net::SocketAddr {
                     // Closes while the client is still sending its body.
                     _ => {}
                 }
+                // A reset rather than an orderly close.
+                #[allow(deprecated, reason = "a zero linger never blocks on drop")]
                 let _ = s.set_linger(Some(Duration::ZERO));
                 drop(s);
             });
@@ -90,7 +92,11 @@ async fn upstream_resets_are_502_and_the_proxy_keeps_serving() {
         .unwrap();
     let mut got = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
-    assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
 
     // Still serving, and never a crash.
     for _ in 0..20 {
@@ -115,7 +121,14 @@ async fn a_slow_redis_gets_the_on_error_policy_within_its_timeout() {
         assert_eq!(r.status, 200, "{}", r.body_string());
         // Redis stalls for 3 s (every client paused): each check times out after 200 ms.
         let paused = std::process::Command::new("redis-cli")
-            .args(["-p", &redis.port().to_string(), "CLIENT", "PAUSE", "3000", "ALL"])
+            .args([
+                "-p",
+                &redis.port().to_string(),
+                "CLIENT",
+                "PAUSE",
+                "3000",
+                "ALL",
+            ])
             .output()
             .unwrap();
         assert!(
@@ -132,7 +145,10 @@ async fn a_slow_redis_gets_the_on_error_policy_within_its_timeout() {
         );
         // Redis back: checks succeed again.
         let ok = eventually(Duration::from_secs(5), || async {
-            get_from("127.0.0.1", p.addr, "/x", &["X-Tenant: a"]).await.status == 200
+            get_from("127.0.0.1", p.addr, "/x", &["X-Tenant: a"])
+                .await
+                .status
+                == 200
         })
         .await;
         assert!(ok, "{policy}: not served again after Redis came back");
@@ -172,7 +188,11 @@ async fn a_reload_with_a_missing_mmdb_keeps_the_running_snapshot() {
     .await
     .unwrap();
     assert_eq!(r.status, 422, "{}", r.body_string());
-    assert!(r.body_string().contains("country.mmdb"), "{}", r.body_string());
+    assert!(
+        r.body_string().contains("country.mmdb"),
+        "{}",
+        r.body_string()
+    );
     // The running snapshot (with its database) goes on deciding.
     let r = raw_get(p.addr, "/x").await.unwrap();
     assert_eq!(r.status, 403, "{}", r.body_string());

@@ -46,6 +46,11 @@ routes:
   - name: plain
     path_prefix: /plain
     upstream: app
+  - name: xss-only
+    path_prefix: /xss-only
+    upstream: app
+    policy:
+      rulesets: [{{name: xss}}]
   - name: api
     upstream: app
     policy:
@@ -740,7 +745,10 @@ async fn http2_bodies_without_a_length_are_inspected() {
 async fn expect_continue_bodies_are_read_and_inspected() {
     let backend = Backend::start("b").await;
     let p = Palisade::start(&config(&backend, "")).await;
-    for (body, status) in [(&b"q=<script>alert(1)</script>"[..], 403), (&b"q=hello"[..], 200)] {
+    for (body, status) in [
+        (&b"q=<script>alert(1)</script>"[..], 403),
+        (&b"q=hello"[..], 200),
+    ] {
         let before = backend.count();
         let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
         s.write_all(
@@ -758,7 +766,11 @@ async fn expect_continue_bodies_are_read_and_inspected() {
             .await
             .expect("a 100 Continue within 5 s")
             .unwrap();
-        assert!(first.starts_with(b"HTTP/1.1 100 Continue"), "{}", String::from_utf8_lossy(&first));
+        assert!(
+            first.starts_with(b"HTTP/1.1 100 Continue"),
+            "{}",
+            String::from_utf8_lossy(&first)
+        );
         s.write_all(body).await.unwrap();
         let mut rest = Vec::new();
         tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
@@ -773,5 +785,47 @@ async fn expect_continue_bodies_are_read_and_inspected() {
         } else {
             assert_eq!(backend.count(), before);
         }
+    }
+}
+
+#[tokio::test]
+async fn values_past_the_parsers_caps_are_still_inspected() {
+    // A route whose only rule set is XSS (no size rule): what lies past the XML value cap and
+    // the multipart part cap is inspected as text, not skipped.
+    let backend = Backend::start("b").await;
+    let p = Palisade::start(&config(&backend, "")).await;
+    let mut xml = String::from("<r>");
+    for _ in 0..5000 {
+        xml.push_str("<a>x</a>");
+    }
+    xml.push_str("<b>&lt;script&gt;alert(1)&lt;/script&gt;<script>alert(1)</script></b></r>");
+    let mut parts = String::new();
+    for i in 0..1100 {
+        parts.push_str(&format!(
+            "--B\r\nContent-Disposition: form-data; name=\"f{i}\"\r\n\r\nv\r\n"
+        ));
+    }
+    parts.push_str(
+        "--B\r\nContent-Disposition: form-data; name=\"last\"\r\n\r\n<script>alert(1)</script>\r\n--B--\r\n",
+    );
+    for (what, ct, body) in [
+        ("XML past 4096 values", "application/xml", xml),
+        (
+            "multipart past 1000 parts",
+            "multipart/form-data; boundary=B",
+            parts,
+        ),
+    ] {
+        assert!(body.len() < 64 * 1024, "{what}: {} bytes", body.len());
+        let before = backend.count();
+        let req = http1_request(
+            "POST",
+            "/xss-only/x",
+            "t",
+            &[("Content-Type".into(), ct.into())],
+            body.as_bytes(),
+        );
+        let r = send(&p, &req).await;
+        refused(&r, &backend, before, 403, what);
     }
 }

@@ -56,6 +56,7 @@ pub fn depth(bytes: &[u8]) -> usize {
 /// array element at every level, containers included, scalars as text. A repeated key yields
 /// one member per occurrence (same pointer). Fails on invalid JSON.
 pub fn members(bytes: &[u8]) -> Result<Vec<JsonMember>, serde_json::Error> {
+    let bytes = strip_bom(bytes);
     let mut out = Vec::new();
     let mut ptr = String::new();
     let mut de = serde_json::Deserializer::from_slice(bytes);
@@ -174,8 +175,23 @@ impl<'de> Visitor<'de> for Walk<'_> {
     }
 }
 
+/// The text without a leading UTF-8 byte-order mark, which Python's and .NET's JSON readers
+/// skip (serde_json does not).
+pub fn strip_bom(bytes: &[u8]) -> &[u8] {
+    bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes)
+}
+
+/// Whether a body is shaped like a JSON object or array (after a BOM and whitespace).
+pub fn looks_like_json(bytes: &[u8]) -> bool {
+    strip_bom(bytes)
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'{' || *b == b'[')
+}
+
 /// Parses a whole JSON document, rejecting duplicate keys in any object.
 pub fn parse_strict(bytes: &[u8]) -> Result<Value, serde_json::Error> {
+    let bytes = strip_bom(bytes);
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let StrictValue(v) = StrictValue::deserialize(&mut de)?;
     de.end()?;

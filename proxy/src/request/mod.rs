@@ -322,6 +322,19 @@ impl<'a> Request<'a> {
                 reason: "json_too_deep",
                 detail: "JSON nested deeper than 64 levels",
             }),
+            // Declared JSON that is not JSON has no single reading: lenient parsers accept
+            // `NaN`, comments or trailing commas that the inspection cannot walk.
+            BodyKind::Json
+                if self.body_complete
+                    && self.content_type().to_ascii_lowercase().contains("json")
+                    && self.json().malformed =>
+            {
+                Some(canon::Refusal {
+                    status: 400,
+                    reason: "invalid_json",
+                    detail: "a body declared as JSON that is not valid JSON",
+                })
+            }
             BodyKind::Multipart => self.form().refusal.clone(),
             _ => None,
         }
@@ -348,12 +361,15 @@ impl<'a> Request<'a> {
             BodyKind::Form
         } else if starts("multipart/form-data") {
             BodyKind::Multipart
-        } else if essence.contains("json")
-            || (ct.is_empty() && self.body.first().is_some_and(|b| *b == b'{' || *b == b'['))
-        {
+        } else if essence.contains("json") {
             BodyKind::Json
         } else if essence.ends_with("/xml") || essence.ends_with("+xml") {
             BodyKind::Xml
+        } else if json::looks_like_json(self.body) {
+            // Undeclared (or `text/plain`) but shaped like JSON: lenient backends parse it
+            // (Flask's `get_json(force=True)`, Express with `type: '*/*'`), so it is inspected
+            // as JSON; if it does not parse, as text.
+            BodyKind::Json
         } else {
             BodyKind::Other
         }

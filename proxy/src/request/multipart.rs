@@ -164,6 +164,17 @@ fn disposition(headers: &http::HeaderMap) -> Result<(String, Option<String>), Re
         }
     }
     let name = name.ok_or(ambiguous("a multipart part without a name"))?;
+    if let Some(ct) = headers.get(http::header::CONTENT_TYPE) {
+        let ct = String::from_utf8_lossy(ct.as_bytes());
+        if let Some(charset) = super::content_type_param(&ct, "charset") {
+            let ok = ["utf-8", "utf8", "us-ascii", "ascii", "iso-8859-1", "latin1"]
+                .iter()
+                .any(|c| charset.eq_ignore_ascii_case(c));
+            if !ok {
+                return Err(ambiguous("a multipart part in a charset that hides ASCII"));
+            }
+        }
+    }
     if let Some(cte) = headers.get("content-transfer-encoding") {
         let known = ["7bit", "8bit", "binary"]
             .iter()

@@ -150,7 +150,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
                 None => None,
             };
             let mut guarded = GuardedStream::new(stream, limits, permit);
-            if !guarded.read_first_head(shutdown).await {
+            if !guarded.read_first_head().await {
                 return None;
             }
             Box::new(guarded)
@@ -260,23 +260,22 @@ impl GuardedStream {
     /// Reads the connection's first request head (or the HTTP/2 preface) ahead of pingora,
     /// within the deadlines; `false` when the connection is to be dropped (closed by the
     /// client, silent, over a limit or too slow: answered first where HTTP allows).
-    async fn read_first_head(&mut self, shutdown: &ShutdownWatch) -> bool {
+    ///
+    /// A graceful shutdown does not cut this short: a connection accepted before it gets its
+    /// answer (pingora then closes it), within the deadlines.
+    async fn read_first_head(&mut self) -> bool {
         use tokio::io::AsyncReadExt;
-        let mut shutdown = shutdown.clone();
         let mut chunk = [0u8; 4096];
         loop {
             let wait = match (self.state, &self.deadline) {
                 (State::Idle, _) => self.limits.first_byte,
-                (State::Head { .. }, Some(d)) => {
-                    d.deadline().saturating_duration_since(tokio::time::Instant::now())
-                }
+                (State::Head { .. }, Some(d)) => d
+                    .deadline()
+                    .saturating_duration_since(tokio::time::Instant::now()),
                 (State::Request | State::H2, _) => return true,
                 _ => return false,
             };
-            let read = tokio::select! {
-                r = tokio::time::timeout(wait, self.inner.read(&mut chunk)) => r,
-                _ = shutdown.changed() => return false,
-            };
+            let read = tokio::time::timeout(wait, self.inner.read(&mut chunk)).await;
             match read {
                 Ok(Ok(0)) | Ok(Err(_)) => return false,
                 Ok(Ok(n)) => {

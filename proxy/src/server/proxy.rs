@@ -178,6 +178,16 @@ impl PalisadeProxy {
         }
         let req = session.req_header();
         ctx.framing = canon::framing(&req.headers)?;
+        for name in [http::header::CONTENT_TYPE, http::header::CONTENT_ENCODING] {
+            // Parsers pick the first or the last of several: the body would be read two ways.
+            if req.headers.get_all(&name).iter().nth(1).is_some() {
+                return Err(Refusal {
+                    status: 400,
+                    reason: "ambiguous_content_type",
+                    detail: "more than one Content-Type or Content-Encoding field",
+                });
+            }
+        }
         if req.headers.len() > http.max_headers {
             return Err(Refusal {
                 status: 431,
@@ -309,6 +319,30 @@ impl PalisadeProxy {
         }
     }
 
+    /// The block for a body refusal; for JSON that does not parse, with where (as request
+    /// validation answers it: the client's own body, so shown).
+    fn body_block(&self, session: &Session, ctx: &RequestCtx, r: Refusal) -> Block {
+        let mut b = Block::new(r.status, r.reason);
+        if r.reason == "invalid_json" {
+            let view = Request::of_head(session.req_header(), &ctx.cache)
+                .with_body(ctx.body.as_deref(), ctx.body_state == BodyState::Complete);
+            if let Err(e) = view.json_document() {
+                let mut fields = serde_json::Map::new();
+                fields.insert(
+                    "position".into(),
+                    serde_json::json!({"line": e.line, "column": e.column}),
+                );
+                let message: String = e.message.chars().take(200).collect();
+                fields.insert("message".into(), message.into());
+                b.details = Some(Arc::new(crate::pipeline::BlockDetails {
+                    fields,
+                    expose: true,
+                }));
+            }
+        }
+        b
+    }
+
     /// Pre-reads the body for inspection, within pingora's replay buffer (see
     /// `shared/notes/pingora-body-inspection.md`): bodies with a known length are read only if
     /// they fit the limit; chunked bodies are read until they end or pass the limit.
@@ -352,7 +386,10 @@ impl PalisadeProxy {
             .get(http::header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         if expects && !session.is_http2() {
-            session.as_downstream_mut().write_continue_response().await?;
+            session
+                .as_downstream_mut()
+                .write_continue_response()
+                .await?;
             ctx.continued = true;
         }
         let mut buf = BytesMut::with_capacity(length.map_or(8192, |n| n as usize).min(limit + 1));
@@ -482,7 +519,7 @@ impl ProxyHttp for PalisadeProxy {
                         BodyRead::Proceed => {}
                     }
                     if let Err(r) = self.check_body(session, ctx, policy) {
-                        let b = Block::new(r.status, r.reason);
+                        let b = self.body_block(session, ctx, r);
                         return self.block(session, ctx, StageKind::Body, b).await;
                     }
                     body_read = true;
