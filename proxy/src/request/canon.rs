@@ -300,6 +300,17 @@ pub fn normalize_path(raw: &str, slash: EncodedSlash) -> Result<NormalPath, Refu
     const NOT_UTF8: Refusal = refuse("bad_path", "the decoded path is not UTF-8");
     const SLASH: Refusal = refuse("bad_path", "encoded slash in the path");
     let mut out = NormalPath::default();
+    // Fast path: a path of plain segments (no escapes, parameters, backslashes, dot or empty
+    // segments) is already normal; split it without decoding.
+    if is_plain(raw) {
+        out.trailing_slash = raw.len() > 1 && raw.ends_with('/');
+        out.segments = raw
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+        return Ok(out);
+    }
     if raw == "*" {
         out.segments.push("*".into());
         return Ok(out);
@@ -367,6 +378,44 @@ pub fn normalize_path(raw: &str, slash: EncodedSlash) -> Result<NormalPath, Refu
     Ok(out)
 }
 
+/// Whether a path is already normal: it starts with `/`, holds only characters that are
+/// literal in a normalized path, and has no empty, `.` or `..` segment. Such a path
+/// normalizes to itself, decoded and encoded alike (the common case, checked without
+/// allocating).
+pub fn is_plain(raw: &str) -> bool {
+    let b = raw.as_bytes();
+    if b.first() != Some(&b'/') {
+        return false;
+    }
+    let literal = |c: u8| {
+        c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b'='
+                    | b':'
+                    | b'@'
+                    | b'.'
+                    | b'/'
+            )
+    };
+    if !b.iter().all(|&c| literal(c)) {
+        return false;
+    }
+    // No `//`, and no segment that is `.` or `..` (a trailing `/` is fine).
+    !raw.contains("//") && raw[1..].split('/').all(|seg| seg != "." && seg != "..")
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
@@ -406,6 +455,25 @@ mod tests {
         assert_eq!(norm("/a/b/../"), "/a/");
         assert_eq!(norm("/caf%C3%A9"), "/café");
         assert_eq!(norm("/a%3Bb"), "/a;b");
+        // The fast path agrees with the full one.
+        for p in [
+            "/a/b",
+            "/a/b/",
+            "/",
+            "/a.b/c~d",
+            "/x/./y",
+            "/x//y",
+            "/x/..",
+            "/a/.b/..c",
+        ] {
+            assert_eq!(
+                is_plain(p),
+                !matches!(p, "/x/./y" | "/x//y" | "/x/.."),
+                "{p}"
+            );
+        }
+        assert_eq!(norm("/a.b/c~d/"), "/a.b/c~d/");
+        assert_eq!(norm("/a/.b/..c"), "/a/.b/..c");
     }
 
     #[test]

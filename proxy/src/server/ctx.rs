@@ -166,7 +166,8 @@ pub struct RequestCtx {
     pub framing: Framing,
     /// The request's authority (host and port), read once before routing.
     pub authority: Authority,
-    /// The normalized path, percent-encoded for the request line.
+    /// The normalized path, percent-encoded for the request line; empty when the received
+    /// path is already normal (then it is forwarded as received).
     pub normal_path: String,
     /// Body bytes read for inspection that pingora's replay buffer could not keep; sent to
     /// the upstream ahead of the rest of the body by `request_body_filter`.

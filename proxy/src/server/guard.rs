@@ -393,9 +393,9 @@ impl AsyncRead for GuardedStream {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                let filled = buf.filled();
-                let new = filled[before..].to_vec();
-                this.saw(&new);
+                if matches!(this.state, State::Idle | State::Head { .. }) {
+                    this.saw(&buf.filled()[before..]);
+                }
                 if let State::Failing(kind) = this.state {
                     // Do not hand pingora a head that broke a limit.
                     buf.set_filled(before);

@@ -171,9 +171,17 @@ impl PalisadeProxy {
     fn canonical_head(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), Refusal> {
         let http = &ctx.snapshot.config.http;
         if !ctx.peer_trusted {
-            let req = session.req_header_mut();
-            for name in &http.untrusted_headers {
-                req.remove_header(name.as_str());
+            // Usually none is present: look before removing (one pass over a few headers).
+            let present = session
+                .req_header()
+                .headers
+                .keys()
+                .any(|k| http.untrusted_headers.iter().any(|u| u == k.as_str()));
+            if present {
+                let req = session.req_header_mut();
+                for name in &http.untrusted_headers {
+                    req.remove_header(name.as_str());
+                }
             }
         }
         let req = session.req_header();
@@ -195,7 +203,7 @@ impl PalisadeProxy {
                 detail: "more header fields than http.max_headers",
             });
         }
-        let mut head = req.uri.to_string().len() + 16;
+        let mut head = req.raw_path().len() + 16;
         for (name, value) in &req.headers {
             if value.len() > http.max_header_size {
                 return Err(Refusal {
@@ -253,9 +261,16 @@ impl PalisadeProxy {
             EncodedSlashConfig::Reject => EncodedSlash::Reject,
             EncodedSlashConfig::Keep => EncodedSlash::Keep,
         };
-        let path = canon::normalize_path(req.uri.path(), slash)?;
-        ctx.normal_path = path.encoded();
-        ctx.cache.set_path(path.decoded());
+        let raw = req.uri.path();
+        if canon::is_plain(raw) {
+            // Already normal: forwarded as it came (`normal_path` empty means "the raw one").
+            ctx.normal_path.clear();
+            ctx.cache.set_path(raw.to_string());
+        } else {
+            let path = canon::normalize_path(raw, slash)?;
+            ctx.normal_path = path.encoded();
+            ctx.cache.set_path(path.decoded());
+        }
         Ok(())
     }
 
@@ -588,23 +603,35 @@ impl ProxyHttp for PalisadeProxy {
             // The backend gets the request line in origin form, with the path the route
             // forwards: the normalized one that was routed and inspected, or the original.
             let path = match route.forward_path {
-                ForwardPath::Normalized => ctx.normal_path.as_str(),
-                ForwardPath::Original => upstream_request.uri.path(),
+                ForwardPath::Normalized if !ctx.normal_path.is_empty() => ctx.normal_path.as_str(),
+                _ => upstream_request.uri.path(),
             };
-            let target = match upstream_request.uri.query() {
-                Some(q) => format!("{path}?{q}"),
-                None => path.to_string(),
-            };
-            let uri = http::Uri::try_from(target).map_err(|e| {
-                Error::because(ErrorType::InternalError, "rebuilding the request target", e)
-            })?;
-            upstream_request.set_uri(uri);
+            let origin_form = upstream_request.raw_path().first() == Some(&b'/');
+            // Rebuilt only when it changes (the common request is already canonical).
+            if !origin_form || path != upstream_request.uri.path() {
+                let target = match upstream_request.uri.query() {
+                    Some(q) => format!("{path}?{q}"),
+                    None => path.to_string(),
+                };
+                let uri = http::Uri::try_from(target).map_err(|e| {
+                    Error::because(ErrorType::InternalError, "rebuilding the request target", e)
+                })?;
+                upstream_request.set_uri(uri);
+            }
             // ... and the host that was routed on, whatever form the client named it in.
-            let host = match &snapshot.upstreams[route.upstream].host_header {
-                Some(host) => host.clone(),
-                None => ctx.authority.to_header(),
-            };
-            upstream_request.insert_header(http::header::HOST, host)?;
+            match &snapshot.upstreams[route.upstream].host_header {
+                Some(host) => upstream_request.insert_header(http::header::HOST, host.as_str())?,
+                None => {
+                    let host = ctx.authority.to_header();
+                    let same = upstream_request
+                        .headers
+                        .get(http::header::HOST)
+                        .is_some_and(|h| h.as_bytes() == host.as_bytes());
+                    if !same {
+                        upstream_request.insert_header(http::header::HOST, host)?;
+                    }
+                }
+            }
         }
         // Set from what the proxy saw, unless a trusted proxy in front already said it.
         for (name, value) in [
