@@ -10,6 +10,7 @@
 
 pub mod canon;
 mod decode;
+pub mod grammar;
 pub mod json;
 mod multipart;
 
@@ -26,6 +27,7 @@ pub use decode::{bytes_to_text, parse_cookies, parse_urlencoded};
 #[derive(Debug, Default)]
 pub struct RequestCache {
     path: OnceLock<String>,
+    custom_headers: OnceLock<Vec<bool>>,
     query_pairs: OnceLock<Vec<(String, String)>>,
     cookies: OnceLock<Vec<(String, String)>>,
     body_kind: OnceLock<BodyKind>,
@@ -326,7 +328,11 @@ impl<'a> Request<'a> {
             // `NaN`, comments or trailing commas that the inspection cannot walk.
             BodyKind::Json
                 if self.body_complete
-                    && self.content_type().to_ascii_lowercase().contains("json")
+                    && self
+                        .content_type()
+                        .as_bytes()
+                        .windows(4)
+                        .any(|w| w.eq_ignore_ascii_case(b"json"))
                     && self.json().malformed =>
             {
                 Some(canon::Refusal {
@@ -399,6 +405,24 @@ impl<'a> Request<'a> {
         self.cache()
             .query_pairs
             .get_or_init(|| parse_urlencoded(self.query.as_bytes()))
+    }
+
+    /// For each header, in [`HeaderMap::iter`] order, whether it carries free input: a
+    /// header that is not one of the standard ones with a fixed grammar
+    /// ([`grammar::STANDARD_HEADERS`]), or a standard one whose value breaks its grammar.
+    /// Computed once per request (the rules read it for every rule on `headers.custom`).
+    pub fn custom_headers(&self) -> &[bool] {
+        self.cache().custom_headers.get_or_init(|| {
+            self.headers
+                .iter()
+                .map(|(k, v)| {
+                    grammar::STANDARD_HEADERS
+                        .binary_search(&k.as_str())
+                        .is_err()
+                        || !grammar::conforms(k.as_str(), v.as_bytes())
+                })
+                .collect()
+        })
     }
 
     /// Cookies of every `Cookie` header, parsed once by [`parse_cookies`], in order.

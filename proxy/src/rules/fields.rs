@@ -104,60 +104,7 @@ pub enum Field {
     BodySize,
 }
 
-/// Request headers whose values have a fixed grammar (or their own rules, like
-/// `user-agent` and `cookie`), left out of `headers.custom`: injection detectors on them only
-/// produce false positives (`sec-ch-ua: "Chromium";v="120"` looks like SQL to a tokenizer).
-pub const STANDARD_HEADERS: &[&str] = &[
-    "accept",
-    "accept-charset",
-    "accept-encoding",
-    "accept-language",
-    "access-control-request-headers",
-    "access-control-request-method",
-    "authorization",
-    "cache-control",
-    "connection",
-    "content-encoding",
-    "content-length",
-    "content-type",
-    "cookie",
-    "dnt",
-    "forwarded",
-    "host",
-    "if-match",
-    "if-modified-since",
-    "if-none-match",
-    "if-range",
-    "if-unmodified-since",
-    "keep-alive",
-    "origin",
-    "pragma",
-    "priority",
-    "proxy-authorization",
-    "range",
-    "referer",
-    "sec-ch-ua",
-    "sec-ch-ua-mobile",
-    "sec-ch-ua-platform",
-    "sec-fetch-dest",
-    "sec-fetch-mode",
-    "sec-fetch-site",
-    "sec-fetch-user",
-    "te",
-    "traceparent",
-    "tracestate",
-    "transfer-encoding",
-    "upgrade",
-    "upgrade-insecure-requests",
-    "user-agent",
-    "via",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-port",
-    "x-forwarded-proto",
-    "x-real-ip",
-    "x-request-id",
-];
+pub use crate::request::grammar::STANDARD_HEADERS;
 
 impl Field {
     /// Parses a field as written in rule files (`query.values`, `header:user-agent`, …).
@@ -408,11 +355,9 @@ impl FieldValues for RuleInput<'_> {
             Field::HeadersCustom => self
                 .headers
                 .iter()
-                .filter(|(k, x)| {
-                    STANDARD_HEADERS.binary_search(&k.as_str()).is_err()
-                        || !super::grammar::conforms(k.as_str(), x.as_bytes())
-                })
-                .map(|(k, x)| Value {
+                .zip(self.custom_headers())
+                .filter(|(_, custom)| **custom)
+                .map(|((k, x), _)| Value {
                     origin: Origin::Header,
                     name: Some(Cow::Borrowed(k.as_str())),
                     text: header_text(x),

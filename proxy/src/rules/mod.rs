@@ -7,7 +7,6 @@ pub mod compile;
 pub mod eval;
 pub mod fields;
 pub mod file;
-pub mod grammar;
 pub mod managed;
 pub mod testing;
 pub mod transforms;
