@@ -596,7 +596,11 @@ async fn slow_and_oversized_clients_get_4xx_in_time() {
 #[tokio::test]
 async fn connections_per_client_are_limited() {
     let backend = Backend::start("b").await;
-    let p = Palisade::start(&config(&backend, "  max_connections_per_ip: 5")).await;
+    let p = Palisade::start(&format!(
+        "client_ip:\n  trusted_proxies: [\"127.0.0.4/32\"]\n{}",
+        config(&backend, "  max_connections_per_ip: 5")
+    ))
+    .await;
     // From an address of its own (all of 127/8 is loopback), so no other connection counts.
     let connect = || async {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -630,6 +634,25 @@ async fn connections_per_client_are_limited() {
     )
     .await;
     assert_eq!(r.status, 200);
+    // A trusted proxy (a load balancer in front) is not limited.
+    let mut lb = Vec::new();
+    for _ in 0..8 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.4:0".parse().unwrap()).unwrap();
+        let mut s = socket.connect(p.addr).await.unwrap();
+        s.write_all(b"GET /api/x HTTP/1.1\r\n").await.unwrap();
+        lb.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = get_from(
+        "127.0.0.4",
+        p.addr,
+        "/api/x",
+        &["User-Agent: Mozilla/5.0 (test)"],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body_string());
+    drop(lb);
     drop(open);
     let ok = eventually(Duration::from_secs(5), || async {
         raw_request_from(

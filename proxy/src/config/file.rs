@@ -211,7 +211,8 @@ pub struct HttpConfig {
     #[serde(default)]
     pub body_timeout: Option<HumanDuration>,
     /// Most open client connections per client address (the TCP peer); more are closed at
-    /// once (default 256; 0 = no limit).
+    /// once (default 256; 0 = no limit). Trusted proxies (`client_ip.trusted_proxies`) are
+    /// not limited.
     #[serde(default)]
     pub max_connections_per_ip: Option<usize>,
     /// Bodies with a `Content-Encoding` (gzip, deflate): `refuse` (415, default) or `decode`

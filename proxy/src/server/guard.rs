@@ -8,7 +8,8 @@
 //! - **A limit on the head size** (`http.max_head_size`) enforced while it arrives (pingora
 //!   buffers up to 1 MiB before it looks): 431.
 //! - **Connections per client address** (`http.max_connections_per_ip`): more are closed at
-//!   accept.
+//!   accept. Trusted proxies (`client_ip.trusted_proxies`) are not limited: behind a load
+//!   balancer every connection comes from a few addresses.
 //! - **Pingora's own error answers** (a 400 for an unparsable head, a 405 for `CONNECT`)
 //!   carry `Server: Pingora` and no body; they are rewritten into Palisade's JSON answers.
 //!
@@ -135,18 +136,18 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
             let peer = stream
                 .get_socket_digest()
                 .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
-            let permit = match peer {
-                Some(ip) => {
-                    let ip = ip.to_canonical();
-                    match self.table.acquire(ip, http.max_connections_per_ip) {
-                        Some(p) => Some(p),
-                        None => {
-                            tracing::info!(client = %ip, limit = http.max_connections_per_ip,
+            // Trusted proxies (load balancers in front) carry many clients' connections: they
+            // are not limited per address.
+            let permit = match peer.map(|ip| ip.to_canonical()) {
+                Some(ip) if snapshot.client_ip.is_trusted(ip) => None,
+                Some(ip) => match self.table.acquire(ip, http.max_connections_per_ip) {
+                    Some(p) => Some(p),
+                    None => {
+                        tracing::info!(client = %ip, limit = http.max_connections_per_ip,
                                 "connection refused: too many open connections from this address");
-                            return None;
-                        }
+                        return None;
                     }
-                }
+                },
                 None => None,
             };
             let mut guarded = GuardedStream::new(stream, limits, permit);
