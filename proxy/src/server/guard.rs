@@ -131,7 +131,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
             let limits = Limits {
                 head_timeout: http.head_timeout,
                 max_head_size: http.max_head_size,
-                first_byte: snapshot.config.timeouts.client_read.min(http.head_timeout),
+                // Silence before a first byte costs only the guard's small state (pingora has
+                // not been handed the connection yet); load balancers keep idle connections
+                // open for a while, so this is the read timeout, not the head deadline.
+                first_byte: snapshot.config.timeouts.client_read,
             };
             let peer = stream
                 .get_socket_digest()
