@@ -56,20 +56,10 @@ pub fn framing(headers: &HeaderMap) -> Result<Framing, Refusal> {
                 "more than one Content-Length field",
             ))
         }
-        (Some(v), None) => {
-            let digits = trim_ows(v.as_bytes());
-            if digits.is_empty() || digits.len() > 18 || !digits.iter().all(u8::is_ascii_digit) {
-                return Err(refuse(
-                    "bad_content_length",
-                    "Content-Length is not one decimal number",
-                ));
-            }
-            Some(
-                digits
-                    .iter()
-                    .fold(0u64, |n, d| n * 10 + u64::from(d - b'0')),
-            )
-        }
+        (Some(v), None) => Some(parse_length(v.as_bytes()).ok_or(refuse(
+            "bad_content_length",
+            "Content-Length is not one decimal number",
+        ))?),
     };
     let mut te = headers.get_all(http::header::TRANSFER_ENCODING).iter();
     let chunked = match (te.next(), te.next()) {
@@ -90,6 +80,20 @@ pub fn framing(headers: &HeaderMap) -> Result<Framing, Refusal> {
         ));
     }
     Ok(Framing { chunked, length })
+}
+
+/// One `Content-Length` value: decimal digits only (optional surrounding whitespace), no sign,
+/// no list, at most 18 digits.
+pub fn parse_length(value: &[u8]) -> Option<u64> {
+    let digits = trim_ows(value);
+    if digits.is_empty() || digits.len() > 18 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(
+        digits
+            .iter()
+            .fold(0u64, |n, d| n * 10 + u64::from(d - b'0')),
+    )
 }
 
 fn trim_ows(b: &[u8]) -> &[u8] {
@@ -245,25 +249,7 @@ impl NormalPath {
         for s in &self.segments {
             out.push('/');
             for &b in s.as_bytes() {
-                let literal = b.is_ascii_alphanumeric()
-                    || matches!(
-                        b,
-                        b'-' | b'.'
-                            | b'_'
-                            | b'~'
-                            | b'!'
-                            | b'$'
-                            | b'&'
-                            | b'\''
-                            | b'('
-                            | b')'
-                            | b'*'
-                            | b'+'
-                            | b','
-                            | b'='
-                            | b':'
-                            | b'@'
-                    );
+                let literal = is_path_literal(b);
                 if literal {
                     out.push(b as char);
                 } else {
@@ -281,6 +267,30 @@ impl NormalPath {
 }
 
 const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+/// Bytes a normalized path segment carries literally: unreserved characters and the
+/// sub-delimiters every server reads alike (not `;`, a parameter separator for Java servers).
+fn is_path_literal(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b'='
+                | b':'
+                | b'@'
+        )
+}
 
 /// Decodes and normalizes a raw request path:
 /// - `;` starts a segment's parameters, which are dropped (`/admin;x`, `/..;/admin`): Java
@@ -387,29 +397,7 @@ pub fn is_plain(raw: &str) -> bool {
     if b.first() != Some(&b'/') {
         return false;
     }
-    let literal = |c: u8| {
-        c.is_ascii_alphanumeric()
-            || matches!(
-                c,
-                b'-' | b'_'
-                    | b'~'
-                    | b'!'
-                    | b'$'
-                    | b'&'
-                    | b'\''
-                    | b'('
-                    | b')'
-                    | b'*'
-                    | b'+'
-                    | b','
-                    | b'='
-                    | b':'
-                    | b'@'
-                    | b'.'
-                    | b'/'
-            )
-    };
-    if !b.iter().all(|&c| literal(c)) {
+    if !b.iter().all(|&c| c == b'/' || is_path_literal(c)) {
         return false;
     }
     // No `//`, and no segment that is `.` or `..` (a trailing `/` is fine).

@@ -128,14 +128,15 @@ pub enum BodyKind {
     Other,
 }
 
-/// `Content-Length` as a number; `None` when absent or not a plain number (the HTTP layer has
-/// already refused conflicting values). The one parser of it: body pre-read, validation and
-/// rules all call this.
+/// `Content-Length` as a number; `None` when absent, repeated or not one plain number (the
+/// proxy refuses those before any stage, see [`canon::framing`], which reads it the same way
+/// with [`canon::parse_length`]). Validation and the rules call this.
 pub fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
+    let mut all = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    match (all.next(), all.next()) {
+        (Some(v), None) => canon::parse_length(v.as_bytes()),
+        _ => None,
+    }
 }
 
 impl RequestCache {
