@@ -1,5 +1,9 @@
-//! Rules engine cost per request against 212 rules: a benign API request and a malicious
-//! one (SQL injection in a JSON body), through the same evaluation the proxy runs.
+//! Rules engine cost per request, through the same engine the proxy builds per route:
+//! - a synthetic set of 212 rules, and the managed rule sets of the default config, on a
+//!   benign and a malicious JSON POST;
+//! - the managed sets on a GET with five query parameters and on 1 KB and 32 KB JSON bodies;
+//! - the scaling curve: the managed sets plus 0, 100, 1,000 and 5,000 generated rules of the
+//!   kind a rule author adds (`palisade_benches::extra_rules_yaml`), on the same requests.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark setup")]
 
 use std::collections::BTreeMap;
@@ -8,8 +12,13 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use palisade::rules::compile::load;
-use palisade::rules::eval::{evaluate, AttachedRuleSet};
+use palisade::rules::engine::Engine;
+use palisade::rules::eval::AttachedRuleSet;
 use palisade::rules::fields::RuleInput;
+use palisade_benches::{
+    api_headers, engine_with_extra, get, json_of_size, malicious_json, managed,
+    managed_any_body_size, post, small_json, GET_QUERY,
+};
 
 /// The proxy's allocator, so allocation costs match production.
 #[global_allocator]
@@ -100,113 +109,107 @@ fn bench(c: &mut Criterion) {
     let path = dir.path().join("bench.yaml");
     std::fs::write(&path, ruleset_yaml()).unwrap();
     let set = Arc::new(load(&path, &BTreeMap::new()).unwrap());
-    eprintln!("{} rules, {} sources", set.rules.len(), set.sources.len());
-    let sets = vec![AttachedRuleSet::plain(set)];
-
-    let mut headers = http::HeaderMap::new();
-    headers.insert(
-        "user-agent",
-        "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/131.0"
-            .parse()
-            .unwrap(),
-    );
-    headers.insert("accept", "application/json".parse().unwrap());
-    headers.insert(
-        "cookie",
-        "session=8f14e45fceea167a5a36dedd4bea2543; theme=dark"
-            .parse()
-            .unwrap(),
-    );
-    headers.insert("content-type", "application/json".parse().unwrap());
-    let benign = serde_json::json!({
-        "type": "run", "title": "Morning run along the river", "duration_s": 1820, "distance_m": 5230,
-        "heart_rate": {"avg": 148, "max": 171}, "notes": "Felt great; select a faster pace next time?", "tags": ["easy", "outdoor"]
-    })
-    .to_string();
-    let malicious = serde_json::json!({
-        "type": "run", "title": "x' UNION SELECT password FROM users--", "duration_s": 1820
-    })
-    .to_string();
-    let query = "athlete=1842&since=2026-10-01&limit=25&sort=-started_at";
-
-    // The managed rule sets, attached in the embedded default config's order.
-    let managed: Vec<AttachedRuleSet> = palisade::rules::compile::load_managed(&BTreeMap::new())
-        .into_iter()
-        .map(|r| AttachedRuleSet::plain(Arc::new(r.unwrap())))
-        .collect();
+    let synthetic = Engine::new(vec![AttachedRuleSet::plain(set)]);
+    let managed_sets = managed();
     eprintln!(
         "managed: {} rules in {} sets",
-        managed.iter().map(|s| s.set.rules.len()).sum::<usize>(),
-        managed.len()
+        managed_sets
+            .iter()
+            .map(|s| s.set.rules.len())
+            .sum::<usize>(),
+        managed_sets.len()
     );
-
     if std::env::var_os("PALISADE_BENCH_PER_SET").is_some() {
         // Where the managed sets' time goes: each set alone on the benign request.
-        for one in &managed {
-            let name = format!("managed_only_{}", one.set.name);
-            bench_post(
+        let (h, body) = (api_headers(), small_json());
+        for one in &managed_sets {
+            let e = Engine::new(vec![one.clone()]);
+            bench_input(
                 c,
-                &name,
-                std::slice::from_ref(one),
-                query,
-                &headers,
-                benign.as_bytes(),
+                &format!("managed_only_{}", one.set.name),
+                &e,
+                &post("", &h, body.as_bytes()),
             );
         }
     }
+    let managed = Engine::new(managed_sets);
+    let (sources, patterns) = managed.stats();
+    eprintln!("managed engine: {sources} sources, {patterns} scanned patterns");
 
-    for (name, sets, body) in [
-        ("rules_212_benign_json_post", &sets, &benign),
-        ("rules_212_malicious_json_post", &sets, &malicious),
+    let headers = api_headers();
+    let (benign, malicious) = (small_json(), malicious_json());
+    let (kb1, kb32) = (json_of_size(1024), json_of_size(32 * 1024));
+    let query = "athlete=1842&since=2026-10-01";
+    // 1 KB and 32 KB bodies inspected whole (the default 8 KiB body-size rule off).
+    let any_size = managed_any_body_size();
+    for (name, engine, body) in [
+        ("rules_212_benign_json_post", &synthetic, &benign),
+        ("rules_212_malicious_json_post", &synthetic, &malicious),
         ("managed_benign_json_post", &managed, &benign),
         ("managed_malicious_json_post", &managed, &malicious),
+        ("managed_json_post_1k", &any_size, &kb1),
+        ("managed_json_post_32k", &any_size, &kb32),
     ] {
-        bench_post(c, name, sets, query, &headers, body.as_bytes());
+        bench_input(c, name, engine, &post(query, &headers, body.as_bytes()));
     }
-    for (what, body) in [("malicious", &malicious), ("benign", &benign)] {
-        let out = evaluate(
-            &sets,
-            &activity_post(query, &headers, body.as_bytes()),
-            &mut (),
-        );
-        eprintln!("{what} verdict: {:?}", out.verdict);
+    bench_input(
+        c,
+        "managed_get_5_params",
+        &managed,
+        &get(GET_QUERY, &headers),
+    );
+    for (what, body) in [
+        ("malicious", &malicious),
+        ("benign", &benign),
+        ("1k", &kb1),
+        ("32k", &kb32),
+    ] {
+        let out = any_size.evaluate(&post(query, &headers, body.as_bytes()), &mut ());
+        eprintln!("managed, {what} ({} bytes): {:?}", body.len(), out.verdict);
+    }
+
+    // Flat in rule count: the same requests through the managed sets plus generated rules.
+    if std::env::var_os("PALISADE_BENCH_SKIP_SCALING").is_none() {
+        for extra in [0, 100, 1000, 5000] {
+            let engine = engine_with_extra(extra);
+            let (sources, patterns) = engine.stats();
+            eprintln!("managed + {extra} extra rules: {sources} sources, {patterns} patterns");
+            for body in [&benign, &kb1] {
+                let out = engine.evaluate(&post(query, &headers, body.as_bytes()), &mut ());
+                assert!(
+                    matches!(out.verdict, palisade::rules::eval::RulesVerdict::Pass),
+                    "{out:?}"
+                );
+            }
+            bench_input(
+                c,
+                &format!("scaling_{extra}_extra_json_post"),
+                &engine,
+                &post(query, &headers, benign.as_bytes()),
+            );
+            bench_input(
+                c,
+                &format!("scaling_{extra}_extra_json_post_1k"),
+                &engine,
+                &post(query, &headers, kb1.as_bytes()),
+            );
+            bench_input(
+                c,
+                &format!("scaling_{extra}_extra_get"),
+                &engine,
+                &get(GET_QUERY, &headers),
+            );
+        }
     }
 }
 
-/// The benchmarked request: a POST to the activities API with this body.
-fn activity_post<'a>(
-    query: &'a str,
-    headers: &'a http::HeaderMap,
-    body: &'a [u8],
-) -> RuleInput<'a> {
-    RuleInput::new(
-        "POST",
-        "/api/v1/activities",
-        query,
-        headers,
-        body,
-        None,
-        None,
-        None,
-    )
-}
-
-/// One criterion benchmark: `sets` evaluated on the POST with `body`.
-fn bench_post(
-    c: &mut Criterion,
-    name: &str,
-    sets: &[AttachedRuleSet],
-    query: &str,
-    headers: &http::HeaderMap,
-    body: &[u8],
-) {
+/// One criterion benchmark: the engine's verdict on `input`, its caches cleared each time
+/// (a fresh request model per iteration, as the proxy builds one per request).
+fn bench_input(c: &mut Criterion, name: &str, engine: &Engine, input: &RuleInput<'_>) {
     c.bench_function(name, |b| {
         b.iter(|| {
-            black_box(evaluate(
-                sets,
-                &activity_post(query, headers, body),
-                &mut (),
-            ))
+            let fresh = input.fresh();
+            black_box(engine.evaluate(&fresh, &mut ()))
         })
     });
 }

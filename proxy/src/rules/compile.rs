@@ -1,15 +1,19 @@
 //! Rules step 2 (validate + compile): a parsed rule-set file becomes an immutable
-//! [`CompiledRuleSet`]: fields and transform chains deduplicated into "sources", every regex
-//! of a source gathered into one `RegexSet` (one scan per value, whatever the number of
-//! rules), phrase lists compiled to Aho-Corasick automata. Every problem is reported with
-//! file, line, column and rule id.
+//! [`CompiledRuleSet`]: fields and transform chains deduplicated into "sources", and every
+//! regex, phrase list and substring test of a source listed as a [`ScanPattern`], which the
+//! inspection engine (`engine`) merges across all rule sets of a route into one prefilter
+//! per source. Every problem is reported with file, line, column and rule id.
+//!
+//! Regexes use Rust's `regex` syntax, which has no back-references or look-around: matching
+//! is linear in the input whatever the pattern, and a pattern that needs more is rejected
+//! here with its line.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use aho_corasick::AhoCorasick;
-use regex::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
+use regex::{Regex, RegexBuilder};
 use serde_saphyr::{Location, Spanned};
 
 use super::fields::Field;
@@ -48,14 +52,9 @@ pub struct Source {
 /// An operator.
 #[derive(Debug, Clone)]
 pub enum Op {
-    /// Regex; `slot` is its index in each of its sources' `RegexSet`s (same index for all).
-    Regex {
-        /// The compiled regex (slow path: exclusions, explain).
-        regex: Regex,
-        /// Index per source, parallel to the leaf's sources.
-        slots: Vec<usize>,
-    },
-    /// Any phrase occurs.
+    /// Regex (also a [`ScanPattern`] of each of the leaf's sources).
+    Regex(Regex),
+    /// Any phrase occurs (ASCII case-insensitive).
     Phrases(Arc<AhoCorasick>),
     /// Substring.
     Contains(String),
@@ -90,6 +89,18 @@ pub enum Op {
     },
 }
 
+/// What the engine scans a source's values for, once per value for every rule of every set
+/// that uses it.
+#[derive(Debug, Clone)]
+pub enum ScanPattern {
+    /// A regex.
+    Regex(Regex),
+    /// Any of these phrases (ASCII case-insensitive).
+    Phrases(Vec<String>),
+    /// A substring (case-sensitive).
+    Contains(String),
+}
+
 /// A field test.
 #[derive(Debug, Clone)]
 pub struct Leaf {
@@ -97,8 +108,14 @@ pub struct Leaf {
     pub sources: Vec<usize>,
     /// The operator.
     pub op: Op,
+    /// For a scanned operator (regex, phrases, contains), its index in each source's
+    /// [`CompiledRuleSet::scans`] (parallel to `sources`); empty otherwise.
+    pub scan: Vec<usize>,
     /// A regex each value must also match (`confirm`).
     pub confirm: Option<Regex>,
+    /// The `confirm` regex's index in each source's scans (parallel to `sources`): when no
+    /// value of a source matches it, the operator (libinjection) need not run there.
+    pub confirm_scan: Vec<usize>,
     /// Inverted.
     pub negate: bool,
 }
@@ -159,8 +176,8 @@ pub struct CompiledRuleSet {
     /// Per source, its process-wide id (see [`global_source_id`]): rule sets that inspect the
     /// same source share its transformed values within a request.
     pub source_ids: Vec<usize>,
-    /// Per source, every regex used on it, in slot order.
-    pub regex_sets: Vec<Option<RegexSet>>,
+    /// Per source, the patterns its leaves scan for (see [`Leaf::scan`]).
+    pub scans: Vec<Vec<ScanPattern>>,
     /// Whether any rule reads the body.
     pub needs_body: bool,
     /// Whether any rule reads country/ASN.
@@ -188,7 +205,7 @@ struct Compiler<'a> {
     base_dir: &'a Path,
     ip_sets: &'a BTreeMap<String, Arc<IpSet>>,
     sources: Vec<Source>,
-    regexes: Vec<Vec<String>>,
+    scans: Vec<Vec<ScanPattern>>,
     file: Arc<str>,
     issues: Problems,
     rule: Option<String>,
@@ -210,8 +227,19 @@ impl Compiler<'_> {
             return i;
         }
         self.sources.push(s);
-        self.regexes.push(Vec::new());
+        self.scans.push(Vec::new());
         self.sources.len() - 1
+    }
+
+    /// Registers `p` as a scan pattern of each source; returns its index per source.
+    fn scan(&mut self, sources: &[usize], p: &ScanPattern) -> Vec<usize> {
+        sources
+            .iter()
+            .map(|&s| {
+                self.scans[s].push(p.clone());
+                self.scans[s].len() - 1
+            })
+            .collect()
     }
 
     fn cond(&mut self, c: &Spanned<ConditionFile>) -> Option<Cond> {
@@ -290,20 +318,15 @@ impl Compiler<'_> {
             .collect();
 
         let mut ops = Vec::new();
+        let mut scan = Vec::new();
         if let Some(r) = &f.regex {
             match RegexBuilder::new(&r.value)
                 .size_limit(REGEX_SIZE_LIMIT)
                 .build()
             {
                 Ok(regex) => {
-                    let slots = sources
-                        .iter()
-                        .map(|&s| {
-                            self.regexes[s].push(r.value.clone());
-                            self.regexes[s].len() - 1
-                        })
-                        .collect();
-                    ops.push(Op::Regex { regex, slots });
+                    scan = self.scan(&sources, &ScanPattern::Regex(regex.clone()));
+                    ops.push(Op::Regex(regex));
                 }
                 Err(e) => self.issue(
                     &r.referenced,
@@ -335,12 +358,16 @@ impl Compiler<'_> {
                     .ascii_case_insensitive(true)
                     .build(&phrases)
                 {
-                    Ok(ac) => ops.push(Op::Phrases(Arc::new(ac))),
+                    Ok(ac) => {
+                        scan = self.scan(&sources, &ScanPattern::Phrases(phrases));
+                        ops.push(Op::Phrases(Arc::new(ac)));
+                    }
                     Err(e) => self.issue(loc, format!("cannot build the phrase matcher: {e}")),
                 }
             }
         }
         if let Some(s) = &f.contains {
+            scan = self.scan(&sources, &ScanPattern::Contains(s.clone()));
             ops.push(Op::Contains(s.clone()));
         }
         if let Some(s) = &f.equals {
@@ -471,11 +498,19 @@ impl Compiler<'_> {
                 }
             },
         };
+        let confirm_scan = match &confirm {
+            Some(c) if given == 1 && ops.len() == 1 => {
+                self.scan(&sources, &ScanPattern::Regex(c.clone()))
+            }
+            _ => Vec::new(),
+        };
         match given {
             1 if ops.len() == 1 => ops.pop().map(|op| Leaf {
                 sources,
                 op,
+                scan,
                 confirm,
+                confirm_scan,
                 negate: f.negate,
             }),
             1 => None,
@@ -506,7 +541,7 @@ pub fn compile(
         base_dir,
         ip_sets,
         sources: Vec::new(),
-        regexes: Vec::new(),
+        scans: Vec::new(),
         file: path.display().to_string().into(),
         issues: Problems::default(),
         rule: None,
@@ -570,26 +605,6 @@ pub fn compile(
         }
     }
     c.rule = None;
-    let mut regex_sets = Vec::with_capacity(c.regexes.len());
-    for pats in &c.regexes {
-        if pats.is_empty() {
-            regex_sets.push(None);
-            continue;
-        }
-        match RegexSetBuilder::new(pats)
-            .size_limit(REGEX_SIZE_LIMIT * 4)
-            .build()
-        {
-            Ok(s) => regex_sets.push(Some(s)),
-            Err(e) => {
-                c.issues.push(Problem::file(
-                    &c.file,
-                    format!("cannot combine regexes into a set: {e}"),
-                ));
-                regex_sets.push(None);
-            }
-        }
-    }
     c.issues.into_result()?;
     let source_ids = c.sources.iter().map(global_source_id).collect();
     Ok(CompiledRuleSet {
@@ -601,7 +616,7 @@ pub fn compile(
         mode,
         rules,
         sources: c.sources,
-        regex_sets,
+        scans: c.scans,
         needs_body: c.needs_body,
         needs_geo: c.needs_geo,
     })

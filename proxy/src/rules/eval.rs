@@ -1,13 +1,13 @@
-//! Rules step 3 (evaluate): one request against the rule sets attached to its route, in
-//! priority order, with per-route overrides and exclusions. No locks; per request, each
-//! (field, transforms) source is extracted and transformed at most once, and each source's
-//! `RegexSet` scans each value once for all the rules that use it.
+//! Rules step 3b (evaluate): one request against the rule sets attached to its route, in
+//! priority order, with per-route overrides and exclusions. The route's [`Engine`] computes
+//! each (field, transforms) source once and scans each value once for every pattern of every
+//! set; rules then read hits. No locks.
 
 use std::borrow::Cow;
-use std::rc::Rc;
 use std::sync::Arc;
 
 use super::compile::{CompiledRule, CompiledRuleSet, Cond, Leaf, Mode, Op};
+use super::engine::{Engine, Run};
 use super::fields::{Field, FieldValues, Origin, RuleInput};
 use super::file::RuleAction;
 use super::transforms::apply_chain;
@@ -170,116 +170,9 @@ impl Tracer for Vec<String> {
     }
 }
 
-/// A transformed value; borrows from the request when no transform changed it.
-struct SourceValue<'i> {
-    origin: Origin,
-    name: Option<Cow<'i, str>>,
-    text: Cow<'i, str>,
-}
-
-/// Transformed values of every (field, transforms) source computed so far in this request,
-/// by process-wide source id, shared by all attached rule sets: sets that inspect the same
-/// fields through the same chain (the managed ones all do) pay for extraction and transforms
-/// once.
-type SharedSources<'i> = Vec<Option<Rc<Vec<SourceValue<'i>>>>>;
-
-/// Per-request, per-set state: transformed values and RegexSet hits, computed on demand.
-struct SetState<'s, 'i, 'c> {
-    set: &'s CompiledRuleSet,
-    values: Vec<Option<Rc<Vec<SourceValue<'i>>>>>,
-    regex_hits: Vec<Option<Vec<bool>>>,
-    shared: &'c mut SharedSources<'i>,
-}
-
-impl<'s, 'i, 'c> SetState<'s, 'i, 'c> {
-    fn new(set: &'s CompiledRuleSet, shared: &'c mut SharedSources<'i>) -> Self {
-        let n = set.sources.len();
-        SetState {
-            set,
-            values: (0..n).map(|_| None).collect(),
-            regex_hits: (0..n).map(|_| None).collect(),
-            shared,
-        }
-    }
-
-    fn values(
-        &mut self,
-        s: usize,
-        input: &'i RuleInput<'_>,
-        labels: &[Cow<'static, str>],
-    ) -> &[SourceValue<'i>] {
-        let src = &self.set.sources[s];
-        let gid = self.set.source_ids.get(s).copied();
-        // Labels change while rules run, so that source is never cached.
-        let labels_source = src.field == Field::Labels;
-        if self.values[s].is_none() || labels_source {
-            let cached = match gid {
-                Some(g) if !labels_source => self.shared.get(g).and_then(Clone::clone),
-                _ => None,
-            };
-            let vals = cached.unwrap_or_else(|| {
-                let vals: Rc<Vec<SourceValue<'i>>> = Rc::new(
-                    input
-                        .values(&src.field, labels)
-                        .into_iter()
-                        .map(|v| SourceValue {
-                            origin: v.origin,
-                            name: v.name,
-                            text: match v.text {
-                                Cow::Borrowed(b) => apply_chain(&src.chain, b),
-                                Cow::Owned(o) => {
-                                    Cow::Owned(apply_chain(&src.chain, &o).into_owned())
-                                }
-                            },
-                        })
-                        .collect(),
-                );
-                if let (Some(g), false) = (gid, labels_source) {
-                    if self.shared.len() <= g {
-                        self.shared.resize(g + 1, None);
-                    }
-                    self.shared[g] = Some(Rc::clone(&vals));
-                }
-                vals
-            });
-            self.values[s] = Some(vals);
-        }
-        self.values[s].as_ref().map_or(&[], |v| v.as_slice())
-    }
-
-    fn regex_hit(
-        &mut self,
-        s: usize,
-        slot: usize,
-        input: &'i RuleInput<'_>,
-        labels: &[Cow<'static, str>],
-    ) -> bool {
-        if self.regex_hits[s].is_none() {
-            let set = self.set;
-            let n = set.regex_sets[s].as_ref().map_or(0, |r| r.len());
-            let mut hits = vec![false; n];
-            if let Some(rs) = &set.regex_sets[s] {
-                for v in self.values(s, input, labels) {
-                    // Most values match nothing: the one-pass `is_match` (lazy DFA) rules that
-                    // out cheaply before asking which patterns matched.
-                    if rs.is_match(&v.text) {
-                        for i in rs.matches(&v.text).iter() {
-                            hits[i] = true;
-                        }
-                    }
-                }
-            }
-            self.regex_hits[s] = Some(hits);
-        }
-        self.regex_hits[s]
-            .as_ref()
-            .is_some_and(|h| h.get(slot).copied().unwrap_or(false))
-    }
-}
-
 fn value_matches(op: &Op, text: &str) -> bool {
     match op {
-        Op::Regex { regex, .. } => regex.is_match(text),
+        Op::Regex(regex) => regex.is_match(text),
         Op::Phrases(ac) => ac.is_match(text),
         Op::Contains(s) => text.contains(s.as_str()),
         Op::Equals(s) => text == s,
@@ -287,8 +180,13 @@ fn value_matches(op: &Op, text: &str) -> bool {
         Op::EndsWith(s) => text.ends_with(s.as_str()),
         Op::Number(c) => text.trim().parse::<f64>().is_ok_and(|x| c.holds(x)),
         Op::Size(c) => c.holds(text.len() as f64),
-        Op::Sqli => libinjectionrs::detect_sqli(text.as_bytes()).is_injection(),
-        Op::Xss => libinjectionrs::detect_xss(text.as_bytes()).is_injection(),
+        Op::Sqli => {
+            verdict_cache::cached(0, text, |b| libinjectionrs::detect_sqli(b).is_injection())
+        }
+        Op::Xss => {
+            may_be_html(text)
+                && verdict_cache::cached(1, text, |b| libinjectionrs::detect_xss(b).is_injection())
+        }
         Op::IpIn(set) => text.parse().is_ok_and(|ip| set.contains(ip)),
         Op::CountryIn(list) => list.iter().any(|c| c.as_str() == text),
         Op::AsnIn(list) => text.parse::<u32>().is_ok_and(|a| list.contains(&a)),
@@ -303,68 +201,119 @@ fn value_matches(op: &Op, text: &str) -> bool {
     }
 }
 
-struct Ctx<'a, 'i, T: Tracer> {
-    input: &'i RuleInput<'i>,
+/// libinjection's verdicts on recent values, per thread. The same values come back request
+/// after request (a browser's `User-Agent`, a client's fixed parameters), and libinjection
+/// costs microseconds per value where a lookup costs tens of nanoseconds. Direct-mapped and
+/// bounded (256 slots of values up to 256 bytes per thread); a slot holds the value itself,
+/// so a hash collision costs a recomputation, never a wrong verdict. Thread-local: no lock.
+mod verdict_cache {
+    use std::cell::RefCell;
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+
+    const SLOTS: usize = 256;
+    const MAX_LEN: usize = 256;
+
+    /// (kind, value, verdict).
+    type Slot = Option<(u8, Box<str>, bool)>;
+
+    thread_local! {
+        static CACHE: RefCell<Vec<Slot>> = RefCell::new(vec![None; SLOTS]);
+    }
+
+    /// `detect(text)`, remembered per (`kind`, text).
+    pub(super) fn cached(kind: u8, text: &str, detect: impl Fn(&[u8]) -> bool) -> bool {
+        if text.len() > MAX_LEN {
+            return detect(text.as_bytes());
+        }
+        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one((kind, text));
+        let slot = (h % SLOTS as u64) as usize;
+        let known = CACHE.with(|c| {
+            c.borrow().get(slot).and_then(|e| match e {
+                Some((k, t, v)) if *k == kind && &**t == text => Some(*v),
+                _ => None,
+            })
+        });
+        if let Some(v) = known {
+            return v;
+        }
+        let v = detect(text.as_bytes());
+        CACHE.with(|c| {
+            if let Some(e) = c.borrow_mut().get_mut(slot) {
+                *e = Some((kind, text.into(), v));
+            }
+        });
+        v
+    }
+}
+
+/// libinjection's XSS check tokenizes the value as HTML in five contexts and reports only a
+/// tag, comment or doctype (each starts with `<`) or an attribute value (which follows `=`):
+/// a value with neither cannot be XSS to it, and the tokenizer need not run.
+fn may_be_html(text: &str) -> bool {
+    memchr::memchr2(b'<', b'=', text.as_bytes()).is_some()
+}
+
+struct Ctx<'a, T: Tracer> {
+    set: usize,
     labels: &'a [Cow<'static, str>],
     exclusions: &'a [ExclusionTarget],
     trace: &'a mut T,
+    /// Evaluate every value with the leaf's own operator (no shared scan, no gates): the
+    /// reference the engine is tested against.
+    reference: bool,
 }
 
-fn eval_leaf<'i, T: Tracer>(
-    leaf: &Leaf,
-    st: &mut SetState<'_, 'i, '_>,
-    cx: &mut Ctx<'_, 'i, T>,
-) -> bool {
+fn eval_leaf<T: Tracer>(leaf: &Leaf, run: &mut Run<'_, '_>, cx: &mut Ctx<'_, T>) -> bool {
+    let engine = run.engine();
+    let fast = !cx.reference && cx.exclusions.is_empty() && !cx.trace.enabled();
     let mut hit = false;
     for (k, &s) in leaf.sources.iter().enumerate() {
-        // Fast path: a regex on a source without exclusions reads the shared RegexSet scan.
-        if let (Op::Regex { slots, .. }, true) =
-            (&leaf.op, cx.exclusions.is_empty() && !cx.trace.enabled())
-        {
-            if st.regex_hit(s, slots[k], cx.input, cx.labels) {
-                hit = true;
-                break;
-            }
-            continue;
-        }
-        let set = st.set;
-        let vals = st.values(s, cx.input, cx.labels);
-        let kept = vals.iter().filter(|v| {
-            !cx.exclusions
-                .iter()
-                .any(|e| e.excludes(v.origin, v.name.as_deref()))
-        });
-        if let Op::Count(c) = &leaf.op {
-            let n = kept.count();
-            if c.holds(n as f64) {
-                hit = true;
-            }
-            if cx.trace.enabled() {
-                cx.trace
-                    .line(format!("      count of {:?} = {n}", set.sources[s].field));
-            }
-        } else {
-            for v in kept {
-                let m = leaf.confirm.as_ref().is_none_or(|c| c.is_match(&v.text))
-                    && value_matches(&leaf.op, &v.text);
-                if cx.trace.enabled() {
-                    let shown: String = v.text.chars().take(120).collect();
-                    cx.trace.line(format!(
-                        "      {:?}{} after {:?} = {shown:?} -> {}",
-                        set.sources[s].field,
-                        v.name
-                            .as_deref()
-                            .map(|n| format!("[{n}]"))
-                            .unwrap_or_default(),
-                        set.sources[s].chain,
-                        if m { "MATCH" } else { "no match" }
-                    ));
-                }
-                if m {
+        let (u, first) = engine.set_sources[cx.set][s];
+        let src = &engine.sources[u as usize].source;
+        let labels_source = src.field == Field::Labels;
+        if fast && !labels_source {
+            if let Some(&slot) = leaf.scan.get(k) {
+                if run.hit(u, first + slot as u32) {
                     hit = true;
                     break;
                 }
+                continue;
             }
+            // libinjection runs only where its `confirm` regex matched some value.
+            if let Some(&slot) = leaf.confirm_scan.get(k) {
+                if !run.hit(u, first + slot as u32) {
+                    continue;
+                }
+            }
+        }
+        if labels_source {
+            // Labels change while rules run: never cached.
+            let vals: Vec<(Origin, Option<Cow<'_, str>>, Cow<'_, str>)> = run
+                .input()
+                .values(&Field::Labels, cx.labels)
+                .into_iter()
+                .map(|v| {
+                    let t = apply_chain(&src.chain, &v.text).into_owned();
+                    (v.origin, v.name, Cow::Owned(t))
+                })
+                .collect();
+            hit = test_values(
+                leaf,
+                src,
+                vals.iter().map(|(o, n, t)| (*o, n.as_deref(), t.as_ref())),
+                cx,
+            );
+        } else {
+            let range = run.values(u);
+            hit = test_values(
+                leaf,
+                src,
+                range.map(|i| {
+                    let (m, t) = run.value(i);
+                    (m.origin, m.name.as_deref(), t)
+                }),
+                cx,
+            );
         }
         if hit {
             break;
@@ -373,146 +322,213 @@ fn eval_leaf<'i, T: Tracer>(
     hit != leaf.negate
 }
 
-fn eval_cond<'i, T: Tracer>(
-    c: &Cond,
-    st: &mut SetState<'_, 'i, '_>,
-    cx: &mut Ctx<'_, 'i, T>,
+/// The leaf's operator on each value not excluded (the path for exclusions, explanations,
+/// operators that are not scanned, and the reference).
+fn test_values<'v, T: Tracer>(
+    leaf: &Leaf,
+    src: &super::compile::Source,
+    vals: impl Iterator<Item = (Origin, Option<&'v str>, &'v str)>,
+    cx: &mut Ctx<'_, T>,
 ) -> bool {
+    let kept =
+        vals.filter(|(origin, name, _)| !cx.exclusions.iter().any(|e| e.excludes(*origin, *name)));
+    if let Op::Count(c) = &leaf.op {
+        let n = kept.count();
+        if cx.trace.enabled() {
+            cx.trace
+                .line(format!("      count of {:?} = {n}", src.field));
+        }
+        return c.holds(n as f64);
+    }
+    for (_, name, text) in kept {
+        let m =
+            leaf.confirm.as_ref().is_none_or(|c| c.is_match(text)) && value_matches(&leaf.op, text);
+        if cx.trace.enabled() {
+            let shown: String = text.chars().take(120).collect();
+            cx.trace.line(format!(
+                "      {:?}{} after {:?} = {shown:?} -> {}",
+                src.field,
+                name.map(|n| format!("[{n}]")).unwrap_or_default(),
+                src.chain,
+                if m { "MATCH" } else { "no match" }
+            ));
+        }
+        if m {
+            return true;
+        }
+    }
+    false
+}
+
+fn eval_cond<T: Tracer>(c: &Cond, run: &mut Run<'_, '_>, cx: &mut Ctx<'_, T>) -> bool {
     match c {
-        Cond::All(v) => v.iter().all(|x| eval_cond(x, st, cx)),
-        Cond::Any(v) => v.iter().any(|x| eval_cond(x, st, cx)),
-        Cond::Not(x) => !eval_cond(x, st, cx),
-        Cond::Leaf(l) => eval_leaf(l, st, cx),
+        Cond::All(v) => v.iter().all(|x| eval_cond(x, run, cx)),
+        Cond::Any(v) => v.iter().any(|x| eval_cond(x, run, cx)),
+        Cond::Not(x) => !eval_cond(x, run, cx),
+        Cond::Leaf(l) => eval_leaf(l, run, cx),
     }
 }
 
-/// Whether one rule of a set matches (used by `palisade test` and `explain`).
+/// Whether one rule of a set matches, each value tested with the rule's own operators (the
+/// reference semantics; `palisade test` and `explain`).
 pub fn rule_matches<T: Tracer>(
-    set: &CompiledRuleSet,
+    set: &Arc<CompiledRuleSet>,
     rule: &CompiledRule,
     input: &RuleInput<'_>,
     labels: &[Cow<'static, str>],
     trace: &mut T,
 ) -> bool {
-    let mut shared = Vec::new();
-    let mut st = SetState::new(set, &mut shared);
+    let engine = Engine::new(vec![AttachedRuleSet::plain(Arc::clone(set))]);
+    engine_rule_matches(&engine, rule, input, labels, trace, true)
+}
+
+/// Whether one rule of the engine's first set matches, through the engine's shared scan
+/// (`reference: false`) or the rule's own operators (`true`). `palisade test` runs both and
+/// reports any disagreement.
+pub fn engine_rule_matches<T: Tracer>(
+    engine: &Engine,
+    rule: &CompiledRule,
+    input: &RuleInput<'_>,
+    labels: &[Cow<'static, str>],
+    trace: &mut T,
+    reference: bool,
+) -> bool {
+    let mut run = engine.run(input);
     let mut cx = Ctx {
-        input,
+        set: 0,
         labels,
         exclusions: &[],
         trace,
+        reference,
     };
-    eval_cond(&rule.cond, &mut st, &mut cx)
+    eval_cond(&rule.cond, &mut run, &mut cx)
 }
 
-/// Evaluates a request against attached rule sets in order.
+/// Evaluates a request against attached rule sets in order. Builds the engine for them
+/// first: the proxy keeps one per route instead (see [`Engine::evaluate`]).
 pub fn evaluate<T: Tracer>(
     sets: &[AttachedRuleSet],
     input: &RuleInput<'_>,
     trace: &mut T,
 ) -> RulesOutcome {
-    let mut labels: Vec<Cow<'static, str>> = Vec::new();
-    let mut matches = Vec::new();
-    let mut shared: SharedSources<'_> = Vec::new();
-    for att in sets {
-        let set = &*att.set;
-        let mut st = SetState::new(set, &mut shared);
-        let mut score = 0u32;
-        if trace.enabled() {
-            trace.line(format!(
-                "rule set {:?} ({:?}{})",
-                set.name,
-                set.mode,
-                att.action_override
-                    .map(|a| format!(", override {a:?}"))
-                    .unwrap_or_default()
-            ));
-        }
-        for (i, rule) in set.rules.iter().enumerate() {
-            let tuning = &att.tuning[i];
-            if tuning.disabled {
-                if trace.enabled() {
-                    trace.line(format!("  {}: disabled on this route", rule.id));
-                }
-                continue;
+    Engine::new(sets.to_vec()).evaluate(input, trace)
+}
+
+impl Engine {
+    /// Evaluates a request against the engine's rule sets in order.
+    pub fn evaluate<T: Tracer>(&self, input: &RuleInput<'_>, trace: &mut T) -> RulesOutcome {
+        let mut labels: Vec<Cow<'static, str>> = Vec::new();
+        let mut matches = Vec::new();
+        let mut run = self.run(input);
+        let mut candidates: Vec<u64> = Vec::new();
+        for (si, att) in self.sets.iter().enumerate() {
+            let set = &*att.set;
+            let mut score = 0u32;
+            // Explanations walk every rule; requests only those that can match.
+            let gated = !trace.enabled();
+            if gated {
+                run.candidates(si, &mut candidates);
             }
-            if trace.enabled() {
-                trace.line(format!("  {}: {}", rule.id, rule.description));
-            }
-            let matched = {
-                let mut cx = Ctx {
-                    input,
-                    labels: &labels,
-                    exclusions: &tuning.exclusions,
-                    trace: &mut *trace,
-                };
-                eval_cond(&rule.cond, &mut st, &mut cx)
-            };
             if trace.enabled() {
                 trace.line(format!(
-                    "    => {}",
-                    if matched { "MATCHED" } else { "not matched" }
+                    "rule set {:?} ({:?}{})",
+                    set.name,
+                    set.mode,
+                    att.action_override
+                        .map(|a| format!(", override {a:?}"))
+                        .unwrap_or_default()
                 ));
             }
-            if !matched {
-                continue;
-            }
-            labels.extend(rule.labels.iter().map(|l| Cow::Owned(l.clone())));
-            let mut action = tuning.action.unwrap_or(rule.action);
-            if matches!(action, RuleAction::Block | RuleAction::Allow) {
-                if let Some(o) = att.action_override {
-                    action = o;
+            for (i, rule) in set.rules.iter().enumerate() {
+                if gated && candidates[i / 64] & (1 << (i % 64)) == 0 {
+                    continue;
+                }
+                let tuning = &att.tuning[i];
+                if tuning.disabled {
+                    if trace.enabled() {
+                        trace.line(format!("  {}: disabled on this route", rule.id));
+                    }
+                    continue;
+                }
+                if trace.enabled() {
+                    trace.line(format!("  {}: {}", rule.id, rule.description));
+                }
+                let matched = {
+                    let mut cx = Ctx {
+                        set: si,
+                        labels: &labels,
+                        exclusions: &tuning.exclusions,
+                        trace: &mut *trace,
+                        reference: false,
+                    };
+                    eval_cond(&rule.cond, &mut run, &mut cx)
+                };
+                if trace.enabled() {
+                    trace.line(format!(
+                        "    => {}",
+                        if matched { "MATCHED" } else { "not matched" }
+                    ));
+                }
+                if !matched {
+                    continue;
+                }
+                labels.extend(rule.labels.iter().map(|l| Cow::Owned(l.clone())));
+                let mut action = tuning.action.unwrap_or(rule.action);
+                if matches!(action, RuleAction::Block | RuleAction::Allow) {
+                    if let Some(o) = att.action_override {
+                        action = o;
+                    }
+                }
+                matches.push(RuleMatch {
+                    set: set.name.clone(),
+                    rule: rule.id.clone(),
+                    action,
+                });
+                match (action, set.mode) {
+                    (RuleAction::Block, Mode::Anomaly { .. }) => score += rule.score,
+                    (RuleAction::Block, Mode::FirstMatch) => {
+                        return RulesOutcome {
+                            verdict: RulesVerdict::Block {
+                                status: rule.status,
+                                reason: format!("rule:{}", rule.id),
+                            },
+                            matches,
+                            labels,
+                        };
+                    }
+                    (RuleAction::Allow, _) => {
+                        return RulesOutcome {
+                            verdict: RulesVerdict::Allow {
+                                set: set.name.clone(),
+                                rule: rule.id.clone(),
+                            },
+                            matches,
+                            labels,
+                        };
+                    }
+                    (RuleAction::Count | RuleAction::Log, _) => {}
                 }
             }
-            matches.push(RuleMatch {
-                set: set.name.clone(),
-                rule: rule.id.clone(),
-                action,
-            });
-            match (action, set.mode) {
-                (RuleAction::Block, Mode::Anomaly { .. }) => score += rule.score,
-                (RuleAction::Block, Mode::FirstMatch) => {
+            if let Mode::Anomaly { threshold } = set.mode {
+                if trace.enabled() {
+                    trace.line(format!("  anomaly score {score} (threshold {threshold})"));
+                }
+                if score >= threshold {
                     return RulesOutcome {
                         verdict: RulesVerdict::Block {
-                            status: rule.status,
-                            reason: format!("rule:{}", rule.id),
+                            status: 403,
+                            reason: format!("anomaly:{}", set.name),
                         },
                         matches,
                         labels,
                     };
                 }
-                (RuleAction::Allow, _) => {
-                    return RulesOutcome {
-                        verdict: RulesVerdict::Allow {
-                            set: set.name.clone(),
-                            rule: rule.id.clone(),
-                        },
-                        matches,
-                        labels,
-                    };
-                }
-                (RuleAction::Count | RuleAction::Log, _) => {}
             }
         }
-        if let Mode::Anomaly { threshold } = set.mode {
-            if trace.enabled() {
-                trace.line(format!("  anomaly score {score} (threshold {threshold})"));
-            }
-            if score >= threshold {
-                return RulesOutcome {
-                    verdict: RulesVerdict::Block {
-                        status: 403,
-                        reason: format!("anomaly:{}", set.name),
-                    },
-                    matches,
-                    labels,
-                };
-            }
+        RulesOutcome {
+            verdict: RulesVerdict::Pass,
+            matches,
+            labels,
         }
-    }
-    RulesOutcome {
-        verdict: RulesVerdict::Pass,
-        matches,
-        labels,
     }
 }

@@ -4,9 +4,11 @@
 //! reads the body).
 
 pub mod compile;
+pub mod engine;
 pub mod eval;
 pub mod fields;
 pub mod file;
+pub mod literals;
 pub mod managed;
 pub mod testing;
 pub mod transforms;
@@ -15,12 +17,14 @@ use std::borrow::Cow;
 
 use crate::pipeline::{Block, Decision, Eval, Needs, Notes, Stage, StageKind};
 use crate::request::Request;
-use eval::{evaluate, AttachedRuleSet, RulesVerdict};
+use engine::Engine;
+use eval::{AttachedRuleSet, RulesVerdict};
 
-/// The rule sets attached to one route, in priority order.
+/// The rule sets attached to one route, in priority order, compiled into one engine.
 pub struct RulesStage {
-    sets: Vec<AttachedRuleSet>,
+    engine: Engine,
     needs_body: bool,
+    needs_geo: bool,
 }
 
 impl RulesStage {
@@ -30,12 +34,22 @@ impl RulesStage {
             return None;
         }
         let needs_body = sets.iter().any(|s| s.set.needs_body);
-        Some(RulesStage { sets, needs_body })
+        let needs_geo = sets.iter().any(|s| s.set.needs_geo);
+        Some(RulesStage {
+            engine: Engine::new(sets),
+            needs_body,
+            needs_geo,
+        })
     }
 
     /// Whether any attached rule reads the client's country or ASN.
     pub fn needs_geo(&self) -> bool {
-        self.sets.iter().any(|s| s.set.needs_geo)
+        self.needs_geo
+    }
+
+    /// The route's inspection engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
     }
 }
 
@@ -56,7 +70,7 @@ pub fn ruleset_json_schema() -> String {
 impl RulesStage {
     /// The attached rule sets, in priority order.
     pub fn sets(&self) -> &[AttachedRuleSet] {
-        &self.sets
+        &self.engine.sets
     }
 }
 
@@ -73,7 +87,7 @@ impl Stage for RulesStage {
     }
 
     fn evaluate<'s>(&'s self, req: &Request<'_>, notes: &mut Notes) -> Eval<'s> {
-        let outcome = evaluate(&self.sets, req, &mut ());
+        let outcome = self.engine.evaluate(req, &mut ());
         for m in &outcome.matches {
             match m.action {
                 file::RuleAction::Log => {

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use http::HeaderMap;
 
 use super::compile::{load, rule_files, CompiledRuleSet};
-use super::eval::rule_matches;
+use super::engine::Engine;
+use super::eval::{engine_rule_matches, rule_matches, AttachedRuleSet};
 use super::fields::RuleInput;
 use super::file::{TestExpectation, TestRequest};
 use crate::identity::geo::CountryCode;
@@ -133,10 +134,13 @@ pub struct FileReport {
     pub load_error: Option<String>,
 }
 
-/// Runs every inline test of one compiled set.
-pub fn run_set(set: &CompiledRuleSet) -> FileReport {
+/// Runs every inline test of one compiled set, through the inspection engine and through
+/// the reference evaluation (each value tested with the rule's own operators): a test fails
+/// when either gives the wrong answer, so the engine's prefilters are checked on every test.
+pub fn run_set(set: &Arc<CompiledRuleSet>) -> FileReport {
     let mut report = FileReport::default();
     let labels: Vec<Cow<'static, str>> = Vec::new();
+    let engine = Engine::new(vec![AttachedRuleSet::plain(Arc::clone(set))]);
     for rule in &set.rules {
         for (i, t) in rule.tests.iter().enumerate() {
             let name = t.name.clone().unwrap_or_else(|| format!("test #{}", i + 1));
@@ -151,9 +155,18 @@ pub fn run_set(set: &CompiledRuleSet) -> FileReport {
             };
             let input = req.input();
             let matched = rule_matches(set, rule, &input, &labels, &mut ());
+            let fast = engine_rule_matches(&engine, rule, &input, &labels, &mut (), false);
             let want = t.expect == TestExpectation::Match;
-            if matched == want {
+            if matched == want && fast == want {
                 report.passed += 1;
+            } else if matched == want {
+                report.failures.push(format!(
+                    "rule {} ({name}), line {}: the inspection engine says {} where the rule's own operators say {} (an engine bug: please report it)",
+                    rule.id,
+                    rule.line,
+                    if fast { "match" } else { "no match" },
+                    if matched { "match" } else { "no match" },
+                ));
             } else {
                 let mut trace: Vec<String> = Vec::new();
                 rule_matches(set, rule, &input, &labels, &mut trace);
@@ -198,7 +211,7 @@ pub fn run_paths(
         for f in files {
             let name = f.display().to_string();
             match load(&f, ip_sets) {
-                Ok(set) => out.push((name, run_set(&set))),
+                Ok(set) => out.push((name, run_set(&Arc::new(set)))),
                 Err(e) => out.push((
                     name,
                     FileReport {

@@ -143,6 +143,129 @@ impl Transform {
     }
 }
 
+/// Byte classes of a text (see [`classes`]): a transform whose trigger classes a text lacks
+/// returns it unchanged, so the engine skips the call (and its scan of the text).
+pub mod class {
+    /// `%` or `+` (URL encoding).
+    pub const PCT: u16 = 1;
+    /// `&` (HTML entities).
+    pub const AMP: u16 = 1 << 1;
+    /// `\` (JS and CSS escapes, Windows paths).
+    pub const BSLASH: u16 = 1 << 2;
+    /// An ASCII upper-case letter.
+    pub const UPPER: u16 = 1 << 3;
+    /// A byte of a non-ASCII character.
+    pub const NONASCII: u16 = 1 << 4;
+    /// A space.
+    pub const SPACE: u16 = 1 << 5;
+    /// Whitespace other than a space (`\t \n \x0b \x0c \r`).
+    pub const WS: u16 = 1 << 6;
+    /// A NUL byte.
+    pub const NUL: u16 = 1 << 7;
+    /// `/` or `.` (paths).
+    pub const PATH: u16 = 1 << 8;
+    /// `/`, `-` or `#` (SQL comments).
+    pub const COMMENT: u16 = 1 << 9;
+    /// A byte outside the base64 alphabets and whitespace.
+    pub const NON_B64: u16 = 1 << 10;
+    /// Two whitespace bytes in a row.
+    pub const WS_RUN: u16 = 1 << 11;
+}
+
+const fn byte_classes(b: u8) -> u16 {
+    use class::*;
+    let mut c = 0;
+    if b == b'%' || b == b'+' {
+        c |= PCT;
+    }
+    if b == b'&' {
+        c |= AMP;
+    }
+    if b == b'\\' {
+        c |= BSLASH;
+    }
+    if b.is_ascii_uppercase() {
+        c |= UPPER;
+    }
+    if b >= 0x80 {
+        c |= NONASCII;
+    }
+    if b == b' ' {
+        c |= SPACE;
+    }
+    if matches!(b, b'\t' | b'\n' | 0x0b | 0x0c | b'\r') {
+        c |= WS;
+    }
+    if b == 0 {
+        c |= NUL;
+    }
+    if b == b'/' || b == b'.' {
+        c |= PATH;
+    }
+    if b == b'/' || b == b'-' || b == b'#' {
+        c |= COMMENT;
+    }
+    if !(b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'+' | b'/' | b'=' | b'-' | b'_' | b' ' | b'\t' | b'\n' | b'\r'
+        ))
+    {
+        c |= NON_B64;
+    }
+    c
+}
+
+static BYTE_CLASSES: [u16; 256] = {
+    let mut t = [0u16; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = byte_classes(i as u8);
+        i += 1;
+    }
+    t
+};
+
+/// The byte classes present in `s` (one table lookup per byte).
+pub fn classes(s: &str) -> u16 {
+    const WS_ANY: u16 = class::SPACE | class::WS;
+    let (mut acc, mut prev) = (0u16, 0u16);
+    for b in s.bytes() {
+        let c = BYTE_CLASSES[b as usize];
+        if c & WS_ANY != 0 && prev & WS_ANY != 0 {
+            acc |= class::WS_RUN;
+        }
+        acc |= c;
+        prev = c;
+    }
+    acc
+}
+
+impl Transform {
+    /// Whether the transform may change a text with these byte classes; `false` means it
+    /// certainly returns the text as is.
+    pub fn may_change(&self, classes: u16) -> bool {
+        use class::*;
+        let any = |m: u16| classes & m != 0;
+        match self {
+            Transform::UrlDecode | Transform::UrlDecodeUni => any(PCT),
+            Transform::HtmlEntityDecode => any(AMP),
+            Transform::Lowercase => any(UPPER | NONASCII),
+            // Single spaces are already compressed.
+            Transform::CompressWhitespace => any(WS | WS_RUN | NONASCII),
+            Transform::RemoveWhitespace => any(SPACE | WS | NONASCII),
+            Transform::RemoveNulls => any(NUL),
+            Transform::NormalizePath => any(PATH | BSLASH),
+            // `trim` also strips other whitespace (Unicode, `\x0b`) around a base64 text.
+            Transform::Base64DecodeText => !any(NON_B64) || any(NONASCII | WS),
+            Transform::JsDecode | Transform::CssDecode => any(BSLASH),
+            Transform::RemoveComments => any(COMMENT),
+            Transform::Utf8Normalize => any(NONASCII),
+            Transform::Base64Decode | Transform::HexDecode | Transform::CmdLine => true,
+        }
+    }
+}
+
 /// Applies `decode` until it changes nothing, at most `rounds` times: double (and triple)
 /// encodings decode fully, and hostile input cannot make it loop.
 fn until_stable<'a>(
@@ -166,7 +289,14 @@ pub fn apply_chain<'a>(chain: &[Transform], s: &'a str) -> Cow<'a, str> {
     for t in chain {
         cur = match cur {
             Cow::Borrowed(b) => t.apply(b),
-            Cow::Owned(o) => Cow::Owned(t.apply(&o).into_owned()),
+            Cow::Owned(o) => {
+                // Keep the owned text when the transform changed nothing (no copy).
+                let changed = match t.apply(&o) {
+                    Cow::Owned(n) => Some(n),
+                    Cow::Borrowed(_) => None,
+                };
+                Cow::Owned(changed.unwrap_or(o))
+            }
         };
     }
     cur
@@ -183,7 +313,7 @@ fn hex_val(b: u8) -> Option<u8> {
 
 fn url_decode(s: &str, uni: bool) -> Cow<'_, str> {
     // Byte scan: `str::contains` with a char array walks chars one by one (hot: every value).
-    if !s.bytes().any(|b| b == b'%' || b == b'+') {
+    if memchr::memchr2(b'%', b'+', s.as_bytes()).is_none() {
         return Cow::Borrowed(s);
     }
     let b = s.as_bytes();
@@ -673,6 +803,86 @@ mod tests {
         }
         assert_eq!(t(Transform::HexDecode, "3c7363726970743e"), "<script>");
         assert_eq!(t(Transform::Utf8Normalize, "ＳＥＬＥＣＴ"), "SELECT");
+    }
+
+    /// `may_change` is exact where it says no: on texts without a transform's trigger
+    /// classes, the transform returns its input.
+    #[test]
+    fn byte_classes_predict_no_change() {
+        let samples = [
+            "plain words",
+            "Mixed Case",
+            "a%20b",
+            "x+y",
+            "&lt;b&gt;",
+            "\\x41",
+            "  two  spaces",
+            "tab\there",
+            "nul\0x",
+            "../etc/passwd",
+            "/a/./b",
+            "1 -- c",
+            "# x",
+            "/* c */",
+            "ＳＥＬＥＣＴ",
+            "J3x8c2xlZXAoNSk=",
+            "dGVzdA",
+            "3c7363726970743e",
+            "ok",
+            "",
+            "Morning run along the river",
+            "C:\\windows\\win.ini",
+            "é",
+            "a\u{2003}b",
+            "J3x8c2xlZXAoNSk=\u{3000}",
+            "\x0bJ3x8c2xlZXAoNSk=",
+            "J3x8 c2xlZXAoNSk",
+            "x--y",
+            "a \tb",
+            "a\t b",
+            "a\u{a0}b",
+        ];
+        let all = [
+            Transform::UrlDecode,
+            Transform::UrlDecodeUni,
+            Transform::HtmlEntityDecode,
+            Transform::Lowercase,
+            Transform::CompressWhitespace,
+            Transform::RemoveWhitespace,
+            Transform::RemoveNulls,
+            Transform::NormalizePath,
+            Transform::Base64Decode,
+            Transform::Base64DecodeText,
+            Transform::HexDecode,
+            Transform::JsDecode,
+            Transform::CssDecode,
+            Transform::CmdLine,
+            Transform::RemoveComments,
+            Transform::Utf8Normalize,
+        ];
+        let check = |s: &str| {
+            for t in all {
+                if !t.may_change(classes(s)) {
+                    assert_eq!(t.apply(s), s, "{t:?} on {s:?}");
+                }
+            }
+        };
+        samples.iter().for_each(|s| check(s));
+        // And on random texts over the characters the transforms care about.
+        let alphabet: Vec<char> = "aZ09 +%&\\/.-#=_;<'\"\t\n\x0b\0éＡ\u{3000}xX"
+            .chars()
+            .collect();
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        for _ in 0..20_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = (seed % 12) as usize;
+            let text: String = (0..len)
+                .map(|i| alphabet[((seed >> (i * 5)) % alphabet.len() as u64) as usize])
+                .collect();
+            check(&text);
+        }
     }
 
     #[test]
