@@ -11,7 +11,7 @@ use http::HeaderMap;
 
 use super::compile::{load, rule_files, CompiledRuleSet};
 use super::engine::Engine;
-use super::eval::{engine_rule_matches, rule_matches, AttachedRuleSet};
+use super::eval::{engine_rule_matches, AttachedRuleSet};
 use super::fields::RuleInput;
 use super::file::{TestExpectation, TestRequest};
 use crate::identity::geo::CountryCode;
@@ -154,7 +154,7 @@ pub fn run_set(set: &Arc<CompiledRuleSet>) -> FileReport {
                 }
             };
             let input = req.input();
-            let matched = rule_matches(set, rule, &input, &labels, &mut ());
+            let matched = engine_rule_matches(&engine, rule, &input, &labels, &mut (), true);
             let fast = engine_rule_matches(&engine, rule, &input, &labels, &mut (), false);
             let want = t.expect == TestExpectation::Match;
             if matched == want && fast == want {
@@ -169,7 +169,7 @@ pub fn run_set(set: &Arc<CompiledRuleSet>) -> FileReport {
                 ));
             } else {
                 let mut trace: Vec<String> = Vec::new();
-                rule_matches(set, rule, &input, &labels, &mut trace);
+                engine_rule_matches(&engine, rule, &input, &labels, &mut trace, true);
                 report.failures.push(format!(
                     "rule {} ({name}), line {}:\n    expected: {}\n    actual:   {}\n    request:  {} {}{}{}\n{}",
                     rule.id,
