@@ -173,32 +173,12 @@ pub struct CompiledRuleSet {
     pub rules: Vec<CompiledRule>,
     /// Deduplicated (field, transforms) pairs.
     pub sources: Vec<Source>,
-    /// Per source, its process-wide id (see [`global_source_id`]): rule sets that inspect the
-    /// same source share its transformed values within a request.
-    pub source_ids: Vec<usize>,
     /// Per source, the patterns its leaves scan for (see [`Leaf::scan`]).
     pub scans: Vec<Vec<ScanPattern>>,
     /// Whether any rule reads the body.
     pub needs_body: bool,
     /// Whether any rule reads country/ASN.
     pub needs_geo: bool,
-}
-
-/// Every (field, transforms) source compiled by this process, so each gets one id across
-/// rule sets. Locked only while compiling (load and reload), never per request; it holds only
-/// distinct sources, a few dozen in practice.
-static SOURCE_REGISTRY: std::sync::Mutex<Vec<Source>> = std::sync::Mutex::new(Vec::new());
-
-/// The process-wide id of a source.
-pub fn global_source_id(s: &Source) -> usize {
-    let mut reg = SOURCE_REGISTRY
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(i) = reg.iter().position(|x| x == s) {
-        return i;
-    }
-    reg.push(s.clone());
-    reg.len() - 1
 }
 
 struct Compiler<'a> {
@@ -606,9 +586,7 @@ pub fn compile(
     }
     c.rule = None;
     c.issues.into_result()?;
-    let source_ids = c.sources.iter().map(global_source_id).collect();
     Ok(CompiledRuleSet {
-        source_ids,
         name: file.name.value,
         version: file.version.unwrap_or_default(),
         description: file.description.unwrap_or_default(),

@@ -369,19 +369,6 @@ fn eval_cond<T: Tracer>(c: &Cond, run: &mut Run<'_, '_>, cx: &mut Ctx<'_, T>) ->
     }
 }
 
-/// Whether one rule of a set matches, each value tested with the rule's own operators (the
-/// reference semantics; `palisade test` and `explain`).
-pub fn rule_matches<T: Tracer>(
-    set: &Arc<CompiledRuleSet>,
-    rule: &CompiledRule,
-    input: &RuleInput<'_>,
-    labels: &[Cow<'static, str>],
-    trace: &mut T,
-) -> bool {
-    let engine = Engine::new(vec![AttachedRuleSet::plain(Arc::clone(set))]);
-    engine_rule_matches(&engine, rule, input, labels, trace, true)
-}
-
 /// Whether one rule of the engine's first set matches, through the engine's shared scan
 /// (`reference: false`) or the rule's own operators (`true`). `palisade test` runs both and
 /// reports any disagreement.

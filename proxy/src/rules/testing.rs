@@ -164,8 +164,8 @@ pub fn run_set(set: &Arc<CompiledRuleSet>) -> FileReport {
                     "rule {} ({name}), line {}: the inspection engine says {} where the rule's own operators say {} (an engine bug: please report it)",
                     rule.id,
                     rule.line,
-                    if fast { "match" } else { "no match" },
-                    if matched { "match" } else { "no match" },
+                    outcome(fast),
+                    outcome(matched),
                 ));
             } else {
                 let mut trace: Vec<String> = Vec::new();
@@ -174,8 +174,8 @@ pub fn run_set(set: &Arc<CompiledRuleSet>) -> FileReport {
                     "rule {} ({name}), line {}:\n    expected: {}\n    actual:   {}\n    request:  {} {}{}{}\n{}",
                     rule.id,
                     rule.line,
-                    if want { "match" } else { "no match" },
-                    if matched { "match" } else { "no match" },
+                    outcome(want),
+                    outcome(matched),
                     req.method,
                     req.path,
                     if req.query.is_empty() { "" } else { "?" },
@@ -186,6 +186,15 @@ pub fn run_set(set: &Arc<CompiledRuleSet>) -> FileReport {
         }
     }
     report
+}
+
+/// How a test report words a match result.
+fn outcome(matched: bool) -> &'static str {
+    if matched {
+        "match"
+    } else {
+        "no match"
+    }
 }
 
 /// Runs the tests of every rule file under `paths`; returns reports by file.
