@@ -478,10 +478,10 @@ pub(crate) struct Run<'e, 'i> {
     metas: Vec<Meta<'i>>,
     /// (meta, text, byte classes of the text) of every value of every computed node, node
     /// by node.
-    texts: Vec<(u32, Text<'i>, u16)>,
+    texts: Vec<(u32, Text<'i>, u32)>,
     owned: Vec<String>,
     /// Transforms already applied to the texts of the value being computed.
-    memo: Vec<(Text<'i>, Transform, Text<'i>, u16)>,
+    memo: Vec<(Text<'i>, Transform, Text<'i>, u32)>,
     /// Per node, its range in `texts`.
     ranges: Vec<(u32, u32)>,
     /// Pattern hits, then scanned roots.
@@ -586,7 +586,7 @@ impl<'e, 'i> Run<'e, 'i> {
 
     /// One transform on one text: the same text when nothing changed (a decoder that
     /// rebuilt an equal string counts as unchanged: one distinct text is scanned once).
-    fn apply(&mut self, tr: Transform, t: Text<'i>, c: u16) -> (Text<'i>, u16) {
+    fn apply(&mut self, tr: Transform, t: Text<'i>, c: u32) -> (Text<'i>, u32) {
         let next = match t {
             Text::Req(s) => match tr.apply(s) {
                 Cow::Borrowed(x) if x.len() == s.len() => Ok(Text::Req(x)),

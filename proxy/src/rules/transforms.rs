@@ -117,8 +117,11 @@ impl Transform {
             }
             Transform::CompressWhitespace => compress_ws(s),
             Transform::RemoveWhitespace => {
-                if s.chars().any(char::is_whitespace) {
-                    Cow::Owned(s.chars().filter(|c| !c.is_whitespace()).collect())
+                if s.contains(char::is_whitespace) {
+                    // Copy the runs between whitespace (not char by char).
+                    let mut out = String::with_capacity(s.len());
+                    s.split(char::is_whitespace).for_each(|p| out.push_str(p));
+                    Cow::Owned(out)
                 } else {
                     Cow::Borrowed(s)
                 }
@@ -147,32 +150,44 @@ impl Transform {
 /// returns it unchanged, so the engine skips the call (and its scan of the text).
 pub mod class {
     /// `%` or `+` (URL encoding).
-    pub const PCT: u16 = 1;
+    pub const PCT: u32 = 1;
     /// `&` (HTML entities).
-    pub const AMP: u16 = 1 << 1;
+    pub const AMP: u32 = 1 << 1;
     /// `\` (JS and CSS escapes, Windows paths).
-    pub const BSLASH: u16 = 1 << 2;
+    pub const BSLASH: u32 = 1 << 2;
     /// An ASCII upper-case letter.
-    pub const UPPER: u16 = 1 << 3;
+    pub const UPPER: u32 = 1 << 3;
     /// A byte of a non-ASCII character.
-    pub const NONASCII: u16 = 1 << 4;
+    pub const NONASCII: u32 = 1 << 4;
     /// A space.
-    pub const SPACE: u16 = 1 << 5;
+    pub const SPACE: u32 = 1 << 5;
     /// Whitespace other than a space (`\t \n \x0b \x0c \r`).
-    pub const WS: u16 = 1 << 6;
+    pub const WS: u32 = 1 << 6;
     /// A NUL byte.
-    pub const NUL: u16 = 1 << 7;
+    pub const NUL: u32 = 1 << 7;
     /// `/` or `.` (paths).
-    pub const PATH: u16 = 1 << 8;
+    pub const PATH: u32 = 1 << 8;
     /// `/`, `-` or `#` (SQL comments).
-    pub const COMMENT: u16 = 1 << 9;
+    pub const COMMENT: u32 = 1 << 9;
     /// A byte outside the base64 alphabets and whitespace.
-    pub const NON_B64: u16 = 1 << 10;
+    pub const NON_B64: u32 = 1 << 10;
     /// Two whitespace bytes in a row.
-    pub const WS_RUN: u16 = 1 << 11;
+    pub const WS_RUN: u32 = 1 << 11;
+    /// `"`, `'`, `^`, `,` or `;` (what `cmd_line` deletes or turns into a space).
+    pub const CMD: u32 = 1 << 12;
+    /// An ASCII lower-case letter.
+    pub const LOWER: u32 = 1 << 13;
+    /// An ASCII digit.
+    pub const DIGIT: u32 = 1 << 14;
+    /// `+`, `/`, `-` or `_` (the base64 alphabets' symbols).
+    pub const B64SYM: u32 = 1 << 15;
+    /// An ASCII byte that is neither a hex digit, `x`/`X`, nor whitespace.
+    pub const NON_HEX: u32 = 1 << 16;
+    /// `/` or `(` (before which `cmd_line` drops spaces).
+    pub const SLASH_PAREN: u32 = 1 << 17;
 }
 
-const fn byte_classes(b: u8) -> u16 {
+const fn byte_classes(b: u8) -> u32 {
     use class::*;
     let mut c = 0;
     if b == b'%' || b == b'+' {
@@ -187,13 +202,20 @@ const fn byte_classes(b: u8) -> u16 {
     if b.is_ascii_uppercase() {
         c |= UPPER;
     }
+    if b.is_ascii_lowercase() {
+        c |= LOWER;
+    }
+    if b.is_ascii_digit() {
+        c |= DIGIT;
+    }
     if b >= 0x80 {
         c |= NONASCII;
     }
     if b == b' ' {
         c |= SPACE;
     }
-    if matches!(b, b'\t' | b'\n' | 0x0b | 0x0c | b'\r') {
+    let ws = matches!(b, b'\t' | b'\n' | 0x0b | 0x0c | b'\r');
+    if ws {
         c |= WS;
     }
     if b == 0 {
@@ -204,6 +226,18 @@ const fn byte_classes(b: u8) -> u16 {
     }
     if b == b'/' || b == b'-' || b == b'#' {
         c |= COMMENT;
+    }
+    if matches!(b, b'"' | b'\'' | b'^' | b',' | b';') {
+        c |= CMD;
+    }
+    if matches!(b, b'+' | b'/' | b'-' | b'_') {
+        c |= B64SYM;
+    }
+    if matches!(b, b'/' | b'(') {
+        c |= SLASH_PAREN;
+    }
+    if b < 0x80 && !(b.is_ascii_hexdigit() || b == b'x' || b == b'X' || b == b' ' || ws) {
+        c |= NON_HEX;
     }
     if !(b.is_ascii_alphanumeric()
         || matches!(
@@ -216,8 +250,8 @@ const fn byte_classes(b: u8) -> u16 {
     c
 }
 
-static BYTE_CLASSES: [u16; 256] = {
-    let mut t = [0u16; 256];
+static BYTE_CLASSES: [u32; 256] = {
+    let mut t = [0u32; 256];
     let mut i = 0;
     while i < 256 {
         t[i] = byte_classes(i as u8);
@@ -227,16 +261,19 @@ static BYTE_CLASSES: [u16; 256] = {
 };
 
 /// The byte classes present in `s` (one table lookup per byte).
-pub fn classes(s: &str) -> u16 {
-    const WS_ANY: u16 = class::SPACE | class::WS;
-    let (mut acc, mut prev) = (0u16, 0u16);
-    for b in s.bytes() {
+pub fn classes(s: &str) -> u32 {
+    const WS_ANY: u32 = class::SPACE | class::WS;
+    // Branch-free: `run` collects whitespace that follows whitespace.
+    let (mut acc, mut prev, mut run) = (0u32, 0u32, 0u32);
+    for &b in s.as_bytes() {
         let c = BYTE_CLASSES[b as usize];
-        if c & WS_ANY != 0 && prev & WS_ANY != 0 {
-            acc |= class::WS_RUN;
-        }
+        let ws = c & WS_ANY;
+        run |= ws & prev;
+        prev = if ws != 0 { WS_ANY } else { 0 };
         acc |= c;
-        prev = c;
+    }
+    if run != 0 {
+        acc |= class::WS_RUN;
     }
     acc
 }
@@ -244,9 +281,9 @@ pub fn classes(s: &str) -> u16 {
 impl Transform {
     /// Whether the transform may change a text with these byte classes; `false` means it
     /// certainly returns the text as is.
-    pub fn may_change(&self, classes: u16) -> bool {
+    pub fn may_change(&self, classes: u32) -> bool {
         use class::*;
-        let any = |m: u16| classes & m != 0;
+        let any = |m: u32| classes & m != 0;
         match self {
             Transform::UrlDecode | Transform::UrlDecodeUni => any(PCT),
             Transform::HtmlEntityDecode => any(AMP),
@@ -257,11 +294,24 @@ impl Transform {
             Transform::RemoveNulls => any(NUL),
             Transform::NormalizePath => any(PATH | BSLASH),
             // `trim` also strips other whitespace (Unicode, `\x0b`) around a base64 text.
-            Transform::Base64DecodeText => !any(NON_B64) || any(NONASCII | WS),
+            Transform::Base64Decode => !any(NON_B64) || any(NONASCII | WS),
+            Transform::Base64DecodeText => {
+                // Letters of one case only, or digits only (with `=` padding): a word or a
+                // number, which the decoder leaves alone.
+                let kinds = (classes & (UPPER | LOWER | DIGIT)).count_ones();
+                let one_kind = kinds <= 1 && !any(B64SYM | SPACE | WS | NONASCII);
+                (!any(NON_B64) || any(NONASCII | WS)) && !one_kind
+            }
+            Transform::HexDecode => !any(NON_HEX),
             Transform::JsDecode | Transform::CssDecode => any(BSLASH),
+            // It deletes `\ " ' ^`, turns `, ;` into spaces, drops spaces before `/` and `(`,
+            // compresses whitespace and lower-cases.
+            Transform::CmdLine => {
+                any(BSLASH | CMD | UPPER | NONASCII | WS | WS_RUN)
+                    || (any(SPACE) && any(SLASH_PAREN))
+            }
             Transform::RemoveComments => any(COMMENT),
             Transform::Utf8Normalize => any(NONASCII),
-            Transform::Base64Decode | Transform::HexDecode | Transform::CmdLine => true,
         }
     }
 }
@@ -841,6 +891,10 @@ mod tests {
             "a \tb",
             "a\t b",
             "a\u{a0}b",
+            // Lower-case letters and base64 symbols only: valid base64 of text.
+            "esesdmk/",
+            "0x4142",
+            " 4142 ",
         ];
         let all = [
             Transform::UrlDecode,
@@ -869,18 +923,30 @@ mod tests {
         };
         samples.iter().for_each(|s| check(s));
         // And on random texts over the characters the transforms care about.
-        let alphabet: Vec<char> = "aZ09 +%&\\/.-#=_;<'\"\t\n\x0b\0éＡ\u{3000}xX"
-            .chars()
-            .collect();
+        // The second alphabet makes words, numbers, hex and base64 (the decoders' inputs).
+        let alphabets: [Vec<char>; 2] = [
+            "aZ09 +%&\\/.-#=_;<'\"\t\n\x0b\0éＡ\u{3000}xX,^("
+                .chars()
+                .collect(),
+            "abfzABFZ0189xX=+/-_ ".chars().collect(),
+        ];
         let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        for _ in 0..20_000 {
+        for round in 0..60_000 {
+            let alphabet = &alphabets[round % 2];
+            let mut text = String::new();
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
-            let len = (seed % 12) as usize;
-            let text: String = (0..len)
-                .map(|i| alphabet[((seed >> (i * 5)) % alphabet.len() as u64) as usize])
-                .collect();
+            let len = (seed % 16) as usize;
+            let mut r = seed;
+            for i in 0..len {
+                if i % 12 == 0 {
+                    r ^= r << 13;
+                    r ^= r >> 7;
+                    r ^= r << 17;
+                }
+                text.push(alphabet[((r >> ((i % 12) * 5)) % alphabet.len() as u64) as usize]);
+            }
             check(&text);
         }
     }
