@@ -345,3 +345,51 @@ fn rule_file_errors_name_file_line_and_rule() {
         "{out}"
     );
 }
+
+/// `{{list:FILE}}` in a regex becomes an alternation of the file's escaped entries (comments
+/// and blank lines skipped); a missing or empty list, or an unterminated placeholder, is an
+/// error at the regex's file and line.
+#[test]
+fn regex_lists_expand_data_files_and_report_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("words.txt"),
+        "# commands\nwhoami\n\nnet.exe\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("empty.txt"), "# nothing here\n\n").unwrap();
+    std::fs::write(
+        dir.path().join("ok.yaml"),
+        "name: ok\nrules:\n  - id: cmd\n    match: {field: query.values, regex: \"(?:^|;)\\\\s*{{list:words.txt}}\\\\b\"}\n    tests:\n      - {request: {path: \"/?a=x;whoami\"}, expect: match}\n      - {request: {path: \"/?a=net.exe\"}, expect: match}\n      - {request: {path: \"/?a=netxexe\"}, expect: no_match}\n      - {request: {path: \"/?a=whoami2\"}, expect: no_match}\n",
+    )
+    .unwrap();
+    let (code, out, _) = run_cli(&["test", dir.path().join("ok.yaml").to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("4 passed, 0 failed"), "{out}");
+
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        "name: bad\nrules:\n  - id: missing\n    match: {field: path, regex: \"{{list:nope.txt}}\"}\n  - id: empty\n    match: {field: path, regex: \"x{{list:empty.txt}}\"}\n  - id: open\n    match: {field: path, regex: \"{{list:words.txt\"}\n",
+    )
+    .unwrap();
+    let (code, out, _) = run_cli(&["test", dir.path().join("bad.yaml").to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    let f = dir.path().join("bad.yaml").display().to_string();
+    assert!(
+        out.contains(&format!(
+            "{f}:4:33: rule \"missing\": cannot read list file"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("{f}:6:33: rule \"empty\": list file"))
+            && out.contains("has no entries"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "{f}:8:33: rule \"open\": unterminated `{{{{list:FILE}}}}`"
+        )),
+        "{out}"
+    );
+}

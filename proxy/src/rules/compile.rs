@@ -248,6 +248,86 @@ impl Compiler<'_> {
         self.leaf(loc, f).map(Cond::Leaf)
     }
 
+    /// The entries of a data file (one a line; blank lines and `#` comments skipped), resolved
+    /// like `phrases_file`: relative to the rule-set file, or among the embedded data files
+    /// for the managed sets. `None` (with the problem reported) when unreadable or empty.
+    fn data_lines(&mut self, rel: &str, loc: &Location, what: &str) -> Option<Vec<String>> {
+        let path = self.base_dir.join(rel);
+        // The managed sets' data files are embedded with them (see `managed`).
+        let embedded = (self.base_dir == Path::new(super::managed::BUILTIN_MANAGED))
+            .then(|| super::managed::data_file(rel));
+        let text = match embedded {
+            Some(Some(text)) => Ok(text.to_string()),
+            Some(None) => Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "not among the managed rule sets' data files",
+            )),
+            None => crate::files::read_text_file(&path, crate::files::MAX_TEXT_FILE),
+        };
+        match text {
+            Ok(text) => {
+                let list: Vec<String> = text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(str::to_string)
+                    .collect();
+                if list.is_empty() {
+                    self.issue(
+                        loc,
+                        format!("{what} file {} has no entries", path.display()),
+                    );
+                    return None;
+                }
+                Some(list)
+            }
+            Err(e) => {
+                self.issue(
+                    loc,
+                    format!("cannot read {what} file {}: {e}", path.display()),
+                );
+                None
+            }
+        }
+    }
+
+    /// Replaces each `{{list:FILE}}` in a regex with `(?:e1|e2|…)`, the escaped entries of
+    /// that data file: long word lists (commands, function names) stay data while the rule
+    /// keeps the context around them (`(?:^|[;|&])\s*{{list:data/unix-commands.txt}}\b`).
+    /// `{{` cannot start valid regex syntax, so the placeholder is unambiguous.
+    fn expand_lists(&mut self, pattern: &str, loc: &Location) -> Option<String> {
+        const OPEN: &str = "{{list:";
+        if !pattern.contains(OPEN) {
+            return Some(pattern.to_string());
+        }
+        let mut out = String::with_capacity(pattern.len());
+        let mut rest = pattern;
+        let mut ok = true;
+        while let Some(at) = rest.find(OPEN) {
+            out.push_str(&rest[..at]);
+            let after = &rest[at + OPEN.len()..];
+            let Some(end) = after.find("}}") else {
+                self.issue(loc, "unterminated `{{list:FILE}}` in regex".into());
+                return None;
+            };
+            match self.data_lines(after[..end].trim(), loc, "list") {
+                Some(list) => {
+                    let mut words: Vec<String> = list.iter().map(|w| regex::escape(w)).collect();
+                    // Longest first: the leftmost match then prefers `python3` to `python`.
+                    words.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+                    words.dedup();
+                    out.push_str("(?:");
+                    out.push_str(&words.join("|"));
+                    out.push(')');
+                }
+                None => ok = false,
+            }
+            rest = &after[end + 2..];
+        }
+        out.push_str(rest);
+        ok.then_some(out)
+    }
+
     fn leaf(&mut self, loc: &Location, f: &ConditionFile) -> Option<Leaf> {
         // Fields: explicit, or implied by the client-data operators.
         let field_names: Vec<String> = match &f.field {
@@ -300,7 +380,8 @@ impl Compiler<'_> {
         let mut ops = Vec::new();
         let mut scan = Vec::new();
         if let Some(r) = &f.regex {
-            match RegexBuilder::new(&r.value)
+            let pattern = self.expand_lists(&r.value, &r.referenced)?;
+            match RegexBuilder::new(&pattern)
                 .size_limit(REGEX_SIZE_LIMIT)
                 .build()
             {
@@ -316,18 +397,8 @@ impl Compiler<'_> {
         }
         let mut phrases: Vec<String> = f.phrases.clone().unwrap_or_default();
         if let Some(pf) = &f.phrases_file {
-            let path = self.base_dir.join(&pf.value);
-            match crate::files::read_text_file(&path, crate::files::MAX_TEXT_FILE) {
-                Ok(text) => phrases.extend(
-                    text.lines()
-                        .map(|l| l.trim())
-                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                        .map(str::to_string),
-                ),
-                Err(e) => self.issue(
-                    &pf.referenced,
-                    format!("cannot read phrases file {}: {e}", path.display()),
-                ),
+            if let Some(list) = self.data_lines(&pf.value, &pf.referenced, "phrases") {
+                phrases.extend(list);
             }
         }
         if f.phrases.is_some() || f.phrases_file.is_some() {

@@ -36,3 +36,59 @@ pub const MANAGED_NAMES: &[&str] = &[
     "rce",
     "injection",
 ];
+
+/// (path relative to `rulesets/`, text) of the data files the managed rule sets read with
+/// `phrases_file` (word lists: class names, commands, file paths), embedded with them.
+pub const MANAGED_DATA: &[(&str, &str)] = &[
+    (
+        "data/java-classes.txt",
+        include_str!("../../../rulesets/data/java-classes.txt"),
+    ),
+    (
+        "data/unix-commands.txt",
+        include_str!("../../../rulesets/data/unix-commands.txt"),
+    ),
+    (
+        "data/php-functions.txt",
+        include_str!("../../../rulesets/data/php-functions.txt"),
+    ),
+    (
+        "data/php-functions-common.txt",
+        include_str!("../../../rulesets/data/php-functions-common.txt"),
+    ),
+];
+
+/// The embedded data file at `path` (as a managed rule set names it), if any.
+pub fn data_file(path: &str) -> Option<&'static str> {
+    MANAGED_DATA
+        .iter()
+        .find(|(p, _)| *p == path)
+        .map(|(_, text)| *text)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+
+    /// Every data file under `rulesets/data/` is embedded (a file added on disk but not
+    /// here would make the built-in sets fail to load).
+    #[test]
+    fn every_data_file_is_embedded() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rulesets/data");
+        let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| format!("data/{}", e.unwrap().file_name().to_string_lossy()))
+            .collect();
+        on_disk.sort();
+        let mut embedded: Vec<String> = MANAGED_DATA.iter().map(|(p, _)| p.to_string()).collect();
+        embedded.sort();
+        assert_eq!(on_disk, embedded);
+        for (p, text) in MANAGED_DATA {
+            assert_eq!(
+                std::fs::read_to_string(dir.join(p.trim_start_matches("data/"))).unwrap(),
+                *text
+            );
+        }
+    }
+}
