@@ -56,6 +56,10 @@ pub const MANAGED_DATA: &[(&str, &str)] = &[
         "data/php-functions-common.txt",
         include_str!("../../../rulesets/data/php-functions-common.txt"),
     ),
+    (
+        "data/sql-functions.txt",
+        include_str!("../../../rulesets/data/sql-functions.txt"),
+    ),
 ];
 
 /// The embedded data file at `path` (as a managed rule set names it), if any.
