@@ -60,6 +60,10 @@ pub const MANAGED_DATA: &[(&str, &str)] = &[
         "data/sql-functions.txt",
         include_str!("../../../rulesets/data/sql-functions.txt"),
     ),
+    (
+        "data/windows-commands.txt",
+        include_str!("../../../rulesets/data/windows-commands.txt"),
+    ),
 ];
 
 /// The embedded data file at `path` (as a managed rule set names it), if any.
