@@ -64,6 +64,10 @@ pub const MANAGED_DATA: &[(&str, &str)] = &[
         "data/windows-commands.txt",
         include_str!("../../../rulesets/data/windows-commands.txt"),
     ),
+    (
+        "data/sensitive-files.txt",
+        include_str!("../../../rulesets/data/sensitive-files.txt"),
+    ),
 ];
 
 /// The embedded data file at `path` (as a managed rule set names it), if any.
