@@ -68,6 +68,10 @@ pub const MANAGED_DATA: &[(&str, &str)] = &[
         "data/sensitive-files.txt",
         include_str!("../../../rulesets/data/sensitive-files.txt"),
     ),
+    (
+        "data/session-cookie-names.txt",
+        include_str!("../../../rulesets/data/session-cookie-names.txt"),
+    ),
 ];
 
 /// The embedded data file at `path` (as a managed rule set names it), if any.
