@@ -502,6 +502,12 @@ fn attach_rulesets(
         };
         let mut att = AttachedRuleSet::plain(Arc::clone(set));
         att.action_override = r.action_override;
+        // Rules above the route's paranoia level are off here, like disabled ones.
+        for (i, rule) in set.rules.iter().enumerate() {
+            if rule.paranoia > p.paranoia {
+                att.tuning[i].disabled = true;
+            }
+        }
         for d in &r.disabled_rules {
             match set.rules.iter().position(|x| x.id == d.value) {
                 Some(i) => att.tuning[i].disabled = true,

@@ -234,6 +234,20 @@ pub fn check_all(
             .asn
             .as_ref()
             .is_none_or(|c| check_asn_policy(&name, &at, c, file.geoip.as_ref(), &mut issues));
+        let paranoia = match &p.paranoia {
+            None => 1,
+            Some(v) if (1..=4).contains(&v.value) => v.value,
+            Some(v) => {
+                issues.at(
+                    &v.referenced,
+                    format!(
+                        "route {name:?}: invalid paranoia level {}: use 1, 2, 3 or 4",
+                        v.value
+                    ),
+                );
+                1
+            }
+        };
         routes.push(Route {
             name,
             at,
@@ -257,6 +271,7 @@ pub fn check_all(
                 ip: p.ip,
                 geo: p.geo.filter(|_| geo_ok),
                 asn: p.asn.filter(|_| asn_ok),
+                paranoia,
                 rulesets: p.rulesets,
                 exclusions: p.exclusions,
                 validate: p.validate,

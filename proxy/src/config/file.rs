@@ -385,6 +385,12 @@ pub struct PolicyConfig {
     /// Autonomous-system allow/deny; needs `geoip.asn_db`.
     #[serde(default)]
     pub asn: Option<AsnPolicyConfig>,
+    /// Paranoia level 1–4 (default 1): the route runs the rules of its rule sets whose
+    /// `paranoia` is at or below it. Level 1 is tuned to stay quiet on API traffic; 2–4 add
+    /// broader checks that catch more and misfire more (as in the OWASP CRS).
+    #[serde(default)]
+    #[schemars(with = "Option<u8>", range(min = 1, max = 4))]
+    pub paranoia: Option<Spanned<u8>>,
     /// Rule sets evaluated for this route, in priority order.
     #[serde(default)]
     pub rulesets: Vec<RuleSetRefConfig>,

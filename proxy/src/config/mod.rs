@@ -327,6 +327,8 @@ pub struct RoutePolicy {
     pub geo: Option<file::GeoPolicyConfig>,
     /// ASN allow/deny (exactly one list).
     pub asn: Option<file::AsnPolicyConfig>,
+    /// Paranoia level (1–4): rules above it are off on this route.
+    pub paranoia: u8,
     /// Rule sets attached, with this route's tuning.
     pub rulesets: Vec<file::RuleSetRefConfig>,
     /// Per-route exclusions.

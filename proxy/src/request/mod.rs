@@ -377,6 +377,8 @@ impl<'a> Request<'a> {
             BodyKind::Form
         } else if starts("multipart/form-data") {
             BodyKind::Multipart
+        } else if is_json_stream(&essence) {
+            BodyKind::Other
         } else if essence.contains("json") {
             BodyKind::Json
         } else if essence.ends_with("/xml") || essence.ends_with("+xml") {
@@ -529,4 +531,13 @@ pub struct JsonMember {
     pub key: Option<String>,
     /// Its value as text, when it is a scalar (strings, numbers, booleans; null is empty).
     pub scalar: Option<String>,
+}
+
+/// Line-delimited JSON streams (NDJSON, JSON Lines, RFC 7464 JSON text sequences): one JSON
+/// document per line, not one document, so they are inspected as text (`body.unparsed`)
+/// rather than refused as malformed JSON.
+fn is_json_stream(essence: &str) -> bool {
+    ["ndjson", "jsonl", "jsonlines", "json-seq"]
+        .iter()
+        .any(|k| essence.contains(k))
 }

@@ -148,6 +148,8 @@ pub struct CompiledRule {
     pub status: u16,
     /// Anomaly score.
     pub score: u32,
+    /// Paranoia level (1–4): routes below it skip the rule.
+    pub paranoia: u8,
     /// Condition.
     pub cond: Cond,
     /// Line of the rule in its file.
@@ -640,6 +642,14 @@ pub fn compile(
                 );
             }
         }
+        if let Some(p) = r.paranoia {
+            if !(1..=4).contains(&p) {
+                c.issue(
+                    &r.id.referenced,
+                    format!("invalid paranoia level {p}: use 1, 2, 3 or 4"),
+                );
+            }
+        }
         let cond = c.cond(&r.condition);
         if let Some(cond) = cond {
             rules.push(CompiledRule {
@@ -649,6 +659,7 @@ pub fn compile(
                 action: r.action.unwrap_or(RuleAction::Block),
                 status: r.status.unwrap_or(403),
                 score: r.score.unwrap_or(5),
+                paranoia: r.paranoia.unwrap_or(1),
                 cond,
                 line: r.id.referenced.line(),
                 tests: r.tests,

@@ -65,6 +65,11 @@ pub struct RuleFile {
     /// Anomaly score added by a matching `block` rule in an `anomaly` rule set (default 5).
     #[serde(default)]
     pub score: Option<u32>,
+    /// Paranoia level 1–4 (default 1), as in the OWASP CRS: a route runs the rules at or
+    /// below its `policy.paranoia` (default 1). Level 1 holds checks that stay quiet on real
+    /// API traffic; broader, more false-positive-prone checks go to 2–4.
+    #[serde(default)]
+    pub paranoia: Option<u8>,
     /// The condition.
     #[serde(rename = "match")]
     #[schemars(with = "ConditionFile")]

@@ -45,6 +45,10 @@ pub const MANAGED_DATA: &[(&str, &str)] = &[
         include_str!("../../../rulesets/data/java-classes.txt"),
     ),
     (
+        "data/java-classes-common.txt",
+        include_str!("../../../rulesets/data/java-classes-common.txt"),
+    ),
+    (
         "data/unix-commands.txt",
         include_str!("../../../rulesets/data/unix-commands.txt"),
     ),
@@ -67,6 +71,10 @@ pub const MANAGED_DATA: &[(&str, &str)] = &[
     (
         "data/sensitive-files.txt",
         include_str!("../../../rulesets/data/sensitive-files.txt"),
+    ),
+    (
+        "data/sensitive-web-files.txt",
+        include_str!("../../../rulesets/data/sensitive-web-files.txt"),
     ),
     (
         "data/session-cookie-names.txt",
