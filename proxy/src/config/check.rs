@@ -236,17 +236,10 @@ pub fn check_all(
             .is_none_or(|c| check_asn_policy(&name, &at, c, file.geoip.as_ref(), &mut issues));
         let paranoia = match &p.paranoia {
             None => 1,
-            Some(v) if (1..=4).contains(&v.value) => v.value,
-            Some(v) => {
-                issues.at(
-                    &v.referenced,
-                    format!(
-                        "route {name:?}: invalid paranoia level {}: use 1, 2, 3 or 4",
-                        v.value
-                    ),
-                );
+            Some(v) => crate::rules::compile::paranoia_level(v.value).unwrap_or_else(|e| {
+                issues.at(&v.referenced, format!("route {name:?}: {e}"));
                 1
-            }
+            }),
         };
         routes.push(Route {
             name,

@@ -252,7 +252,8 @@ impl Compiler<'_> {
 
     /// The entries of a data file (one a line; blank lines and `#` comments skipped), resolved
     /// like `phrases_file`: relative to the rule-set file, or among the embedded data files
-    /// for the managed sets. `None` (with the problem reported) when unreadable or empty.
+    /// for the managed sets. `None` (with the problem reported) when unreadable; emptiness is
+    /// the caller's to judge (`phrases_file` reports it with the inline phrases).
     fn data_lines(&mut self, rel: &str, loc: &Location, what: &str) -> Option<Vec<String>> {
         let path = self.base_dir.join(rel);
         // The managed sets' data files are embedded with them (see `managed`).
@@ -274,13 +275,6 @@ impl Compiler<'_> {
                     .filter(|l| !l.is_empty() && !l.starts_with('#'))
                     .map(str::to_string)
                     .collect();
-                if list.is_empty() {
-                    self.issue(
-                        loc,
-                        format!("{what} file {} has no entries", path.display()),
-                    );
-                    return None;
-                }
                 Some(list)
             }
             Err(e) => {
@@ -312,7 +306,18 @@ impl Compiler<'_> {
                 self.issue(loc, "unterminated `{{list:FILE}}` in regex".into());
                 return None;
             };
-            match self.data_lines(after[..end].trim(), loc, "list") {
+            let file = after[..end].trim();
+            match self.data_lines(file, loc, "list") {
+                Some(list) if list.is_empty() => {
+                    self.issue(
+                        loc,
+                        format!(
+                            "list file {} has no entries",
+                            self.base_dir.join(file).display()
+                        ),
+                    );
+                    ok = false;
+                }
                 Some(list) => {
                     let mut words: Vec<String> = list.iter().map(|w| regex::escape(w)).collect();
                     // Longest first: the leftmost match then prefers `python3` to `python`.
@@ -583,6 +588,15 @@ impl Compiler<'_> {
     }
 }
 
+/// A paranoia level as written on a rule or a route: 1 to 4 (as in the OWASP CRS).
+pub fn paranoia_level(level: u8) -> Result<u8, String> {
+    if (1..=4).contains(&level) {
+        Ok(level)
+    } else {
+        Err(format!("invalid paranoia level {level}: use 1, 2, 3 or 4"))
+    }
+}
+
 /// Compiles a parsed rule-set file. `base_dir` resolves `phrases_file`.
 pub fn compile(
     path: &Path,
@@ -642,13 +656,8 @@ pub fn compile(
                 );
             }
         }
-        if let Some(p) = r.paranoia {
-            if !(1..=4).contains(&p) {
-                c.issue(
-                    &r.id.referenced,
-                    format!("invalid paranoia level {p}: use 1, 2, 3 or 4"),
-                );
-            }
+        if let Some(Err(e)) = r.paranoia.map(paranoia_level) {
+            c.issue(&r.id.referenced, e);
         }
         let cond = c.cond(&r.condition);
         if let Some(cond) = cond {

@@ -38,7 +38,8 @@ pub const MANAGED_NAMES: &[&str] = &[
 ];
 
 /// (path relative to `rulesets/`, text) of the data files the managed rule sets read with
-/// `phrases_file` (word lists: class names, commands, file paths), embedded with them.
+/// `phrases_file` or `{{list:FILE}}` in a regex (word lists: class names, commands, file
+/// paths), embedded with them.
 pub const MANAGED_DATA: &[(&str, &str)] = &[
     (
         "data/java-classes.txt",
