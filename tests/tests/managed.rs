@@ -361,3 +361,30 @@ async fn paranoia_level_selects_the_managed_rules_per_route() {
         "{out}{err}"
     );
 }
+
+/// JSON streams (NDJSON, JSON Lines) are parsed document by document: an operator injected
+/// in the second line is seen as a JSON key like in any JSON body, a valid stream passes,
+/// and a stream with an invalid line is refused as invalid JSON is.
+#[tokio::test]
+async fn ndjson_bodies_are_inspected_document_by_document() {
+    let b = Backend::start("api").await;
+    let p = Palisade::start_args(&["--upstream", &format!("http://{}", b.addr)]).await;
+    let post = |body: &'static str| {
+        let addr = p.addr;
+        async move {
+            let req = format!(
+                "POST /api/v1/events HTTP/1.1\r\nHost: x\r\nUser-Agent: {UA}\r\nContent-Type: application/x-ndjson\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            raw_request(addr, req.as_bytes()).await.unwrap()
+        }
+    };
+    let ok =
+        post("{\"type\":\"click\",\"x\":10}\n{\"type\":\"view\",\"page\":\"/pricing\"}\n").await;
+    assert_eq!(ok.status, 200, "{}", ok.body_string());
+    let attack =
+        post("{\"type\":\"click\"}\n{\"user\":{\"$ne\":null},\"pass\":{\"$ne\":null}}\n").await;
+    assert_eq!(attack.status, 403, "{}", attack.body_string());
+    let broken = post("{\"type\":\"click\"}\n{\"type\": NaN}\n").await;
+    assert_eq!(broken.status, 400, "{}", broken.body_string());
+}

@@ -70,6 +70,32 @@ pub fn members(bytes: &[u8]) -> Result<Vec<JsonMember>, serde_json::Error> {
     Ok(out)
 }
 
+/// The members of a JSON stream (NDJSON, JSON Lines, RFC 7464 sequences): one document after
+/// another, separated by whitespace; document `n`'s members carry pointers under `/n`. Fails
+/// when any document is invalid.
+pub fn stream_members(bytes: &[u8]) -> Result<Vec<JsonMember>, serde_json::Error> {
+    // RFC 7464 puts a record separator (0x1E) before each document.
+    let bytes: Vec<u8> = strip_bom(bytes)
+        .iter()
+        .map(|&b| if b == 0x1e { b'\n' } else { b })
+        .collect();
+    let mut out = Vec::new();
+    let mut de = serde_json::Deserializer::from_slice(&bytes);
+    let mut n = 0usize;
+    // `end` skips whitespace and succeeds only at the end of the input.
+    while de.end().is_err() {
+        let mut ptr = format!("/{n}");
+        Walk {
+            out: &mut out,
+            ptr: &mut ptr,
+            key: None,
+        }
+        .deserialize(&mut de)?;
+        n += 1;
+    }
+    Ok(out)
+}
+
 struct Walk<'o> {
     out: &'o mut Vec<JsonMember>,
     ptr: &'o mut String,

@@ -287,7 +287,13 @@ impl<'a> Request<'a> {
             if self.body_kind() != BodyKind::Json || self.body.is_empty() {
                 return ParsedJson::default();
             }
-            match json::members(self.body) {
+            let essence = self.content_type().split(';').next().unwrap_or("");
+            let parsed = if is_json_stream(&essence.trim().to_ascii_lowercase()) {
+                json::stream_members(self.body)
+            } else {
+                json::members(self.body)
+            };
+            match parsed {
                 Ok(members) => ParsedJson {
                     members,
                     malformed: false,
@@ -377,8 +383,6 @@ impl<'a> Request<'a> {
             BodyKind::Form
         } else if starts("multipart/form-data") {
             BodyKind::Multipart
-        } else if is_json_stream(&essence) {
-            BodyKind::Other
         } else if essence.contains("json") {
             BodyKind::Json
         } else if essence.ends_with("/xml") || essence.ends_with("+xml") {
@@ -534,8 +538,8 @@ pub struct JsonMember {
 }
 
 /// Line-delimited JSON streams (NDJSON, JSON Lines, RFC 7464 JSON text sequences): one JSON
-/// document per line, not one document, so they are inspected as text (`body.unparsed`)
-/// rather than refused as malformed JSON.
+/// document per line, parsed one by one (members under `/0`, `/1` …) rather than refused as
+/// one malformed document.
 fn is_json_stream(essence: &str) -> bool {
     ["ndjson", "jsonl", "jsonlines", "json-seq"]
         .iter()
