@@ -236,7 +236,7 @@ pub fn check_all(
             .is_none_or(|c| check_asn_policy(&name, &at, c, file.geoip.as_ref(), &mut issues));
         let paranoia = match &p.paranoia {
             None => 1,
-            Some(v) => crate::rules::compile::paranoia_level(v.value).unwrap_or_else(|e| {
+            Some(v) => super::paranoia_level(v.value).unwrap_or_else(|e| {
                 issues.at(&v.referenced, format!("route {name:?}: {e}"));
                 1
             }),

@@ -308,6 +308,15 @@ pub struct Route {
     pub policy: RoutePolicy,
 }
 
+/// A paranoia level as written on a rule or a route: 1 to 4 (as in the OWASP CRS).
+pub fn paranoia_level(level: u8) -> Result<u8, String> {
+    if (1..=4).contains(&level) {
+        Ok(level)
+    } else {
+        Err(format!("invalid paranoia level {level}: use 1, 2, 3 or 4"))
+    }
+}
+
 /// A route's security policy, checked; each stage builds its own policy type from its part.
 #[derive(Debug, Clone)]
 pub struct RoutePolicy {

@@ -588,15 +588,6 @@ impl Compiler<'_> {
     }
 }
 
-/// A paranoia level as written on a rule or a route: 1 to 4 (as in the OWASP CRS).
-pub fn paranoia_level(level: u8) -> Result<u8, String> {
-    if (1..=4).contains(&level) {
-        Ok(level)
-    } else {
-        Err(format!("invalid paranoia level {level}: use 1, 2, 3 or 4"))
-    }
-}
-
 /// Compiles a parsed rule-set file. `base_dir` resolves `phrases_file`.
 pub fn compile(
     path: &Path,
@@ -656,7 +647,7 @@ pub fn compile(
                 );
             }
         }
-        if let Some(Err(e)) = r.paranoia.map(paranoia_level) {
+        if let Some(Err(e)) = r.paranoia.map(crate::config::paranoia_level) {
             c.issue(&r.id.referenced, e);
         }
         let cond = c.cond(&r.condition);
