@@ -103,8 +103,11 @@ pub fn content_type_param<'a>(content_type: &'a str, name: &str) -> Option<&'a s
 pub struct ParsedForm {
     /// (name, value) of every non-file field.
     pub fields: Vec<(String, String)>,
-    /// Uploaded file names.
+    /// Uploaded file names (the `filename` parameter).
     pub files: Vec<String>,
+    /// Field names of the file parts (their `name` parameter), in order: names like any
+    /// other form field's, which parsers split on `;` and `=` as readily.
+    pub file_fields: Vec<String>,
     /// Contents of uploaded files that are text (UTF-8), in order.
     pub file_texts: Vec<String>,
     /// The multipart body did not parse to its end, or had more parts than are inspected.

@@ -223,6 +223,7 @@ fn parse_with(boundary: &str, data: Bytes) -> ParsedForm {
             match file {
                 Some(f) => {
                     out.files.push(f);
+                    out.file_fields.push(name);
                     let head = &bytes[..bytes.len().min(MAX_FILE_TEXT)];
                     // Text files (scripts, templates, configs) are inspected; binary ones
                     // (images, archives) would only produce false positives.
@@ -259,6 +260,7 @@ mod tests {
             vec![("comment".to_string(), "hello <b>".to_string())]
         );
         assert_eq!(f.files, vec!["shell.php".to_string()]);
+        assert_eq!(f.file_fields, vec!["up".to_string()]);
         assert_eq!(f.file_texts, vec!["<?php ?>".to_string()]);
         assert!(!f.malformed && f.refusal.is_none());
     }

@@ -61,7 +61,7 @@ pub enum Field {
     Cookie(String),
     /// The raw body (as inspected: at most the inspection limit).
     Body,
-    /// Form field names (urlencoded and multipart).
+    /// Form field names (urlencoded and multipart, file parts included).
     FormNames,
     /// Form field values (urlencoded and multipart; files' contents excluded).
     FormValues,
@@ -293,7 +293,16 @@ impl FieldValues for RuleInput<'_> {
                     }]
                 }
             }
-            Field::FormNames => pairs(&self.form().fields, Origin::Form, true, None),
+            Field::FormNames => {
+                let form = self.form();
+                let mut names = pairs(&form.fields, Origin::Form, true, None);
+                names.extend(
+                    form.file_fields
+                        .iter()
+                        .map(|n| bv(Origin::Form, Some(n), n)),
+                );
+                names
+            }
             Field::FormValues => pairs(&self.form().fields, Origin::Form, false, None),
             Field::FormField(n) => pairs(&self.form().fields, Origin::Form, false, Some(n)),
             Field::FileNames => self

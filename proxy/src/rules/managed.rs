@@ -54,6 +54,10 @@ pub const MANAGED_DATA: &[(&str, &str)] = &[
         include_str!("../../../rulesets/data/unix-commands.txt"),
     ),
     (
+        "data/unix-commands-common.txt",
+        include_str!("../../../rulesets/data/unix-commands-common.txt"),
+    ),
+    (
         "data/php-functions.txt",
         include_str!("../../../rulesets/data/php-functions.txt"),
     ),
