@@ -26,10 +26,20 @@ mkdir -p "$out"
 
 [ -x "$bin" ] || (cd "$root" && cargo build --release --bin palisade)
 [ -x "$peer/start.sh" ] || { echo "peer scripts not found at $peer (set PEER_SCRIPTS)" >&2; exit 2; }
+# Peers already running (someone else's) are used and left running; peers this script starts
+# are stopped at exit (stop.sh stops by pid file only).
+peer_dir=${PEER_DIR:-/tmp/palisade-peer}
+started_peers=1
+if [ -s "$peer_dir/proxy.pid" ] && kill -0 "$(cat "$peer_dir/proxy.pid")" 2>/dev/null; then
+  started_peers=0
+fi
 "$peer/start.sh" >/dev/null
 
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  if [ "$started_peers" = 1 ]; then "$peer/stop.sh" >/dev/null 2>&1 || true; fi
+}
 trap cleanup EXIT
 
 start_palisade() { # name config
