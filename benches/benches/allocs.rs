@@ -47,12 +47,26 @@ fn main() {
         json_of_size(1024),
         json_of_size(32 * 1024),
     );
+    // The body of ../shared/peer/post-json.lua, which load.sh's post1k sends: one long prose
+    // note, so that this case and the end-to-end run inspect the same values.
+    let note = "Easy recovery run along the river, legs felt fresh after the long weekend. ";
+    let mut text = String::new();
+    while text.len() < 1024 - 200 {
+        text.push_str(note);
+    }
+    let prose = format!(
+        "{{\"type\":\"run\",\"started_at\":\"2026-11-20T07:15:00Z\",\"duration_s\":3120,\"distance_m\":10240.5,\"heart_rate\":{{\"avg\":148,\"max\":171}},\"tags\":[\"easy\",\"river\"],\"notes\":\"{text}\"}}"
+    );
     let query = "athlete=1842&since=2026-10-01";
     let managed = managed_any_body_size();
     let cases: Vec<(&str, RuleInput<'_>)> = vec![
         ("json_post_small", post(query, &headers, small.as_bytes())),
         ("json_post_malicious", post(query, &headers, bad.as_bytes())),
         ("json_post_1k", post(query, &headers, kb1.as_bytes())),
+        (
+            "json_post_1k_prose",
+            post(query, &headers, prose.as_bytes()),
+        ),
         ("json_post_32k", post(query, &headers, kb32.as_bytes())),
         ("get_5_params", get(GET_QUERY, &headers)),
     ];
