@@ -387,4 +387,14 @@ async fn ndjson_bodies_are_inspected_document_by_document() {
     assert_eq!(attack.status, 403, "{}", attack.body_string());
     let broken = post("{\"type\":\"click\"}\n{\"type\": NaN}\n").await;
     assert_eq!(broken.status, 400, "{}", broken.body_string());
+    // The same stream sent as text, or with no type (lenient backends read it all the same).
+    for ct in ["Content-Type: text/plain\r\n", ""] {
+        let body = "{\"type\":\"click\"}\n{\"user\":{\"$ne\":null}}\n";
+        let req = format!(
+            "POST /api/v1/events HTTP/1.1\r\nHost: x\r\nUser-Agent: {UA}\r\n{ct}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let r = raw_request(p.addr, req.as_bytes()).await.unwrap();
+        assert_eq!(r.status, 403, "{ct:?}: {}", r.body_string());
+    }
 }

@@ -74,11 +74,18 @@ pub fn members(bytes: &[u8]) -> Result<Vec<JsonMember>, serde_json::Error> {
 /// another, separated by whitespace; document `n`'s members carry pointers under `/n`. Fails
 /// when any document is invalid.
 pub fn stream_members(bytes: &[u8]) -> Result<Vec<JsonMember>, serde_json::Error> {
-    // RFC 7464 puts a record separator (0x1E) before each document.
-    let bytes: Vec<u8> = strip_bom(bytes)
-        .iter()
-        .map(|&b| if b == 0x1e { b'\n' } else { b })
-        .collect();
+    // RFC 7464 puts a record separator (0x1E) before each document: read as whitespace.
+    // Copied only when one is there (NDJSON bodies have none).
+    let bytes = strip_bom(bytes);
+    let bytes: std::borrow::Cow<'_, [u8]> = if bytes.contains(&0x1e) {
+        bytes
+            .iter()
+            .map(|&b| if b == 0x1e { b'\n' } else { b })
+            .collect::<Vec<u8>>()
+            .into()
+    } else {
+        bytes.into()
+    };
     let mut out = Vec::new();
     let mut de = serde_json::Deserializer::from_slice(&bytes);
     let mut n = 0usize;

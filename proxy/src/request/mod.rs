@@ -290,11 +290,21 @@ impl<'a> Request<'a> {
             if self.body_kind() != BodyKind::Json || self.body.is_empty() {
                 return ParsedJson::default();
             }
-            let essence = self.content_type().split(';').next().unwrap_or("");
-            let parsed = if is_json_stream(&essence.trim().to_ascii_lowercase()) {
+            let essence = self.essence();
+            let parsed = if is_json_stream(&essence) {
                 json::stream_members(self.body)
             } else {
-                json::members(self.body)
+                // An undeclared body shaped like JSON may be a stream all the same (lines of
+                // NDJSON sent as `text/plain`, or with no type): a lenient backend reads it
+                // line by line, so it is inspected document by document, not as text.
+                // Declared JSON that is not one document stays malformed (and refused).
+                json::members(self.body).or_else(|e| {
+                    if self.declares_json() {
+                        Err(e)
+                    } else {
+                        json::stream_members(self.body)
+                    }
+                })
             };
             match parsed {
                 Ok(members) => ParsedJson {
@@ -346,13 +356,7 @@ impl<'a> Request<'a> {
             // Declared JSON that is not JSON has no single reading: lenient parsers accept
             // `NaN`, comments or trailing commas that the inspection cannot walk.
             BodyKind::Json
-                if self.body_complete
-                    && self
-                        .content_type()
-                        .as_bytes()
-                        .windows(4)
-                        .any(|w| w.eq_ignore_ascii_case(b"json"))
-                    && self.json().malformed =>
+                if self.body_complete && self.declares_json() && self.json().malformed =>
             {
                 Some(canon::Refusal {
                     status: 400,
@@ -373,15 +377,28 @@ impl<'a> Request<'a> {
             .get_or_init(|| self.detect_body_kind())
     }
 
-    fn detect_body_kind(&self) -> BodyKind {
-        let ct = self.content_type().trim_start();
-        let starts = |p: &str| ct.len() >= p.len() && ct[..p.len()].eq_ignore_ascii_case(p);
-        let essence = ct
+    /// Whether the `Content-Type` says JSON (anywhere in it, as lenient parsers match).
+    fn declares_json(&self) -> bool {
+        self.content_type()
+            .as_bytes()
+            .windows(4)
+            .any(|w| w.eq_ignore_ascii_case(b"json"))
+    }
+
+    /// The media type of the `Content-Type`, without parameters, lowercased.
+    fn essence(&self) -> String {
+        self.content_type()
             .split(';')
             .next()
             .unwrap_or("")
             .trim()
-            .to_ascii_lowercase();
+            .to_ascii_lowercase()
+    }
+
+    fn detect_body_kind(&self) -> BodyKind {
+        let ct = self.content_type().trim_start();
+        let starts = |p: &str| ct.len() >= p.len() && ct[..p.len()].eq_ignore_ascii_case(p);
+        let essence = self.essence();
         if starts("application/x-www-form-urlencoded") {
             BodyKind::Form
         } else if starts("multipart/form-data") {
