@@ -50,6 +50,11 @@ pub enum Transform {
     /// Unicode NFKC (fullwidth `ＳＥＬＥＣＴ` → `SELECT`) and overlong UTF-8 (`%c0%ae` → `.`)
     /// when the text came from raw bytes.
     Utf8Normalize,
+    /// Every character above U+00FF becomes the Latin-1 character of its low byte
+    /// (U+560A `嘊` → `\n`, U+010D `č` → `\r`): the bytes a backend emits when it writes a
+    /// header value as Latin-1 (Node.js `latin1`/`binary` buffers, Java's `(byte) c`). Makes
+    /// CRLF injection through multi-byte characters visible to a plain `[\r\n]`.
+    Latin1Truncate,
 }
 
 impl Transform {
@@ -72,6 +77,7 @@ impl Transform {
             "cmd_line" => Transform::CmdLine,
             "remove_comments" => Transform::RemoveComments,
             "utf8_normalize" => Transform::Utf8Normalize,
+            "latin1_truncate" => Transform::Latin1Truncate,
             _ => return None,
         })
     }
@@ -94,6 +100,7 @@ impl Transform {
         "cmd_line",
         "remove_comments",
         "utf8_normalize",
+        "latin1_truncate",
     ];
 
     /// Applies the transform.
@@ -142,6 +149,7 @@ impl Transform {
             Transform::CmdLine => cmd_line(s),
             Transform::RemoveComments => remove_comments(s),
             Transform::Utf8Normalize => utf8_normalize(s),
+            Transform::Latin1Truncate => latin1_truncate(s),
         }
     }
 }
@@ -311,7 +319,7 @@ impl Transform {
                     || (any(SPACE) && any(SLASH_PAREN))
             }
             Transform::RemoveComments => any(COMMENT),
-            Transform::Utf8Normalize => any(NONASCII),
+            Transform::Utf8Normalize | Transform::Latin1Truncate => any(NONASCII),
         }
     }
 }
@@ -780,6 +788,17 @@ fn remove_comments(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+fn latin1_truncate(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(|c| u32::from(c) > 0xff) {
+        return Cow::Borrowed(s);
+    }
+    Cow::Owned(
+        s.chars()
+            .map(|c| char::from((u32::from(c) & 0xff) as u8))
+            .collect(),
+    )
+}
+
 fn utf8_normalize(s: &str) -> Cow<'_, str> {
     if s.is_ascii() {
         return Cow::Borrowed(s);
@@ -913,6 +932,7 @@ mod tests {
             Transform::CmdLine,
             Transform::RemoveComments,
             Transform::Utf8Normalize,
+            Transform::Latin1Truncate,
         ];
         let check = |s: &str| {
             for t in all {
@@ -972,6 +992,14 @@ mod tests {
             "1 UNION SELECT  "
         );
         assert_eq!(t(Transform::Lowercase, "SeLeCt"), "select");
+        assert_eq!(
+            t(Transform::Latin1Truncate, "a\u{560a}\u{560d}Set-Cookie é"),
+            "a\n\rSet-Cookie é"
+        );
+        assert!(matches!(
+            Transform::Latin1Truncate.apply("café"),
+            Cow::Borrowed(_)
+        ));
         assert!(matches!(
             Transform::Lowercase.apply("plain"),
             Cow::Borrowed(_)
