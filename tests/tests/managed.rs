@@ -302,8 +302,8 @@ async fn common_attacks_are_blocked_out_of_the_box() {
 }
 
 /// Paranoia levels: a route runs the rules at or below its `policy.paranoia` (default 1).
-/// `x;ls -la` (a common command appended after a separator) is a paranoia-2 check
-/// (`rce-unix-command-common`): it passes a level-1 route and is blocked on a level-2 route
+/// `run it; ls -la then` (a common command with an option after a separator, inside prose) is
+/// a paranoia-2 check (`rce-unix-command-common`): it passes a level-1 route and is blocked on a level-2 route
 /// of the same proxy; a level-1 attack is blocked on both. An invalid level is an error at
 /// its line.
 #[tokio::test]
@@ -324,13 +324,13 @@ async fn paranoia_level_selects_the_managed_rules_per_route() {
         }
     };
     // Paranoia 2 only.
-    let level2 = "?q=x%3Bls%20-la";
+    let level2 = "?q=run%20it%3B%20ls%20-la%20then";
     assert_eq!(
-        get("/api/items?q=x%3Bls%20-la").await.status,
+        get("/api/items?q=run%20it%3B%20ls%20-la%20then").await.status,
         200,
         "{level2}"
     );
-    let r = get("/strict/items?q=x%3Bls%20-la").await;
+    let r = get("/strict/items?q=run%20it%3B%20ls%20-la%20then").await;
     assert_eq!(r.status, 403, "{level2}");
     assert!(
         r.body_string().contains("rce-unix-command-common"),
