@@ -326,7 +326,9 @@ async fn paranoia_level_selects_the_managed_rules_per_route() {
     // Paranoia 2 only.
     let level2 = "?q=run%20it%3B%20ls%20-la%20then";
     assert_eq!(
-        get("/api/items?q=run%20it%3B%20ls%20-la%20then").await.status,
+        get("/api/items?q=run%20it%3B%20ls%20-la%20then")
+            .await
+            .status,
         200,
         "{level2}"
     );

@@ -67,7 +67,8 @@ fn minimal(set: Set) -> Set {
 }
 
 /// Whether a literal set is worth prefiltering on: every string has two bytes or more, or is
-/// one byte that benign text rarely holds (`<`, `'`, `;`, `$`, …).
+/// one byte that benign text rarely holds (`<`, `'`, `;`, `$`, …) or that is still rarer
+/// than a short word (`=`, `&`, `(`: see [`weight`]).
 fn selective(set: &Set) -> bool {
     set.iter().all(|s| match s.as_slice() {
         [] => false,
@@ -75,27 +76,48 @@ fn selective(set: &Set) -> bool {
             !(b.is_ascii_alphanumeric()
                 || matches!(
                     b,
-                    b' ' | b'.'
-                        | b','
-                        | b'-'
-                        | b'_'
-                        | b'/'
-                        | b':'
-                        | b'='
-                        | b'&'
-                        | b'('
-                        | b')'
-                        | b'+'
+                    b' ' | b'.' | b',' | b'-' | b'_' | b'/' | b':' | b')' | b'+'
                 ))
         }
         _ => true,
     })
 }
 
-/// Ranks a usable set: longer shortest string first, then fewer strings.
+/// Bytes that benign values (prose, JSON leaves, identifiers) almost never hold but that
+/// injections need: shell separators and substitutions, markup, escapes.
+fn rare(b: u8) -> bool {
+    matches!(b, b';' | b'|' | b'`' | b'<' | b'>' | b'$' | b'\\' | b'^')
+}
+
+/// How selective a literal is, in "letters": its length, plus three when it holds a rare
+/// byte ([`rare`]), plus two for `&`, `=`, `(` and line breaks (frequent in query strings,
+/// code and long text, but in few values). A set of shell separators (`;` `|` `&` newline)
+/// then outranks the command names behind it (`sh`, `ver`, `tex`, `esh`) and `=` or `(` the
+/// event-handler and SQL function names before them (`end`, `elt`), all of which prose is
+/// full of (`fresh`, `river`, `context`, `weekend`, `felt`): fewer candidates per value for
+/// the same verdicts, since the regex always confirms.
+fn weight(s: &[u8]) -> usize {
+    let bonus = if s.iter().any(|&b| rare(b)) {
+        3
+    } else if s
+        .iter()
+        .any(|b| matches!(b, b'&' | b'=' | b'(' | b'\n' | b'\r'))
+    {
+        2
+    } else {
+        0
+    };
+    s.len() + bonus
+}
+
+/// Ranks a usable set: the least selective string's [`weight`] first, then fewer strings.
 fn score(set: &Set) -> Option<(usize, std::cmp::Reverse<usize>)> {
-    let min = set.iter().map(Vec::len).min()?;
-    (min > 0).then_some((min.min(8), std::cmp::Reverse(set.len())))
+    // Only sets worth prefiltering on compete: a weak set must not win over a usable one.
+    if set.iter().any(Vec::is_empty) || !selective(set) {
+        return None;
+    }
+    let min = set.iter().map(|s| weight(s)).min()?;
+    Some((min.min(8), std::cmp::Reverse(set.len())))
 }
 
 fn best(info: &Info) -> Option<Set> {
@@ -339,6 +361,12 @@ mod tests {
             "the long s and the Kelvin sign fold to s and k"
         );
         assert_eq!(lits("(?i)kill").unwrap(), ["kill"]);
+        // Rare bytes outrank the short words prose is full of (`fresh`, `river`, `felt`).
+        assert_eq!(lits(r"[;|&]\s*(?:sh|id|ver)\b").unwrap(), ["&", ";", "|"]);
+        assert_eq!(lits(r"\b(?:if|elt|left)\s*\(").unwrap(), ["("]);
+        assert_eq!(lits(r"(?i)\bon[a-z]{3,}\s*=").unwrap(), ["="]);
+        // A longer word still wins over them.
+        assert_eq!(lits(r"\bsleep\s*\(").unwrap(), ["sleep"]);
         assert_eq!(
             fold_ascii_variants("\u{212A}ill \u{17F}leep").as_deref(),
             Some("kill sleep")
