@@ -22,9 +22,9 @@ fn walk(c: &Cond, id: &str, out: &mut Vec<(String, Vec<Vec<u8>>)>) {
     }
 }
 
-fn main() {
+fn main() -> std::io::Result<()> {
     let text = match std::env::args().nth(1) {
-        Some(f) => std::fs::read_to_string(&f).unwrap_or_else(|e| panic!("{f}: {e}")),
+        Some(f) => std::fs::read_to_string(&f)?,
         None => {
             "Easy recovery run along the river, legs felt fresh after the long weekend. ".repeat(11)
         }
@@ -69,4 +69,5 @@ fn main() {
             ids.join(" ")
         );
     }
+    Ok(())
 }

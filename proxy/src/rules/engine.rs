@@ -28,7 +28,7 @@ use regex::{Regex, RegexSet, RegexSetBuilder};
 use super::compile::{Cond, Op, ScanPattern, Source};
 use super::eval::AttachedRuleSet;
 use super::fields::{Field, FieldValues, Origin, RuleInput};
-use super::literals::{fold_ascii_variants, required_literals};
+use super::literals::{fold_ascii_variants, required_literals_in, Context};
 use super::transforms::{classes, Transform};
 
 /// Size limit of the combined `RegexSet` of patterns without literals.
@@ -230,7 +230,17 @@ impl Engine {
         }
         let mut checks = Vec::new();
         for (r, list) in pats.into_iter().enumerate() {
-            roots[r].scanner = build_scanner(list, &mut checks);
+            let ctx = match roots[r].nodes.first().map(|&n| &nodes[n as usize]) {
+                Some(Node::Root(
+                    Field::QueryString
+                    | Field::Uri
+                    | Field::Body
+                    | Field::HeaderValues
+                    | Field::Header(_),
+                )) => Context::Structured,
+                _ => Context::Values,
+            };
+            roots[r].scanner = build_scanner(list, &mut checks, ctx);
         }
         let mut plans = Vec::with_capacity(sets.len());
         for (i, att) in sets.iter().enumerate() {
@@ -349,7 +359,11 @@ fn node_for(
     parent.unwrap_or(0)
 }
 
-fn build_scanner(list: Vec<(u32, u32, ScanPattern)>, checks: &mut Vec<Check>) -> Scanner {
+fn build_scanner(
+    list: Vec<(u32, u32, ScanPattern)>,
+    checks: &mut Vec<Check>,
+    ctx: Context,
+) -> Scanner {
     let mut sc = Scanner::default();
     let mut lits: Vec<Vec<u8>> = Vec::new();
     let mut lit_index: HashMap<Vec<u8>, usize> = HashMap::new();
@@ -367,7 +381,7 @@ fn build_scanner(list: Vec<(u32, u32, ScanPattern)>, checks: &mut Vec<Check>) ->
     };
     for (id, l, p) in list {
         match p {
-            ScanPattern::Regex(re) => match required_literals(re.as_str()) {
+            ScanPattern::Regex(re) => match required_literals_in(re.as_str(), ctx) {
                 Some(set) => {
                     let c = *regex_checks
                         .entry(re.as_str().to_string())

@@ -41,12 +41,29 @@ struct Info {
 /// The literals one of which every match of `pattern` contains, or `None` when the pattern
 /// has none useful as a prefilter (`^\s*$`, `\d{3,}`, or a factor of one common byte).
 pub fn required_literals(pattern: &str) -> Option<Vec<Vec<u8>>> {
+    required_literals_in(pattern, Context::Values)
+}
+
+/// What kind of text a pattern's literals are chosen for: the bytes that make a good
+/// prefilter differ between a decoded value and a raw, structured one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Context {
+    /// Decoded values: arguments, JSON leaves, cookie values, custom headers, text bodies.
+    Values,
+    /// Raw texts whose syntax is made of the bytes injections need: the query string and
+    /// urlencoded body (`&`, `=`), header values (`;` `(` `=` in every browser User-Agent,
+    /// Cookie and Accept-Language). There those bytes rank as ordinary letters.
+    Structured,
+}
+
+/// [`required_literals`] for a kind of text.
+pub fn required_literals_in(pattern: &str, ctx: Context) -> Option<Vec<Vec<u8>>> {
     let hir = regex_syntax::ParserBuilder::new()
         .build()
         .parse(pattern)
         .ok()?;
-    let info = walk(&hir, 0);
-    let set = minimal(best(&info)?);
+    let info = walk(&hir, 0, ctx);
+    let set = minimal(best(&info, ctx)?);
     selective(&set).then_some(set)
 }
 
@@ -96,12 +113,13 @@ fn rare(b: u8) -> bool {
 /// event-handler and SQL function names before them (`end`, `elt`), all of which prose is
 /// full of (`fresh`, `river`, `context`, `weekend`, `felt`): fewer candidates per value for
 /// the same verdicts, since the regex always confirms.
-fn weight(s: &[u8]) -> usize {
-    let bonus = if s.iter().any(|&b| rare(b)) {
+fn weight(s: &[u8], ctx: Context) -> usize {
+    let structural = |b: u8| ctx == Context::Structured && matches!(b, b';' | b'&' | b'=' | b'(');
+    let bonus = if s.iter().any(|&b| rare(b) && !structural(b)) {
         3
     } else if s
         .iter()
-        .any(|b| matches!(b, b'&' | b'=' | b'(' | b'\n' | b'\r'))
+        .any(|&b| matches!(b, b'&' | b'=' | b'(' | b'\n' | b'\r') && !structural(b))
     {
         2
     } else {
@@ -111,16 +129,16 @@ fn weight(s: &[u8]) -> usize {
 }
 
 /// Ranks a usable set: the least selective string's [`weight`] first, then fewer strings.
-fn score(set: &Set) -> Option<(usize, std::cmp::Reverse<usize>)> {
+fn score(set: &Set, ctx: Context) -> Option<(usize, std::cmp::Reverse<usize>)> {
     // Only sets worth prefiltering on compete: a weak set must not win over a usable one.
     if set.iter().any(Vec::is_empty) || !selective(set) {
         return None;
     }
-    let min = set.iter().map(|s| weight(s)).min()?;
+    let min = set.iter().map(|s| weight(s, ctx)).min()?;
     Some((min.min(8), std::cmp::Reverse(set.len())))
 }
 
-fn best(info: &Info) -> Option<Set> {
+fn best(info: &Info, ctx: Context) -> Option<Set> {
     let mut cands: Vec<&Set> = Vec::new();
     if let Some(e) = &info.exact {
         cands.push(e);
@@ -130,7 +148,7 @@ fn best(info: &Info) -> Option<Set> {
     }
     cands
         .into_iter()
-        .filter_map(|s| score(s).map(|sc| (sc, s)))
+        .filter_map(|s| score(s, ctx).map(|sc| (sc, s)))
         .max_by(|a, b| a.0.cmp(&b.0))
         .map(|(_, s)| s.clone())
 }
@@ -220,7 +238,7 @@ fn class(c: &Class) -> Option<Set> {
 /// Deep patterns are not worth analysing (and must not exhaust the stack).
 const MAX_DEPTH: usize = 64;
 
-fn walk(hir: &Hir, depth: usize) -> Info {
+fn walk(hir: &Hir, depth: usize, ctx: Context) -> Info {
     if depth > MAX_DEPTH {
         return Info::default();
     }
@@ -237,9 +255,9 @@ fn walk(hir: &Hir, depth: usize) -> Info {
             exact: class(c),
             need: None,
         },
-        HirKind::Capture(c) => walk(&c.sub, depth + 1),
+        HirKind::Capture(c) => walk(&c.sub, depth + 1, ctx),
         HirKind::Repetition(r) => {
-            let sub = walk(&r.sub, depth + 1);
+            let sub = walk(&r.sub, depth + 1, ctx);
             if r.min == 0 {
                 // `x?` is {""} ∪ x; anything longer is unbounded and needs nothing.
                 let exact = match (&sub.exact, r.max) {
@@ -267,9 +285,9 @@ fn walk(hir: &Hir, depth: usize) -> Info {
             };
             let mut need = Info {
                 exact: repeated,
-                need: best(&sub),
+                need: best(&sub, ctx),
             };
-            need.exact = best(&need);
+            need.exact = best(&need, ctx);
             Info {
                 exact,
                 need: need.exact,
@@ -280,7 +298,7 @@ fn walk(hir: &Hir, depth: usize) -> Info {
             let mut all_exact = true;
             let mut cands: Vec<Set> = Vec::new();
             for c in children {
-                let ci = walk(c, depth + 1);
+                let ci = walk(c, depth + 1, ctx);
                 match &ci.exact {
                     Some(e) => match product(&cur, e) {
                         Some(p) => cur = p,
@@ -304,13 +322,13 @@ fn walk(hir: &Hir, depth: usize) -> Info {
             cands.push(cur);
             let need = cands
                 .into_iter()
-                .filter_map(|s| score(&s).map(|sc| (sc, s)))
+                .filter_map(|s| score(&s, ctx).map(|sc| (sc, s)))
                 .max_by(|a, b| a.0.cmp(&b.0))
                 .map(|(_, s)| s);
             Info { exact, need }
         }
         HirKind::Alternation(children) => {
-            let infos: Vec<Info> = children.iter().map(|c| walk(c, depth + 1)).collect();
+            let infos: Vec<Info> = children.iter().map(|c| walk(c, depth + 1, ctx)).collect();
             let exact = infos
                 .iter()
                 .try_fold(Vec::new(), |mut acc: Set, i| {
@@ -321,7 +339,7 @@ fn walk(hir: &Hir, depth: usize) -> Info {
             let need = infos
                 .iter()
                 .try_fold(Vec::new(), |mut acc: Set, i| {
-                    acc.extend(best(i)?);
+                    acc.extend(best(i, ctx)?);
                     (acc.len() <= MAX_ALT).then_some(acc)
                 })
                 .map(normalize);
@@ -365,6 +383,15 @@ mod tests {
         assert_eq!(lits(r"[;|&]\s*(?:sh|id|ver)\b").unwrap(), ["&", ";", "|"]);
         assert_eq!(lits(r"\b(?:if|elt|left)\s*\(").unwrap(), ["("]);
         assert_eq!(lits(r"(?i)\bon[a-z]{3,}\s*=").unwrap(), ["="]);
+        // In raw structured text (query strings, header values) they are ordinary bytes.
+        assert_eq!(
+            required_literals_in(r"[;|&]\s*(?:sh|id|ver)\b", Context::Structured).unwrap(),
+            [b"id".to_vec(), b"sh".to_vec(), b"ver".to_vec()]
+        );
+        assert_eq!(
+            required_literals_in(r"(?i)\bon[a-z]{3,}\s*=", Context::Structured).unwrap(),
+            [b"on".to_vec()]
+        );
         // A longer word still wins over them.
         assert_eq!(lits(r"\bsleep\s*\(").unwrap(), ["sleep"]);
         assert_eq!(
