@@ -27,4 +27,5 @@ pub mod rules;
 pub mod schema;
 pub mod server;
 pub mod snapshot;
+pub mod tls;
 pub mod upstream;

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// `palisade_config_reloads_total{result}`: reload attempts by result (`success`, `failure`).
@@ -20,6 +20,12 @@ pub const CONFIG_LAST_RELOAD_SUCCESS: &str =
     "palisade_config_last_reload_success_timestamp_seconds";
 /// `palisade_config_generation`: generation of the snapshot serving requests (1 at start).
 pub const CONFIG_GENERATION: &str = "palisade_config_generation";
+/// `palisade_tls_certificate_expiry_timestamp_seconds{name}`: notAfter (Unix time) of each
+/// served certificate, by its first name.
+pub const TLS_CERT_EXPIRY: &str = "palisade_tls_certificate_expiry_timestamp_seconds";
+/// `palisade_tls_handshakes_total{version, alpn}`: completed TLS handshakes by protocol
+/// version (`1.2`, `1.3`) and negotiated application protocol (`h2`, `http/1.1`, `none`).
+pub const TLS_HANDSHAKES_TOTAL: &str = "palisade_tls_handshakes_total";
 
 /// `palisade_requests_total{route, decision}`: requests by route and final decision.
 pub const REQUESTS_TOTAL: &str = "palisade_requests_total";
@@ -112,6 +118,10 @@ pub struct Metrics {
     pub config_last_success: Gauge,
     /// Generation serving requests.
     pub config_generation: IntGauge,
+    /// Certificate expiry by name.
+    tls_cert_expiry: GaugeVec,
+    /// TLS handshakes by version and ALPN.
+    tls_handshakes: IntCounterVec,
     /// Country handles, resolved once per country.
     country_cache: LabelCache,
 }
@@ -307,6 +317,22 @@ impl Metrics {
             CONFIG_GENERATION,
             "Generation of the configuration snapshot serving requests (1 at start-up).",
         )?;
+        let tls_cert_expiry = GaugeVec::new(
+            Opts::new(
+                TLS_CERT_EXPIRY,
+                "Expiry (notAfter, Unix time) of each certificate the TLS listeners serve, by its first name.",
+            ),
+            &["name"],
+        )?;
+        let tls_handshakes = IntCounterVec::new(
+            Opts::new(
+                TLS_HANDSHAKES_TOTAL,
+                "Completed TLS handshakes by protocol version and negotiated ALPN protocol.",
+            ),
+            &["version", "alpn"],
+        )?;
+        registry.register(Box::new(tls_cert_expiry.clone()))?;
+        registry.register(Box::new(tls_handshakes.clone()))?;
         for result in ["success", "failure"] {
             config_reloads.with_label_values(&[result]);
         }
@@ -354,8 +380,42 @@ impl Metrics {
             config_reloads,
             config_last_success,
             config_generation,
+            tls_cert_expiry,
+            tls_handshakes,
             country_cache: LabelCache::new(client_country.clone()),
         })
+    }
+
+    /// Sets the certificate expiry gauges to the TLS listeners' certificates (after a swap).
+    pub fn set_tls_certificates(&self, stores: &[Option<Arc<crate::tls::CertStore>>]) {
+        self.tls_cert_expiry.reset();
+        for store in stores.iter().flatten() {
+            for (name, not_after) in &store.expiries {
+                self.tls_cert_expiry
+                    .with_label_values(&[name.as_str()])
+                    .set(*not_after as f64);
+            }
+        }
+    }
+
+    /// Counts a completed TLS handshake (labels are normalized to a few values).
+    pub fn count_tls_handshake(&self, version: &str, alpn: Option<&str>) {
+        let version = if version.contains("1_3") || version.contains("1.3") {
+            "1.3"
+        } else if version.contains("1_2") || version.contains("1.2") {
+            "1.2"
+        } else {
+            "other"
+        };
+        let alpn = match alpn {
+            Some("h2") => "h2",
+            Some("http/1.1") => "http/1.1",
+            Some(_) => "other",
+            None => "none",
+        };
+        self.tls_handshakes
+            .with_label_values(&[version, alpn])
+            .inc();
     }
 
     /// Counts a request of a client from `country` (`unknown` without one).

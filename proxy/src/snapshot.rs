@@ -91,7 +91,7 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 pub struct SourceFile {
     /// Its path.
     pub path: PathBuf,
-    /// What it is: `config`, `ruleset`, `schema`, `ip_list`, `geoip`, `ruleset_dir`.
+    /// What it is: `config`, `ruleset`, `schema`, `ip_list`, `geoip`, `ruleset_dir`, `tls`.
     pub kind: &'static str,
     /// Content hash (FNV-1a 64; for a directory, of its sorted entry names).
     pub hash: String,
@@ -123,6 +123,8 @@ pub struct Snapshot {
     pub sources: Vec<SourceFile>,
     /// Where the demo backend listens, if one runs.
     pub demo_addr: Option<SocketAddr>,
+    /// Per client listener (config order), its certificates when it terminates TLS.
+    pub tls: Vec<Option<Arc<crate::tls::CertStore>>>,
 }
 
 /// Routes in config order (index them like a slice), and the order they are matched in.

@@ -325,6 +325,29 @@ impl Palisade {
         .await
     }
 
+    /// Like [`Palisade::start_in`] with TLS on the client listener: `tls` is the listener's
+    /// `tls:` mapping (YAML flow style, e.g. `{certificates: [{cert: a.pem, key: a.key}]}`),
+    /// with paths relative to `dir`.
+    pub async fn start_tls(dir: tempfile::TempDir, tls: &str, config_body: &str) -> Palisade {
+        let (tls, body) = (tls.to_string(), config_body.to_string());
+        Palisade::start_with(dir, move |addr, admin, dir| {
+            let mut yaml = listeners_yaml(addr, admin).replacen(
+                "admin:",
+                &format!("    tls: {tls}\nadmin:"),
+                1,
+            );
+            yaml.push_str(&body);
+            let path = dir.join("palisade.yaml");
+            std::fs::write(&path, yaml).unwrap();
+            let path = path.to_str().unwrap().to_string();
+            let args = ["run", "--config", &path, "--threads", "2"]
+                .map(String::from)
+                .to_vec();
+            (args, None)
+        })
+        .await
+    }
+
     /// Starts `palisade run` with extra arguments on free ports (no config file).
     pub async fn start_args(extra: &[&str]) -> Palisade {
         Palisade::start_with(tempfile::tempdir().unwrap(), |addr, admin, _| {

@@ -154,6 +154,7 @@ pub fn compile_with(
     let rule_sets = rule_sets(&config, &ip_sets, &mut out);
     let rate_limits = rate_limits(&config, redis.as_ref(), geo.is_some(), cx, &mut out);
     let upstreams = upstreams(&config, cx, &mut out);
+    let tls = tls_stores(&config, &mut out);
 
     // Schema documents are read once per load, whichever routes refer to them.
     let store = DocumentStore::new();
@@ -239,7 +240,34 @@ pub fn compile_with(
         redis,
         sources: out.sources,
         demo_addr: cx.demo_addr,
+        tls,
     })
+}
+
+/// The certificates of each TLS listener. A file that cannot be loaded is a problem at its
+/// `cert:` line, with the file name and the reason.
+fn tls_stores(config: &Config, out: &mut Out) -> Vec<Option<Arc<crate::tls::CertStore>>> {
+    let mut stores = Vec::with_capacity(config.listeners.len());
+    for l in &config.listeners {
+        let Some(t) = &l.tls else {
+            stores.push(None);
+            continue;
+        };
+        let mut certs = Vec::new();
+        for c in &t.certificates {
+            let cert = config.resolve(&c.cert.value);
+            let key = config.resolve(&c.key.value);
+            out.source(&cert, "tls");
+            out.source(&key, "tls");
+            let names: Vec<String> = c.names.iter().map(|n| n.value.clone()).collect();
+            match crate::tls::load_cert(&cert, &key, &names) {
+                Ok(loaded) => certs.push(loaded),
+                Err(e) => out.at(&c.cert.referenced, format!("listener {}: {e}", l.address)),
+            }
+        }
+        stores.push(crate::tls::CertStore::new(certs).map(Arc::new));
+    }
+    stores
 }
 
 fn ip_sets(config: &Config, out: &mut Out) -> BTreeMap<String, Arc<IpSet>> {

@@ -79,15 +79,41 @@ pub fn check_all(
     let listeners: Vec<Listener> = if overrides.listen.is_empty() {
         file.listeners
             .iter()
-            .map(|l| Listener { address: l.address })
+            .map(|l| Listener {
+                address: l.address,
+                tls: l.tls.clone(),
+            })
             .collect()
     } else {
         overrides
             .listen
             .iter()
-            .map(|a| Listener { address: *a })
+            .map(|a| Listener {
+                address: *a,
+                tls: None,
+            })
             .collect()
     };
+    for l in &listeners {
+        let Some(tls) = &l.tls else { continue };
+        if tls.certificates.is_empty() {
+            issues.global(format!(
+                "listener {}: `tls` needs at least one entry in `certificates` ({{cert, key}})",
+                l.address
+            ));
+        }
+        for n in tls.certificates.iter().flat_map(|c| &c.names) {
+            if !valid_tls_name(&n.value) {
+                issues.at(
+                    &n.referenced,
+                    format!(
+                        "listener {}: {:?} is not a host name (`api.example.com` or `*.example.com`)",
+                        l.address, n.value
+                    ),
+                );
+            }
+        }
+    }
     if listeners.is_empty() {
         issues.global(
             "no listener: add `listeners: [{address: \"127.0.0.1:8080\"}]` or pass --listen".into(),
@@ -760,10 +786,55 @@ fn parse_upstream_url(url: &str) -> Result<String, String> {
     }
 }
 
+/// Whether `name` is a host name a certificate can serve: `api.example.com` or
+/// `*.example.com` (one leading wildcard label).
+fn valid_tls_name(name: &str) -> bool {
+    let host = name.strip_prefix("*.").unwrap_or(name);
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 mod tests {
     use super::super::{load_str, Overrides};
+
+    #[test]
+    fn tls_host_names() {
+        use super::valid_tls_name;
+        assert!(valid_tls_name("api.example.com"));
+        assert!(valid_tls_name("*.example.com"));
+        assert!(valid_tls_name("localhost"));
+        assert!(!valid_tls_name("*.*.example.com"));
+        assert!(!valid_tls_name("api example.com"));
+        assert!(!valid_tls_name(""));
+        assert!(!valid_tls_name("a..b"));
+    }
+
+    #[test]
+    fn tls_listener_errors_name_the_line() {
+        let base = "upstreams:\n  app:\n    targets: [\"127.0.0.1:3000\"]\nroutes:\n  - name: api\n    upstream: app\n";
+        let e = err(&format!(
+            "listeners:\n  - address: 127.0.0.1:8443\n    tls: {{certificates: []}}\n{base}"
+        ));
+        assert!(
+            e.contains("needs at least one entry in `certificates`"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "listeners:\n  - address: 127.0.0.1:8443\n    tls:\n      certificates:\n        - {{cert: a.pem, key: a.key, names: [\"*.*.x\"]}}\n{base}"
+        ));
+        assert!(
+            e.contains("t.yaml:5:") && e.contains("is not a host name"),
+            "{e}"
+        );
+    }
 
     fn err(text: &str) -> String {
         load_str("t.yaml", text, &Overrides::default())

@@ -82,6 +82,40 @@ pub struct ListenerConfig {
     /// `IP:port` to bind, e.g. `127.0.0.1:8080` or `[::1]:8080`.
     #[schemars(with = "String")]
     pub address: SocketAddr,
+    /// Terminate TLS (1.2 and 1.3, ALPN `h2` and `http/1.1`) on this listener. Certificates
+    /// are reloaded with the config (and when their files change); turning TLS on or off
+    /// needs a restart.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS termination on a listener.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificates with their keys. The client's SNI picks one: an exact name first, then
+    /// the longest matching wildcard (`*.example.com` serves `api.example.com`, not
+    /// `example.com` nor `a.b.example.com`). The first certificate serves clients without
+    /// SNI or with a name no certificate has.
+    pub certificates: Vec<CertificateConfig>,
+}
+
+/// One certificate of a TLS listener.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    /// PEM file with the certificate chain, leaf first; relative to the config file.
+    #[schemars(with = "String")]
+    pub cert: Spanned<String>,
+    /// PEM file with the private key (PKCS#8, PKCS#1 RSA or SEC1 EC); relative to the config
+    /// file.
+    #[schemars(with = "String")]
+    pub key: Spanned<String>,
+    /// Host names it serves (`api.example.com`, `*.example.com`). Default: the DNS names of
+    /// the certificate's subjectAltName.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub names: Vec<Spanned<String>>,
 }
 
 /// Admin listener settings.

@@ -108,6 +108,8 @@ pub fn resolve_path(base_dir: &Path, p: &str) -> PathBuf {
 pub struct Listener {
     /// Bound address.
     pub address: SocketAddr,
+    /// TLS termination, when configured.
+    pub tls: Option<file::TlsConfig>,
 }
 
 /// How client requests are read, defaults applied (see [`file::HttpConfig`]).

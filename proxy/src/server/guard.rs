@@ -102,15 +102,21 @@ pub struct GuardedApp<A> {
     inner: Arc<A>,
     snapshot: Arc<ArcSwap<Snapshot>>,
     table: Arc<ConnectionTable>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl<A> GuardedApp<A> {
     /// Guards `inner`, with limits from the live snapshot.
-    pub fn new(inner: A, snapshot: Arc<ArcSwap<Snapshot>>) -> Self {
+    pub fn new(
+        inner: A,
+        snapshot: Arc<ArcSwap<Snapshot>>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
         GuardedApp {
             inner: Arc::new(inner),
             snapshot,
             table: Arc::default(),
+            metrics,
         }
     }
 }
@@ -126,6 +132,15 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
         let stream: Stream = if stream.as_any().is::<GuardedStream>() {
             stream
         } else {
+            if let Some(d) = stream.get_ssl_digest() {
+                let alpn = match stream.selected_alpn_proto() {
+                    Some(ALPN::H2) => Some("h2"),
+                    Some(ALPN::H1) => Some("http/1.1"),
+                    Some(_) => Some("other"),
+                    None => None,
+                };
+                self.metrics.count_tls_handshake(&d.version, alpn);
+            }
             let snapshot = self.snapshot.load();
             let http = &snapshot.config.http;
             let limits = Limits {

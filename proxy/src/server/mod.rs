@@ -8,6 +8,7 @@ pub mod demo;
 pub mod guard;
 pub mod proxy;
 pub mod reload;
+pub mod tls;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -47,6 +48,9 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// A TLS listener could not be set up.
+    #[error("cannot set up TLS: {0}")]
+    Tls(String),
 }
 
 /// Checks that an address can be bound, so a taken port is a clear error at start-up instead
@@ -112,6 +116,7 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     let threads = config.threads;
     let h2c = config.h2c;
     let listeners: Vec<SocketAddr> = config.listeners.iter().map(|l| l.address).collect();
+    let tls_listeners: Vec<bool> = config.listeners.iter().map(|l| l.tls.is_some()).collect();
     let admin_addr = config.admin;
     let first = compile(config, &CompileContext::first(&metrics, demo_addr))?;
     let snapshot = Arc::new(ArcSwap::from_pointee(first));
@@ -150,10 +155,19 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     }
     let mut proxy = Service::new(
         "palisade proxy".to_string(),
-        guard::GuardedApp::new(app, Arc::clone(&snapshot)),
+        guard::GuardedApp::new(app, Arc::clone(&snapshot), Arc::clone(&metrics)),
     );
-    for addr in &listeners {
-        proxy.add_tcp(&addr.to_string());
+    for (i, addr) in listeners.iter().enumerate() {
+        if tls_listeners.get(i).copied().unwrap_or(false) {
+            // Certificates come from the live snapshot at each handshake (SNI, reloads).
+            let mut tls = pingora::listeners::tls::TlsSettings::intermediate("", "")
+                .map_err(|e| StartError::Tls(e.to_string()))?;
+            tls.set_cert_resolver(Arc::new(tls::SniResolver::new(i, Arc::clone(&snapshot))));
+            tls.enable_h2();
+            proxy.add_tls_with_settings(&addr.to_string(), None, tls);
+        } else {
+            proxy.add_tcp(&addr.to_string());
+        }
     }
 
     let mut admin = Service::new(
@@ -194,8 +208,8 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         "config reload",
         reload::ReloadService::new(reloader),
     ));
-    for addr in &listeners {
-        tracing::info!(%addr, threads, "proxy listening");
+    for (addr, tls) in listeners.iter().zip(&tls_listeners) {
+        tracing::info!(%addr, threads, tls, "proxy listening");
     }
     tracing::info!(addr = %admin_addr, "admin listening (/healthz, /readyz, /metrics, /config, POST /reload)");
     server.run_forever()

@@ -594,10 +594,12 @@ impl ProxyHttp for PalisadeProxy {
 
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // The scheme the client used: TLS terminated here is `https` to the upstream.
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         let snapshot = &ctx.snapshot;
         if let Some(route) = ctx.route.and_then(|i| snapshot.routes.get(i)) {
             // The backend gets the request line in origin form, with the path the route
@@ -635,7 +637,10 @@ impl ProxyHttp for PalisadeProxy {
         }
         // Set from what the proxy saw, unless a trusted proxy in front already said it.
         for (name, value) in [
-            ("x-forwarded-proto", "http".to_string()),
+            (
+                "x-forwarded-proto",
+                if tls { "https" } else { "http" }.to_string(),
+            ),
             ("x-forwarded-host", ctx.authority.to_header()),
         ] {
             if !(ctx.peer_trusted && upstream_request.headers.contains_key(name)) {

@@ -81,6 +81,7 @@ impl Reloader {
             tracing::error!(error = %e, "cannot handle SIGHUP: reload through POST /reload instead");
         }
         metrics.config_generation.set(live.load().generation as i64);
+        metrics.set_tls_certificates(&live.load().tls);
         metrics.config_last_success.set(now_secs());
         Reloader {
             live,
@@ -142,6 +143,7 @@ impl Reloader {
                     tracing::warn!(settings = ?restart,
                         "these settings changed but apply only after a restart or graceful upgrade");
                 }
+                self.metrics.set_tls_certificates(&new.tls);
                 self.live.store(Arc::new(new));
                 let now = now_secs();
                 {
@@ -185,7 +187,13 @@ impl Reloader {
 
 fn restart_required(old: &config::Config, new: &config::Config) -> Vec<String> {
     let mut out = Vec::new();
-    let addrs = |c: &config::Config| c.listeners.iter().map(|l| l.address).collect::<Vec<_>>();
+    // A listener's address and whether it terminates TLS; its certificates reload.
+    let addrs = |c: &config::Config| {
+        c.listeners
+            .iter()
+            .map(|l| (l.address, l.tls.is_some()))
+            .collect::<Vec<_>>()
+    };
     if addrs(old) != addrs(new) {
         out.push("listeners".into());
     }

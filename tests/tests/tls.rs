@@ -1,0 +1,284 @@
+//! TLS termination through the real binary: certificates made by the test (a CA and leaf
+//! certificates, `rcgen`), clients verifying them (`rustls`), requests over HTTP/1.1 and
+//! HTTP/2 (`hyper`) to a real backend. SNI picks the certificate; the inspection pipeline
+//! applies over TLS exactly as in cleartext; a replaced certificate is served after a reload
+//! without breaking a kept-alive connection, and a broken one keeps the old.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use palisade_tests::*;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+const UA: &str = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0";
+
+/// A test CA that issues leaf certificates.
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    der: CertificateDer<'static>,
+}
+
+/// A leaf certificate: PEM files' contents and its DER (what the server presents).
+struct Leaf {
+    pem: String,
+    key: String,
+    der: CertificateDer<'static>,
+}
+
+impl Ca {
+    fn new() -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        Ca {
+            issuer: Issuer::new(params, key),
+            der: cert.der().clone(),
+        }
+    }
+
+    /// A leaf for DNS `names`, and 127.0.0.1 when `ip` (a client connecting by address sends
+    /// no SNI and gets the default certificate).
+    fn leaf(&self, names: &[&str], ip: bool) -> Leaf {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        if ip {
+            params
+                .subject_alt_names
+                .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        }
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Leaf {
+            pem: cert.pem(),
+            key: key.serialize_pem(),
+            der: cert.der().clone(),
+        }
+    }
+
+    fn connector(&self, alpn: &[&[u8]]) -> TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.der.clone()).unwrap();
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        // Full handshakes only: a resumed session reports the certificate it began with.
+        cfg.resumption = rustls::client::Resumption::disabled();
+        TlsConnector::from(Arc::new(cfg))
+    }
+}
+
+fn write(dir: &std::path::Path, name: &str, leaf: &Leaf) {
+    std::fs::write(dir.join(format!("{name}.pem")), &leaf.pem).unwrap();
+    std::fs::write(dir.join(format!("{name}.key")), &leaf.key).unwrap();
+}
+
+async fn connect(
+    p: &Palisade,
+    c: &TlsConnector,
+    name: ServerName<'static>,
+) -> TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    c.connect(name, tcp).await.expect("TLS handshake")
+}
+
+fn dns(name: &str) -> ServerName<'static> {
+    ServerName::try_from(name.to_string()).unwrap()
+}
+
+fn presented(s: &TlsStream<TcpStream>) -> CertificateDer<'static> {
+    s.get_ref().1.peer_certificates().unwrap()[0].clone()
+}
+
+fn get(host: &str, path: &str) -> hyper::Request<Empty<Bytes>> {
+    hyper::Request::get(path)
+        .header("host", host)
+        .header("user-agent", UA)
+        .body(Empty::new())
+        .unwrap()
+}
+
+/// An HTTP/1.1 client on a TLS connection (kept alive until dropped).
+async fn h1(s: TlsStream<TcpStream>) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+async fn status_h1(
+    send: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    host: &str,
+    path: &str,
+) -> u16 {
+    let r = send.send_request(get(host, path)).await.unwrap();
+    let status = r.status().as_u16();
+    r.into_body().collect().await.unwrap();
+    status
+}
+
+async fn reload(p: &Palisade) -> u16 {
+    raw_request(
+        p.admin,
+        b"POST /reload HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("a reload response")
+    .status
+}
+
+fn body(backend: &Backend) -> String {
+    format!(
+        "rulesets: [builtin:managed]\nupstreams:\n  app: {{targets: [\"{}\"]}}\nroutes:\n  - name: api\n    upstream: app\n    policy:\n      rulesets: [{{name: sqli}}, {{name: xss}}]\n",
+        backend.addr
+    )
+}
+
+const TWO_CERTS: &str = "{certificates: [{cert: a.pem, key: a.key}, {cert: b.pem, key: b.key}]}";
+const ATTACK: &str = "/items?q=1%27%20or%201%3D1--";
+
+#[tokio::test]
+async fn https_over_h1_and_h2_is_inspected_and_sni_picks_the_certificate() {
+    let backend = Backend::start("api").await;
+    let ca = Ca::new();
+    let a = ca.leaf(&["a.example", "*.a.example"], true);
+    let b = ca.leaf(&["b.example"], false);
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a", &a);
+    write(dir.path(), "b", &b);
+    let p = Palisade::start_tls(dir, TWO_CERTS, &body(&backend)).await;
+    let http1 = ca.connector(&[b"http/1.1"]);
+
+    // SNI: exact names, a wildcard (one label), and no SNI at all (by address) get the
+    // default, the first certificate. The client verifies each against its name.
+    for (name, want) in [
+        (dns("a.example"), &a),
+        (dns("api.a.example"), &a),
+        (dns("b.example"), &b),
+        (ServerName::IpAddress(Ipv4Addr::LOCALHOST.into()), &a),
+    ] {
+        let s = connect(&p, &http1, name.clone()).await;
+        assert_eq!(presented(&s), want.der, "{name:?}");
+    }
+    // A name no certificate serves gets the default one, which the client refuses.
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    assert!(http1.connect(dns("other.example"), tcp).await.is_err());
+
+    // HTTP/1.1 over TLS: benign reaches the backend, marked https; an attack is refused.
+    let mut send = h1(connect(&p, &http1, dns("b.example")).await).await;
+    assert_eq!(
+        status_h1(&mut send, "b.example", "/items?q=shoes").await,
+        200
+    );
+    let seen = backend.seen();
+    let last = seen.last().expect("the backend saw the request");
+    assert_eq!(last.header("x-forwarded-proto"), Some("https"));
+    assert_eq!(status_h1(&mut send, "b.example", ATTACK).await, 403);
+    assert_eq!(backend.count(), 1);
+
+    // HTTP/2 over TLS (ALPN h2): the same verdicts.
+    let s = connect(&p, &ca.connector(&[b"h2"]), dns("a.example")).await;
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for (path, want) in [("/items?q=shoes", 200), (ATTACK, 403)] {
+        let req = hyper::Request::get(format!("https://a.example{path}"))
+            .header("user-agent", UA)
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let r = send.send_request(req).await.unwrap();
+        assert_eq!(r.status().as_u16(), want, "h2 {path}");
+        assert_eq!(r.version(), hyper::Version::HTTP_2);
+    }
+    assert_eq!(backend.count(), 2);
+
+    // Metrics: handshakes by version and ALPN, and each certificate's expiry by name.
+    let m = p.metrics().await;
+    assert!(
+        metric_value(
+            &m,
+            r#"palisade_tls_handshakes_total{alpn="h2",version="1.3"}"#
+        ) >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric_value(
+            &m,
+            r#"palisade_tls_handshakes_total{alpn="http/1.1",version="1.3"}"#
+        ) >= 5.0,
+        "{m}"
+    );
+    let expiry = metric_value(
+        &m,
+        r#"palisade_tls_certificate_expiry_timestamp_seconds{name="b.example"}"#,
+    );
+    assert!(
+        expiry > 4.0e9,
+        "rcgen's default notAfter is in 4096: {expiry}\n{m}"
+    );
+}
+
+#[tokio::test]
+async fn a_replaced_certificate_is_served_after_reload_and_a_broken_one_keeps_the_last() {
+    let backend = Backend::start("api").await;
+    let ca = Ca::new();
+    let (a1, b) = (
+        ca.leaf(&["a.example"], false),
+        ca.leaf(&["b.example"], false),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a", &a1);
+    write(dir.path(), "b", &b);
+    let p = Palisade::start_tls(dir, TWO_CERTS, &body(&backend)).await;
+    let http1 = ca.connector(&[b"http/1.1"]);
+    let old = connect(&p, &http1, dns("a.example")).await;
+    assert_eq!(presented(&old), a1.der);
+    let mut kept = h1(old).await;
+    assert_eq!(status_h1(&mut kept, "a.example", "/one").await, 200);
+
+    // A new key pair for a.example: new handshakes get it, the open connection goes on.
+    let a2 = ca.leaf(&["a.example"], false);
+    write(&p.dir, "a", &a2);
+    assert_eq!(reload(&p).await, 200, "{}", p.log());
+    let s = connect(&p, &http1, dns("a.example")).await;
+    assert_eq!(presented(&s), a2.der);
+    assert_eq!(status_h1(&mut kept, "a.example", "/two").await, 200);
+
+    // A key that does not belong to the certificate, then an unreadable certificate: the
+    // reload fails naming the file, and a2 is still served.
+    std::fs::write(p.dir.join("a.key"), &b.key).unwrap();
+    assert_ne!(reload(&p).await, 200);
+    std::fs::write(p.dir.join("a.pem"), "not a certificate").unwrap();
+    assert_ne!(reload(&p).await, 200);
+    let s = connect(&p, &http1, dns("a.example")).await;
+    assert_eq!(presented(&s), a2.der);
+    let log = p.log();
+    assert!(
+        log.contains("a.pem"),
+        "the failed reload names the file:\n{log}"
+    );
+    assert_eq!(status_h1(&mut kept, "a.example", "/three").await, 200);
+}
