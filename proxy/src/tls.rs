@@ -12,7 +12,10 @@ use std::sync::Arc;
 use rustls::crypto::ring::sign::any_supported_type;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::WebPkiClientVerifier;
 use rustls::sign::CertifiedKey;
+use rustls::RootCertStore;
 
 /// The certificates of one TLS listener, indexed by the names they serve.
 #[derive(Debug)]
@@ -27,6 +30,51 @@ pub struct CertStore {
     pub names: Vec<String>,
     /// Per certificate, its first name and its notAfter (Unix time), for the expiry metric.
     pub expiries: Vec<(String, i64)>,
+    /// Client certificates asked for (mTLS), when configured.
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// Client certificates a TLS listener asks for (mTLS).
+pub struct ClientAuth {
+    /// Verifies a client's chain against the configured CA bundle.
+    pub verifier: Arc<dyn ClientCertVerifier>,
+    /// Whether a client without a certificate is refused.
+    pub required: bool,
+}
+
+impl std::fmt::Debug for ClientAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientAuth")
+            .field("required", &self.required)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Loads the CA bundle that signs accepted client certificates. Errors name the file.
+pub fn load_client_auth(ca: &Path, required: bool) -> Result<ClientAuth, String> {
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca)
+        .map_err(|e| format!("{}: cannot read CA certificates: {e}", ca.display()))?
+    {
+        let c = c.map_err(|e| format!("{}: not a PEM certificate bundle: {e}", ca.display()))?;
+        roots
+            .add(c)
+            .map_err(|e| format!("{}: unusable CA certificate: {e}", ca.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{}: no CA certificate in the file", ca.display()));
+    }
+    let mut builder = WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    );
+    if !required {
+        builder = builder.allow_unauthenticated();
+    }
+    let verifier = builder
+        .build()
+        .map_err(|e| format!("{}: {e}", ca.display()))?;
+    Ok(ClientAuth { verifier, required })
 }
 
 /// A certificate as loaded: its key pair and the names it serves.
@@ -109,6 +157,7 @@ impl CertStore {
             default,
             names: Vec::new(),
             expiries: Vec::new(),
+            client_auth: None,
         };
         for c in certs {
             if let Some(first) = c.names.first() {

@@ -265,7 +265,17 @@ fn tls_stores(config: &Config, out: &mut Out) -> Vec<Option<Arc<crate::tls::Cert
                 Err(e) => out.at(&c.cert.referenced, format!("listener {}: {e}", l.address)),
             }
         }
-        stores.push(crate::tls::CertStore::new(certs).map(Arc::new));
+        let client_auth = t.client_auth.as_ref().and_then(|ca| {
+            let path = config.resolve(&ca.ca.value);
+            out.source(&path, "tls");
+            crate::tls::load_client_auth(&path, ca.required)
+                .map_err(|e| out.at(&ca.ca.referenced, format!("listener {}: {e}", l.address)))
+                .ok()
+        });
+        stores.push(crate::tls::CertStore::new(certs).map(|mut s| {
+            s.client_auth = client_auth;
+            Arc::new(s)
+        }));
     }
     stores
 }

@@ -98,6 +98,24 @@ pub struct TlsConfig {
     /// `example.com` nor `a.b.example.com`). The first certificate serves clients without
     /// SNI or with a name no certificate has.
     pub certificates: Vec<CertificateConfig>,
+    /// Ask clients for certificates signed by a CA of a bundle (mTLS). Reloaded with the
+    /// config like the certificates.
+    #[serde(default)]
+    pub client_auth: Option<ClientAuthConfig>,
+}
+
+/// Client certificates (mTLS) on a TLS listener.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuthConfig {
+    /// PEM file with the CA certificates that sign accepted client certificates; relative to
+    /// the config file.
+    #[schemars(with = "String")]
+    pub ca: Spanned<String>,
+    /// Refuse clients without a certificate (default `true`). With `false`, a certificate is
+    /// optional but, when sent, must verify.
+    #[serde(default = "default_true")]
+    pub required: bool,
 }
 
 /// One certificate of a TLS listener.
@@ -972,4 +990,8 @@ pub enum RuleAction {
     Count,
     /// Log and go on.
     Log,
+}
+
+fn default_true() -> bool {
+    true
 }

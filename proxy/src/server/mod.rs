@@ -163,6 +163,10 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
             let mut tls = pingora::listeners::tls::TlsSettings::intermediate("", "")
                 .map_err(|e| StartError::Tls(e.to_string()))?;
             tls.set_cert_resolver(Arc::new(tls::SniResolver::new(i, Arc::clone(&snapshot))));
+            tls.set_client_cert_verifier(Arc::new(tls::ClientVerifier::new(
+                i,
+                Arc::clone(&snapshot),
+            )));
             tls.enable_h2();
             proxy.add_tls_with_settings(&addr.to_string(), None, tls);
         } else {
