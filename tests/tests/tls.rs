@@ -365,3 +365,59 @@ async fn client_certificates_signed_by_the_configured_ca_are_required_or_optiona
     assert!(!gets_through(&p, &ca.connector_as(&h1, Some(&stranger))).await);
     assert_eq!(backend.count(), 3);
 }
+
+#[tokio::test]
+async fn a_redirect_listener_sends_clients_to_https() {
+    let backend = Backend::start("api").await;
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a", &ca.leaf(&["a.example"], false));
+    let port = free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // The redirect listener follows the TLS one in `listeners`.
+    let tls = format!(
+        "{{certificates: [{{cert: a.pem, key: a.key}}]}}\n  - address: \"{addr}\"\n    redirect_to_https: 8443"
+    );
+    let p = Palisade::start_tls(dir, &tls, &body(&backend)).await;
+    let mut got = None;
+    for _ in 0..100 {
+        if let Some(r) = raw_request(
+            addr,
+            b"GET /items?q=1 HTTP/1.1\r\nHost: a.example:8080\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        {
+            got = Some(r);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let r = got.expect("the redirect listener answers");
+    assert_eq!(r.status, 301);
+    assert_eq!(
+        r.header("location"),
+        Some("https://a.example:8443/items?q=1")
+    );
+    let r = raw_request(
+        addr,
+        b"POST /items HTTP/1.1\r\nHost: a.example\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 308, "a POST keeps its method");
+    // A Host that is not a host name gets no redirect built from it.
+    let r = raw_request(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: evil.example/x\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 400);
+    assert_eq!(r.header("location"), None);
+    assert_eq!(
+        backend.count(),
+        0,
+        "nothing is proxied from a redirect listener"
+    );
+    drop(p);
+}

@@ -82,6 +82,7 @@ pub fn check_all(
             .map(|l| Listener {
                 address: l.address,
                 tls: l.tls.clone(),
+                redirect_to_https: l.redirect_to_https,
             })
             .collect()
     } else {
@@ -91,10 +92,17 @@ pub fn check_all(
             .map(|a| Listener {
                 address: *a,
                 tls: None,
+                redirect_to_https: None,
             })
             .collect()
     };
     for l in &listeners {
+        if l.tls.is_some() && l.redirect_to_https.is_some() {
+            issues.global(format!(
+                "listener {}: `redirect_to_https` answers with redirects and cannot also have `tls`",
+                l.address
+            ));
+        }
         let Some(tls) = &l.tls else { continue };
         if tls.certificates.is_empty() {
             issues.global(format!(
@@ -113,6 +121,9 @@ pub fn check_all(
                 );
             }
         }
+    }
+    if !listeners.is_empty() && listeners.iter().all(|l| l.redirect_to_https.is_some()) {
+        issues.global("every listener redirects to HTTPS: add one that serves requests".into());
     }
     if listeners.is_empty() {
         issues.global(
@@ -834,6 +845,14 @@ mod tests {
             e.contains("t.yaml:5:") && e.contains("is not a host name"),
             "{e}"
         );
+        let e = err(&format!(
+            "listeners:\n  - address: 127.0.0.1:8443\n    redirect_to_https: 443\n    tls: {{certificates: [{{cert: a.pem, key: a.key}}]}}\n{base}"
+        ));
+        assert!(e.contains("cannot also have `tls`"), "{e}");
+        let e = err(&format!(
+            "listeners:\n  - address: 127.0.0.1:8080\n    redirect_to_https: 443\n{base}"
+        ));
+        assert!(e.contains("every listener redirects to HTTPS"), "{e}");
     }
 
     fn err(text: &str) -> String {

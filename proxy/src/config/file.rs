@@ -87,6 +87,11 @@ pub struct ListenerConfig {
     /// needs a restart.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Answer every request on this listener with a redirect to `https://` on this port
+    /// (301 for GET and HEAD, 308 otherwise), instead of proxying: the port-80 listener of
+    /// an HTTPS site. Not with `tls`.
+    #[serde(default)]
+    pub redirect_to_https: Option<u16>,
 }
 
 /// TLS termination on a listener.

@@ -110,6 +110,8 @@ pub struct Listener {
     pub address: SocketAddr,
     /// TLS termination, when configured.
     pub tls: Option<file::TlsConfig>,
+    /// Redirect every request to `https://` on this port instead of proxying.
+    pub redirect_to_https: Option<u16>,
 }
 
 /// How client requests are read, defaults applied (see [`file::HttpConfig`]).

@@ -7,6 +7,7 @@ pub mod ctx;
 pub mod demo;
 pub mod guard;
 pub mod proxy;
+pub mod redirect;
 pub mod reload;
 pub mod tls;
 
@@ -117,6 +118,11 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     let h2c = config.h2c;
     let listeners: Vec<SocketAddr> = config.listeners.iter().map(|l| l.address).collect();
     let tls_listeners: Vec<bool> = config.listeners.iter().map(|l| l.tls.is_some()).collect();
+    let redirects: Vec<Option<u16>> = config
+        .listeners
+        .iter()
+        .map(|l| l.redirect_to_https)
+        .collect();
     let admin_addr = config.admin;
     let first = compile(config, &CompileContext::first(&metrics, demo_addr))?;
     let snapshot = Arc::new(ArcSwap::from_pointee(first));
@@ -157,8 +163,16 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         "palisade proxy".to_string(),
         guard::GuardedApp::new(app, Arc::clone(&snapshot), Arc::clone(&metrics)),
     );
+    let mut redirect_services = Vec::new();
     for (i, addr) in listeners.iter().enumerate() {
-        if tls_listeners.get(i).copied().unwrap_or(false) {
+        if let Some(port) = redirects.get(i).copied().flatten() {
+            let mut svc = Service::new(
+                format!("palisade https redirect {addr}"),
+                redirect::RedirectToHttps { port },
+            );
+            svc.add_tcp(&addr.to_string());
+            redirect_services.push(svc);
+        } else if tls_listeners.get(i).copied().unwrap_or(false) {
             // Certificates come from the live snapshot at each handshake (SNI, reloads).
             let mut tls = pingora::listeners::tls::TlsSettings::intermediate("", "")
                 .map_err(|e| StartError::Tls(e.to_string()))?;
@@ -187,6 +201,9 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
 
     server.add_service(proxy);
     server.add_service(admin);
+    for svc in redirect_services {
+        server.add_service(svc);
+    }
     if let Some(addr) = demo_addr {
         let mut demo = Service::new("palisade demo backend".to_string(), demo::DemoBackend);
         demo.add_tcp(&addr.to_string());

@@ -191,7 +191,7 @@ fn restart_required(old: &config::Config, new: &config::Config) -> Vec<String> {
     let addrs = |c: &config::Config| {
         c.listeners
             .iter()
-            .map(|l| (l.address, l.tls.is_some()))
+            .map(|l| (l.address, l.tls.is_some(), l.redirect_to_https))
             .collect::<Vec<_>>()
     };
     if addrs(old) != addrs(new) {
