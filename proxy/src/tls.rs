@@ -185,10 +185,17 @@ impl CertStore {
         Some(store)
     }
 
-    /// The certificate for a client's SNI (already lower case, as rustls passes it).
+    /// The certificate for a client's SNI (names compare case-insensitively).
     pub fn pick(&self, sni: Option<&str>) -> Arc<CertifiedKey> {
         let Some(name) = sni else {
             return Arc::clone(&self.default);
+        };
+        let lowered;
+        let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            lowered = name.to_ascii_lowercase();
+            lowered.as_str()
+        } else {
+            name
         };
         if let Some(k) = self.exact.get(name) {
             return Arc::clone(k);
