@@ -398,20 +398,15 @@ impl Metrics {
         }
     }
 
-    /// Counts a completed TLS handshake (labels are normalized to a few values).
-    pub fn count_tls_handshake(&self, version: &str, alpn: Option<&str>) {
+    /// Counts a completed TLS handshake: `version` as the TLS library names it (normalized
+    /// here to `1.2`, `1.3` or `other`), `alpn` one of `h2`, `http/1.1`, `other`, `none`.
+    pub fn count_tls_handshake(&self, version: &str, alpn: &'static str) {
         let version = if version.contains("1_3") || version.contains("1.3") {
             "1.3"
         } else if version.contains("1_2") || version.contains("1.2") {
             "1.2"
         } else {
             "other"
-        };
-        let alpn = match alpn {
-            Some("h2") => "h2",
-            Some("http/1.1") => "http/1.1",
-            Some(_) => "other",
-            None => "none",
         };
         self.tls_handshakes
             .with_label_values(&[version, alpn])

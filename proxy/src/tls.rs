@@ -26,12 +26,10 @@ pub struct CertStore {
     wildcard: HashMap<String, Arc<CertifiedKey>>,
     /// For clients without SNI or with a name no certificate serves.
     default: Arc<CertifiedKey>,
-    /// Every name served.
-    pub names: Vec<String>,
     /// Per certificate, its first name and its notAfter (Unix time), for the expiry metric.
     pub expiries: Vec<(String, i64)>,
     /// Client certificates asked for (mTLS), when configured.
-    pub client_auth: Option<ClientAuth>,
+    pub client_auth: Option<Arc<ClientAuth>>,
 }
 
 /// Client certificates a TLS listener asks for (mTLS).
@@ -155,7 +153,6 @@ impl CertStore {
             exact: HashMap::new(),
             wildcard: HashMap::new(),
             default,
-            names: Vec::new(),
             expiries: Vec::new(),
             client_auth: None,
         };
@@ -173,13 +170,9 @@ impl CertStore {
                             .or_insert_with(|| Arc::clone(&c.key));
                     }
                     None => {
-                        store
-                            .exact
-                            .entry(n.clone())
-                            .or_insert_with(|| Arc::clone(&c.key));
+                        store.exact.entry(n).or_insert_with(|| Arc::clone(&c.key));
                     }
                 }
-                store.names.push(n);
             }
         }
         Some(store)

@@ -269,6 +269,7 @@ fn tls_stores(config: &Config, out: &mut Out) -> Vec<Option<Arc<crate::tls::Cert
             let path = config.resolve(&ca.ca.value);
             out.source(&path, "tls");
             crate::tls::load_client_auth(&path, ca.required)
+                .map(Arc::new)
                 .map_err(|e| out.at(&ca.ca.referenced, format!("listener {}: {e}", l.address)))
                 .ok()
         });

@@ -13,6 +13,7 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
 use super::reload::{reload_off_thread, Reloader};
+use super::reply;
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshot;
 
@@ -122,18 +123,6 @@ impl AdminApp {
             })
             .collect()
     }
-}
-
-fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
-    let mut r = Response::new(body);
-    *r.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
-    if let Ok(v) = http::HeaderValue::from_str(content_type) {
-        r.headers_mut().insert(http::header::CONTENT_TYPE, v);
-    }
-    let len = r.body().len();
-    r.headers_mut()
-        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
-    r
 }
 
 #[async_trait]

@@ -6,6 +6,8 @@ use http::Response;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
+use super::reply;
+
 /// Echoes the request it received as a small JSON document.
 pub struct DemoBackend;
 
@@ -45,14 +47,6 @@ impl ServeHttp for DemoBackend {
         })
         .to_string()
         .into_bytes();
-        let mut r = Response::new(body);
-        let len = r.body().len();
-        r.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/json"),
-        );
-        r.headers_mut()
-            .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
-        r
+        reply(200, "application/json", body)
     }
 }

@@ -134,10 +134,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
         } else {
             if let Some(d) = stream.get_ssl_digest() {
                 let alpn = match stream.selected_alpn_proto() {
-                    Some(ALPN::H2) => Some("h2"),
-                    Some(ALPN::H1) => Some("http/1.1"),
-                    Some(_) => Some("other"),
-                    None => None,
+                    Some(ALPN::H2) => "h2",
+                    Some(ALPN::H1) => "http/1.1",
+                    Some(_) => "other",
+                    None => "none",
                 };
                 self.metrics.count_tls_handshake(&d.version, alpn);
             }

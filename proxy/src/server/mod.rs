@@ -54,6 +54,20 @@ pub enum StartError {
     Tls(String),
 }
 
+/// A response with a body, its `Content-Type` and `Content-Length` (the admin, redirect and
+/// demo services' answers).
+pub(crate) fn reply(status: u16, content_type: &str, body: Vec<u8>) -> http::Response<Vec<u8>> {
+    let mut r = http::Response::new(body);
+    *r.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
+    if let Ok(v) = http::HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    let len = r.body().len();
+    r.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+    r
+}
+
 /// Checks that an address can be bound, so a taken port is a clear error at start-up instead
 /// of a pingora panic in a worker thread.
 fn check_bindable(addr: SocketAddr) -> Result<(), StartError> {
@@ -116,13 +130,7 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     let metrics = Arc::new(Metrics::new()?);
     let threads = config.threads;
     let h2c = config.h2c;
-    let listeners: Vec<SocketAddr> = config.listeners.iter().map(|l| l.address).collect();
-    let tls_listeners: Vec<bool> = config.listeners.iter().map(|l| l.tls.is_some()).collect();
-    let redirects: Vec<Option<u16>> = config
-        .listeners
-        .iter()
-        .map(|l| l.redirect_to_https)
-        .collect();
+    let listeners = config.listeners.clone();
     let admin_addr = config.admin;
     let first = compile(config, &CompileContext::first(&metrics, demo_addr))?;
     let snapshot = Arc::new(ArcSwap::from_pointee(first));
@@ -164,27 +172,27 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         guard::GuardedApp::new(app, Arc::clone(&snapshot), Arc::clone(&metrics)),
     );
     let mut redirect_services = Vec::new();
-    for (i, addr) in listeners.iter().enumerate() {
-        if let Some(port) = redirects.get(i).copied().flatten() {
+    for (i, l) in listeners.iter().enumerate() {
+        let addr = l.address.to_string();
+        if let Some(port) = l.redirect_to_https {
             let mut svc = Service::new(
                 format!("palisade https redirect {addr}"),
                 redirect::RedirectToHttps { port },
             );
-            svc.add_tcp(&addr.to_string());
+            svc.add_tcp(&addr);
             redirect_services.push(svc);
-        } else if tls_listeners.get(i).copied().unwrap_or(false) {
-            // Certificates come from the live snapshot at each handshake (SNI, reloads).
-            let mut tls = pingora::listeners::tls::TlsSettings::intermediate("", "")
+        } else if l.tls.is_some() {
+            // Certificates and client-certificate settings come from the live snapshot at
+            // each handshake (SNI, reloads).
+            let mut settings = pingora::listeners::tls::TlsSettings::intermediate("", "")
                 .map_err(|e| StartError::Tls(e.to_string()))?;
-            tls.set_cert_resolver(Arc::new(tls::SniResolver::new(i, Arc::clone(&snapshot))));
-            tls.set_client_cert_verifier(Arc::new(tls::ClientVerifier::new(
-                i,
-                Arc::clone(&snapshot),
-            )));
-            tls.enable_h2();
-            proxy.add_tls_with_settings(&addr.to_string(), None, tls);
+            let live = Arc::new(tls::LiveTls::new(i, Arc::clone(&snapshot)));
+            settings.set_cert_resolver(Arc::clone(&live) as _);
+            settings.set_client_cert_verifier(live);
+            settings.enable_h2();
+            proxy.add_tls_with_settings(&addr, None, settings);
         } else {
-            proxy.add_tcp(&addr.to_string());
+            proxy.add_tcp(&addr);
         }
     }
 
@@ -229,8 +237,12 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         "config reload",
         reload::ReloadService::new(reloader),
     ));
-    for (addr, tls) in listeners.iter().zip(&tls_listeners) {
-        tracing::info!(%addr, threads, tls, "proxy listening");
+    for l in &listeners {
+        let (addr, tls) = (l.address, l.tls.is_some());
+        match l.redirect_to_https {
+            Some(port) => tracing::info!(%addr, port, "redirecting to https"),
+            None => tracing::info!(%addr, threads, tls, "proxy listening"),
+        }
     }
     tracing::info!(addr = %admin_addr, "admin listening (/healthz, /readyz, /metrics, /config, POST /reload)");
     server.run_forever()

@@ -7,6 +7,8 @@ use http::Response;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
+use super::reply;
+
 /// Answers every request with a redirect to `https://<host>[:port]<target>`.
 pub struct RedirectToHttps {
     /// The HTTPS port (omitted from the URL when 443).
@@ -34,21 +36,13 @@ fn host_only(authority: &str) -> Option<&str> {
 fn answer(status: u16, location: Option<String>) -> Response<Vec<u8>> {
     let body = match &location {
         Some(l) => serde_json::json!({"status": status, "location": l}),
-        None => serde_json::json!({"status": status, "error": "bad_request", "message": "no valid Host header to redirect to"}),
-    }
-    .to_string()
-    .into_bytes();
-    let len = body.len();
-    let mut r = Response::new(body);
-    *r.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_REQUEST);
-    let h = r.headers_mut();
-    h.insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    h.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+        None => {
+            serde_json::json!({"status": status, "error": "bad_request", "message": "no valid Host header to redirect to"})
+        }
+    };
+    let mut r = reply(status, "application/json", body.to_string().into_bytes());
     if let Some(v) = location.and_then(|l| http::HeaderValue::from_str(&l).ok()) {
-        h.insert(http::header::LOCATION, v);
+        r.headers_mut().insert(http::header::LOCATION, v);
     }
     r
 }

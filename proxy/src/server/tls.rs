@@ -14,30 +14,48 @@ use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::snapshot::Snapshot;
-use crate::tls::CertStore;
+use crate::tls::ClientAuth;
 
-/// The certificate resolver of listener `index`: reads the live snapshot on every handshake.
-pub struct SniResolver {
+/// The TLS settings of client listener `index` as the live snapshot has them: its
+/// certificate resolver (SNI) and its client-certificate verifier (mTLS: a certificate is
+/// asked for only when the store has `client_auth`, and verified against that CA bundle).
+pub struct LiveTls {
     index: usize,
     snapshot: Arc<ArcSwap<Snapshot>>,
+    algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl SniResolver {
-    /// The resolver of the `index`-th client listener.
-    pub fn new(index: usize, snapshot: Arc<ArcSwap<Snapshot>>) -> SniResolver {
-        SniResolver { index, snapshot }
+impl LiveTls {
+    /// The TLS settings of the `index`-th client listener.
+    pub fn new(index: usize, snapshot: Arc<ArcSwap<Snapshot>>) -> LiveTls {
+        LiveTls {
+            index,
+            snapshot,
+            algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        }
+    }
+
+    /// The listener's client-certificate settings, when it asks for client certificates.
+    fn client_auth(&self) -> Option<Arc<ClientAuth>> {
+        self.snapshot
+            .load()
+            .tls
+            .get(self.index)?
+            .as_ref()?
+            .client_auth
+            .clone()
     }
 }
 
-impl std::fmt::Debug for SniResolver {
+impl std::fmt::Debug for LiveTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SniResolver")
+        f.debug_struct("LiveTls")
             .field("listener", &self.index)
             .finish_non_exhaustive()
     }
 }
 
-impl ResolvesServerCert for SniResolver {
+impl ResolvesServerCert for LiveTls {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let snap = self.snapshot.load();
         let store = snap.tls.get(self.index)?.as_ref()?;
@@ -45,51 +63,13 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-/// The client-certificate verifier of listener `index` (mTLS): asks for a certificate only
-/// when the live snapshot's store has `client_auth`, and verifies it against that CA bundle.
-pub struct ClientVerifier {
-    index: usize,
-    snapshot: Arc<ArcSwap<Snapshot>>,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ClientVerifier {
-    /// The verifier of the `index`-th client listener.
-    pub fn new(index: usize, snapshot: Arc<ArcSwap<Snapshot>>) -> ClientVerifier {
-        ClientVerifier {
-            index,
-            snapshot,
-            algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
-        }
-    }
-
-    /// The listener's store, when it asks for client certificates.
-    fn store(&self) -> Option<Arc<CertStore>> {
-        let snap = self.snapshot.load();
-        snap.tls
-            .get(self.index)?
-            .clone()
-            .filter(|s| s.client_auth.is_some())
-    }
-}
-
-impl std::fmt::Debug for ClientVerifier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientVerifier")
-            .field("listener", &self.index)
-            .finish_non_exhaustive()
-    }
-}
-
-impl ClientCertVerifier for ClientVerifier {
+impl ClientCertVerifier for LiveTls {
     fn offer_client_auth(&self) -> bool {
-        self.store().is_some()
+        self.client_auth().is_some()
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        self.store()
-            .and_then(|s| s.client_auth.as_ref().map(|c| c.required))
-            .unwrap_or(false)
+        self.client_auth().is_some_and(|c| c.required)
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -103,7 +83,7 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        match self.store().as_ref().and_then(|s| s.client_auth.as_ref()) {
+        match self.client_auth() {
             Some(c) => c
                 .verifier
                 .verify_client_cert(end_entity, intermediates, now),
