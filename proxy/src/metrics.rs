@@ -26,6 +26,33 @@ pub const TLS_CERT_EXPIRY: &str = "palisade_tls_certificate_expiry_timestamp_sec
 /// `palisade_tls_handshakes_total{version, alpn}`: completed TLS handshakes by protocol
 /// version (`1.2`, `1.3`) and negotiated application protocol (`h2`, `http/1.1`, `none`).
 pub const TLS_HANDSHAKES_TOTAL: &str = "palisade_tls_handshakes_total";
+/// `palisade_tls_handshake_failures_total{reason}`: TLS handshakes that failed, by reason
+/// (see [`TLS_FAILURE_REASONS`]).
+pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "palisade_tls_handshake_failures_total";
+/// `palisade_proxy_protocol_total{result}`: connections on PROXY protocol listeners by
+/// result (`accepted`, `untrusted_peer`, `malformed`, `timeout`).
+pub const PROXY_PROTOCOL_TOTAL: &str = "palisade_proxy_protocol_total";
+
+/// The reasons of `palisade_tls_handshake_failures_total`:
+/// - `not_tls`: the client spoke something else (cleartext HTTP on the TLS port),
+/// - `malformed_hello`: TLS records that are not a ClientHello that parses,
+/// - `timeout`: no complete handshake within `http.head_timeout`,
+/// - `closed`: the client closed or reset the connection during the handshake,
+/// - `no_shared_parameters`: no common version, cipher suite or signature scheme,
+/// - `client_certificate_missing` / `client_certificate_rejected`: mTLS refused the client,
+/// - `alert`: the client aborted with an alert (it did not trust our certificate, say),
+/// - `protocol_error`: anything else the TLS library refused.
+pub const TLS_FAILURE_REASONS: &[&str] = &[
+    "not_tls",
+    "malformed_hello",
+    "timeout",
+    "closed",
+    "no_shared_parameters",
+    "client_certificate_missing",
+    "client_certificate_rejected",
+    "alert",
+    "protocol_error",
+];
 
 /// `palisade_requests_total{route, decision}`: requests by route and final decision.
 pub const REQUESTS_TOTAL: &str = "palisade_requests_total";
@@ -122,6 +149,10 @@ pub struct Metrics {
     tls_cert_expiry: GaugeVec,
     /// TLS handshakes by version and ALPN.
     tls_handshakes: IntCounterVec,
+    /// Failed TLS handshakes by reason.
+    tls_handshake_failures: IntCounterVec,
+    /// PROXY protocol headers by result.
+    proxy_protocol: IntCounterVec,
     /// Country handles, resolved once per country.
     country_cache: LabelCache,
 }
@@ -331,8 +362,30 @@ impl Metrics {
             ),
             &["version", "alpn"],
         )?;
+        let tls_handshake_failures = IntCounterVec::new(
+            Opts::new(
+                TLS_HANDSHAKE_FAILURES_TOTAL,
+                "TLS handshakes that failed, by reason.",
+            ),
+            &["reason"],
+        )?;
+        for r in TLS_FAILURE_REASONS {
+            tls_handshake_failures.with_label_values(&[*r]);
+        }
+        let proxy_protocol = IntCounterVec::new(
+            Opts::new(
+                PROXY_PROTOCOL_TOTAL,
+                "Connections on PROXY protocol listeners by result (accepted, untrusted_peer, malformed, timeout).",
+            ),
+            &["result"],
+        )?;
+        for r in ["accepted", "untrusted_peer", "malformed", "timeout"] {
+            proxy_protocol.with_label_values(&[r]);
+        }
         registry.register(Box::new(tls_cert_expiry.clone()))?;
         registry.register(Box::new(tls_handshakes.clone()))?;
+        registry.register(Box::new(tls_handshake_failures.clone()))?;
+        registry.register(Box::new(proxy_protocol.clone()))?;
         for result in ["success", "failure"] {
             config_reloads.with_label_values(&[result]);
         }
@@ -382,15 +435,17 @@ impl Metrics {
             config_generation,
             tls_cert_expiry,
             tls_handshakes,
+            tls_handshake_failures,
+            proxy_protocol,
             country_cache: LabelCache::new(client_country.clone()),
         })
     }
 
     /// Sets the certificate expiry gauges to the TLS listeners' certificates (after a swap).
-    pub fn set_tls_certificates(&self, stores: &[Option<Arc<crate::tls::CertStore>>]) {
+    pub fn set_tls_certificates(&self, listeners: &[Option<Arc<crate::tls::TlsListener>>]) {
         self.tls_cert_expiry.reset();
-        for store in stores.iter().flatten() {
-            for (name, not_after) in &store.expiries {
+        for listener in listeners.iter().flatten() {
+            for (name, not_after) in &listener.store.expiries {
                 self.tls_cert_expiry
                     .with_label_values(&[name.as_str()])
                     .set(*not_after as f64);
@@ -411,6 +466,18 @@ impl Metrics {
         self.tls_handshakes
             .with_label_values(&[version, alpn])
             .inc();
+    }
+
+    /// Counts a failed TLS handshake; `reason` is one of [`TLS_FAILURE_REASONS`].
+    pub fn count_tls_failure(&self, reason: &'static str) {
+        self.tls_handshake_failures
+            .with_label_values(&[reason])
+            .inc();
+    }
+
+    /// Counts a connection on a PROXY protocol listener by `result`.
+    pub fn count_proxy_protocol(&self, result: &'static str) {
+        self.proxy_protocol.with_label_values(&[result]).inc();
     }
 
     /// Counts a request of a client from `country` (`unknown` without one).

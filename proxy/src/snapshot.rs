@@ -124,7 +124,7 @@ pub struct Snapshot {
     /// Where the demo backend listens, if one runs.
     pub demo_addr: Option<SocketAddr>,
     /// Per client listener (config order), its certificates when it terminates TLS.
-    pub tls: Vec<Option<Arc<crate::tls::CertStore>>>,
+    pub tls: Vec<Option<Arc<crate::tls::TlsListener>>>,
 }
 
 /// Routes in config order (index them like a slice), and the order they are matched in.

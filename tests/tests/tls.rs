@@ -421,3 +421,170 @@ async fn a_redirect_listener_sends_clients_to_https() {
     );
     drop(p);
 }
+
+/// One HTTPS GET with `curl` (`-k`: the fingerprint, not the certificate, is under test) by
+/// the name `a.example`, as a new connection; its status. Run off the test's runtime, which
+/// serves the backend meanwhile.
+async fn curl_get(p: &Palisade, path: &str) -> u16 {
+    let port = p.addr.port();
+    let path = path.to_string();
+    tokio::task::spawn_blocking(move || curl_blocking(port, &path))
+        .await
+        .unwrap()
+}
+
+fn curl_blocking(port: u16, path: &str) -> u16 {
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sk",
+            "--max-time",
+            "10",
+            "--resolve",
+            &format!("a.example:{port}:127.0.0.1"),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("https://a.example:{port}{path}"),
+        ])
+        .output()
+        .expect("curl (installed by scripts/ensure-deps.sh)");
+    String::from_utf8_lossy(&out.stdout).parse().unwrap_or(0)
+}
+
+/// The rustls client of these tests: a GET by the name `a.example` on a new connection.
+async fn rustls_get(p: &Palisade, ca: &Ca, path: &str) -> u16 {
+    let s = connect(p, &ca.connector(&[b"http/1.1"]), dns("a.example")).await;
+    status_h1(&mut h1(s).await, "a.example", path).await
+}
+
+#[tokio::test]
+async fn ja3_and_ja4_of_a_curl_handshake_are_stable_and_match_rules_and_rate_limit_keys() {
+    let backend = Backend::start("api").await;
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a", &ca.leaf(&["a.example"], true));
+    let tls = "{certificates: [{cert: a.pem, key: a.key}]}";
+    let p = Palisade::start_tls(dir, tls, &body(&backend)).await;
+
+    // Two curl connections, then the rustls client: the backend is told each fingerprint.
+    assert_eq!(curl_get(&p, "/one").await, 200, "{}", p.log());
+    assert_eq!(curl_get(&p, "/two").await, 200);
+    assert_eq!(rustls_get(&p, &ca, "/three").await, 200);
+    let seen = backend.seen();
+    let fp = |i: usize, h: &str| seen[i].header(h).unwrap_or_default().to_string();
+    let (ja3, ja4) = (fp(0, "x-palisade-ja3"), fp(0, "x-palisade-ja4"));
+    assert_eq!(ja3.len(), 32, "JA3 is an MD5: {ja3:?}");
+    assert!(
+        ja4.starts_with("t13d") && ja4.len() == 36,
+        "JA4 of a TLS 1.3 hello with SNI: {ja4:?}"
+    );
+    assert_eq!(fp(1, "x-palisade-ja3"), ja3, "stable across connections");
+    assert_eq!(fp(1, "x-palisade-ja4"), ja4, "stable across connections");
+    assert_ne!(fp(2, "x-palisade-ja4"), ja4, "another client, another JA4");
+    assert_ne!(fp(2, "x-palisade-ja3"), ja3);
+    drop(p);
+
+    // A rule on curl's JA4 and a rate limit keyed by JA3: curl is refused and has a bucket
+    // of its own; the rustls client passes.
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a", &ca.leaf(&["a.example"], true));
+    std::fs::write(
+        dir.path().join("bots.yaml"),
+        format!(
+            "name: bots\nversion: \"1\"\nrules:\n  - id: scripted-client\n    description: the JA4 of a scripted client\n    match: {{field: tls.ja4, equals: \"{ja4}\"}}\n"
+        ),
+    )
+    .unwrap();
+    let config = format!(
+        "rulesets: [bots.yaml]\nupstreams:\n  app: {{targets: [\"{}\"]}}\nrate_limits:\n  - name: per-fingerprint\n    key: [tls.ja3]\n    rate: 2/min\n    burst: 2\nroutes:\n  - name: api\n    upstream: app\n    policy:\n      rulesets: [{{name: bots}}]\n",
+        backend.addr
+    );
+    let p = Palisade::start_tls(dir, tls, &config).await;
+    assert_eq!(curl_get(&p, "/a").await, 403, "{}", p.log());
+    assert_eq!(curl_get(&p, "/b").await, 403);
+    assert_eq!(curl_get(&p, "/c").await, 429, "curl's JA3 bucket is empty");
+    assert_eq!(rustls_get(&p, &ca, "/d").await, 200);
+    assert_eq!(rustls_get(&p, &ca, "/e").await, 200);
+    assert!(p.log().contains(&ja4), "the block is logged with the JA4");
+}
+
+/// A PROXY protocol v2 header (TCP over IPv4) naming `src` as the client.
+fn proxy_v2(src: std::net::SocketAddrV4, dst: std::net::SocketAddrV4) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&[0x21, 0x11, 0, 12]);
+    h.extend_from_slice(&src.ip().octets());
+    h.extend_from_slice(&dst.ip().octets());
+    h.extend_from_slice(&src.port().to_be_bytes());
+    h.extend_from_slice(&dst.port().to_be_bytes());
+    h
+}
+
+/// A TLS GET after `preamble` on a connection from `src`; the status, or `None` when the
+/// connection is refused.
+async fn get_after(p: &Palisade, ca: &Ca, src: &str, preamble: &[u8]) -> Option<u16> {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{src}:0").parse().unwrap()).unwrap();
+    let mut tcp = socket.connect(p.addr).await.ok()?;
+    tcp.write_all(preamble).await.ok()?;
+    let s = ca
+        .connector(&[b"http/1.1"])
+        .connect(dns("a.example"), tcp)
+        .await
+        .ok()?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .ok()?;
+    tokio::spawn(conn);
+    let r = send.send_request(get("a.example", "/pp")).await.ok()?;
+    Some(r.status().as_u16())
+}
+
+#[tokio::test]
+async fn proxy_protocol_from_a_trusted_peer_sets_the_client_ip_and_is_refused_from_others() {
+    let backend = Backend::start("api").await;
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a", &ca.leaf(&["a.example"], false));
+    // TLS behind a TCP load balancer: the PROXY header comes first, then the handshake.
+    let tls = "{certificates: [{cert: a.pem, key: a.key}]}\n    proxy_protocol: true";
+    let config = format!(
+        "client_ip: {{trusted_proxies: [127.0.0.1/32]}}\n{}",
+        body(&backend)
+    );
+    let p = Palisade::start_tls(dir, tls, &config).await;
+    let dst = std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, p.addr.port());
+
+    let v2 = proxy_v2("203.0.113.7:5555".parse().unwrap(), dst);
+    assert_eq!(
+        get_after(&p, &ca, "127.0.0.1", &v2).await,
+        Some(200),
+        "{}",
+        p.log()
+    );
+    let v1 = format!("PROXY TCP4 198.51.100.9 127.0.0.1 4444 {}\r\n", dst.port());
+    assert_eq!(
+        get_after(&p, &ca, "127.0.0.1", v1.as_bytes()).await,
+        Some(200)
+    );
+    let seen = backend.seen();
+    assert_eq!(seen[0].header("x-real-ip"), Some("203.0.113.7"));
+    assert_eq!(seen[0].header("x-forwarded-for"), Some("203.0.113.7"));
+    assert_eq!(seen[1].header("x-real-ip"), Some("198.51.100.9"));
+
+    // From an address that is not a trusted proxy, a header is refused; from a trusted one,
+    // a connection without a header is too.
+    assert_eq!(get_after(&p, &ca, "127.0.0.2", &v2).await, None);
+    assert_eq!(get_after(&p, &ca, "127.0.0.1", b"").await, None);
+    assert_eq!(backend.count(), 2);
+    p.expect_metric("palisade_proxy_protocol_total{result=\"accepted\"}", 2.0)
+        .await;
+    p.expect_metric(
+        "palisade_proxy_protocol_total{result=\"untrusted_peer\"}",
+        1.0,
+    )
+    .await;
+    p.expect_metric("palisade_proxy_protocol_total{result=\"malformed\"}", 1.0)
+        .await;
+}

@@ -246,7 +246,7 @@ pub fn compile_with(
 
 /// The certificates of each TLS listener. A file that cannot be loaded is a problem at its
 /// `cert:` line, with the file name and the reason.
-fn tls_stores(config: &Config, out: &mut Out) -> Vec<Option<Arc<crate::tls::CertStore>>> {
+fn tls_stores(config: &Config, out: &mut Out) -> Vec<Option<Arc<crate::tls::TlsListener>>> {
     let mut stores = Vec::with_capacity(config.listeners.len());
     for l in &config.listeners {
         let Some(t) = &l.tls else {
@@ -273,10 +273,24 @@ fn tls_stores(config: &Config, out: &mut Out) -> Vec<Option<Arc<crate::tls::Cert
                 .map_err(|e| out.at(&ca.ca.referenced, format!("listener {}: {e}", l.address)))
                 .ok()
         });
-        stores.push(crate::tls::CertStore::new(certs).map(|mut s| {
-            s.client_auth = client_auth;
-            Arc::new(s)
-        }));
+        let Some(mut store) = crate::tls::CertStore::new(certs) else {
+            stores.push(None);
+            continue;
+        };
+        store.client_auth = client_auth;
+        let store = Arc::new(store);
+        let suites: Vec<String> = t.cipher_suites.iter().map(|c| c.value.clone()).collect();
+        let tls13_only = t.min_version == crate::config::file::TlsVersionConfig::Tls13;
+        match crate::tls::server_config(Arc::clone(&store), tls13_only, &suites) {
+            Ok(config) => stores.push(Some(Arc::new(crate::tls::TlsListener { store, config }))),
+            Err(e) => {
+                match t.cipher_suites.first() {
+                    Some(at) => out.at(&at.referenced, format!("listener {}: {e}", l.address)),
+                    None => out.global(format!("listener {}: {e}", l.address)),
+                }
+                stores.push(None);
+            }
+        }
     }
     stores
 }

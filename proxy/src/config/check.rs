@@ -83,6 +83,7 @@ pub fn check_all(
                 address: l.address,
                 tls: l.tls.clone(),
                 redirect_to_https: l.redirect_to_https,
+                proxy_protocol: l.proxy_protocol,
             })
             .collect()
     } else {
@@ -93,6 +94,7 @@ pub fn check_all(
                 address: *a,
                 tls: None,
                 redirect_to_https: None,
+                proxy_protocol: false,
             })
             .collect()
     };
@@ -100,6 +102,18 @@ pub fn check_all(
         if l.tls.is_some() && l.redirect_to_https.is_some() {
             issues.global(format!(
                 "listener {}: `redirect_to_https` answers with redirects and cannot also have `tls`",
+                l.address
+            ));
+        }
+        if l.proxy_protocol
+            && file
+                .client_ip
+                .as_ref()
+                .is_none_or(|c| c.trusted_proxies.is_empty())
+        {
+            issues.global(format!(
+                "listener {}: `proxy_protocol` is accepted only from `client_ip.trusted_proxies`, which is empty: \
+                 list the load balancers' addresses there",
                 l.address
             ));
         }

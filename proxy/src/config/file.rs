@@ -92,6 +92,12 @@ pub struct ListenerConfig {
     /// an HTTPS site. Not with `tls`.
     #[serde(default)]
     pub redirect_to_https: Option<u16>,
+    /// Expect a PROXY protocol header (v1 or v2, as AWS NLB and HAProxy send) at the start
+    /// of each connection, and take the client address from it. Only peers listed in
+    /// `client_ip.trusted_proxies` may send one; connections from any other address, or
+    /// without a header, are closed.
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 /// TLS termination on a listener.
@@ -107,6 +113,28 @@ pub struct TlsConfig {
     /// config like the certificates.
     #[serde(default)]
     pub client_auth: Option<ClientAuthConfig>,
+    /// Lowest TLS version accepted: `"1.2"` (default) or `"1.3"`.
+    #[serde(default)]
+    pub min_version: TlsVersionConfig,
+    /// Cipher suites offered, by their IANA names (`TLS13_AES_128_GCM_SHA256`,
+    /// `TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384`, …). Default: every suite rustls ships —
+    /// AEAD only (AES-GCM, ChaCha20-Poly1305) with forward secrecy; no CBC, RC4, 3DES or RSA
+    /// key exchange exists to turn off.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub cipher_suites: Vec<Spanned<String>>,
+}
+
+/// A TLS protocol version.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+pub enum TlsVersionConfig {
+    /// TLS 1.2 and 1.3.
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    Tls13,
 }
 
 /// Client certificates (mTLS) on a TLS listener.

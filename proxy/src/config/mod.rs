@@ -112,6 +112,8 @@ pub struct Listener {
     pub tls: Option<file::TlsConfig>,
     /// Redirect every request to `https://` on this port instead of proxying.
     pub redirect_to_https: Option<u16>,
+    /// Read a PROXY protocol header from trusted peers.
+    pub proxy_protocol: bool,
 }
 
 /// How client requests are read, defaults applied (see [`file::HttpConfig`]).

@@ -32,6 +32,12 @@ pub enum KeyPart {
     Country,
     /// The client's ASN.
     Asn,
+    /// The JA3 fingerprint of the client's TLS hello (TLS listeners).
+    Ja3,
+    /// The JA4 fingerprint of the client's TLS hello.
+    Ja4,
+    /// The subject of the verified client certificate (mTLS).
+    ClientSubject,
 }
 
 /// Why a key spec is invalid.
@@ -46,7 +52,7 @@ pub struct KeyPartError {
 
 impl KeyPart {
     /// Parses `ip`, `ip/24`, `ip/24/48`, `header:x-api-key`, `cookie:session`, `query:key`,
-    /// `route`, `method`, `country`, `asn`.
+    /// `route`, `method`, `country`, `asn`, `tls.ja3`, `tls.ja4`, `tls.client_subject`.
     pub fn parse(spec: &str) -> Result<KeyPart, KeyPartError> {
         let err = |why| KeyPartError {
             spec: spec.to_string(),
@@ -105,7 +111,11 @@ impl KeyPart {
             "method" => Ok(KeyPart::Method),
             "country" => Ok(KeyPart::Country),
             "asn" => Ok(KeyPart::Asn),
-            _ => Err(err("use ip, ip/N, ip/N/M, header:NAME, cookie:NAME, query:NAME, route, method, country or asn")),
+            "tls.ja3" => Ok(KeyPart::Ja3),
+            "tls.ja4" => Ok(KeyPart::Ja4),
+            "tls.client_subject" => Ok(KeyPart::ClientSubject),
+            _ => Err(err("use ip, ip/N, ip/N/M, header:NAME, cookie:NAME, query:NAME, route, method, country, asn, \
+                          tls.ja3, tls.ja4 or tls.client_subject")),
         }
     }
 
@@ -190,6 +200,22 @@ pub fn build_key(parts: &[KeyPart], route: &str, req: &Request<'_>, out: &mut St
             KeyPart::Country => {
                 out.push_str(req.country.as_ref().map_or("-", |c| c.as_str()));
                 Ok(())
+            }
+            KeyPart::Ja3 | KeyPart::Ja4 | KeyPart::ClientSubject => {
+                // Like a missing header: a request without TLS (or without a client
+                // certificate) is not counted by the rule.
+                let v = req.tls.and_then(|t| match p {
+                    KeyPart::Ja3 => Some(t.ja3.as_str()),
+                    KeyPart::Ja4 => Some(t.ja4.as_str()),
+                    _ => t.client_subject.as_deref(),
+                });
+                match v {
+                    Some(v) => {
+                        out.push_str(v);
+                        Ok(())
+                    }
+                    None => return false,
+                }
             }
             KeyPart::Asn => match req.asn {
                 Some(a) => write!(out, "{a}"),

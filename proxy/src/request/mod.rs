@@ -75,6 +75,8 @@ pub struct Request<'a> {
     pub country: Option<CountryCode>,
     /// Client ASN.
     pub asn: Option<u32>,
+    /// The client's TLS connection (fingerprints, client certificate), on TLS listeners.
+    pub tls: Option<&'a crate::tls::TlsConnection>,
     cache: Cache<'a>,
 }
 
@@ -179,6 +181,7 @@ impl<'a> Request<'a> {
             client_ip,
             country,
             asn,
+            tls: None,
             cache: Cache::Owned(Box::default()),
         }
     }
@@ -205,6 +208,7 @@ impl<'a> Request<'a> {
             client_ip: None,
             country: None,
             asn: None,
+            tls: None,
             cache: Cache::Shared(cache),
         }
     }
@@ -219,6 +223,12 @@ impl<'a> Request<'a> {
         self.client_ip = ip;
         self.country = country;
         self.asn = asn;
+        self
+    }
+
+    /// The same view with the client's TLS connection.
+    pub fn with_tls(mut self, tls: Option<&'a crate::tls::TlsConnection>) -> Self {
+        self.tls = tls;
         self
     }
 

@@ -102,6 +102,17 @@ pub enum Field {
     XmlValues,
     /// The body length in bytes: `Content-Length` when given, else the bytes read.
     BodySize,
+    /// The JA3 fingerprint of the client's TLS hello (MD5, 32 hex digits); TLS listeners.
+    TlsJa3,
+    /// The JA4 fingerprint of the client's TLS hello (`t13d1516h2_8daaf6152771_e5627efa2ab1`).
+    TlsJa4,
+    /// The SNI the client sent.
+    TlsSni,
+    /// The subject of the verified client certificate (mTLS), e.g. `CN=alice, O=Example`.
+    TlsClientSubject,
+    /// The subjectAltName entries of the verified client certificate (`DNS:…`, `email:…`,
+    /// `URI:…`, `IP:…`).
+    TlsClientSans,
 }
 
 pub use crate::request::grammar::STANDARD_HEADERS;
@@ -153,12 +164,17 @@ impl Field {
             "body.unparsed" => Field::BodyUnparsed,
             "xml.values" => Field::XmlValues,
             "body_size" => Field::BodySize,
+            "tls.ja3" => Field::TlsJa3,
+            "tls.ja4" => Field::TlsJa4,
+            "tls.sni" => Field::TlsSni,
+            "tls.client_subject" => Field::TlsClientSubject,
+            "tls.client_sans" => Field::TlsClientSans,
             _ => return Err(format!(
                 "unknown field {s:?}; fields are method, path, path.raw, uri, query_string, query.names, query.values, query:NAME, \
                  header:NAME, headers.names, headers.values, cookie:NAME, cookies.names, cookies.values, body, \
                  form.names, form.values, form:NAME, files.names, files.contents, json.keys, json.values, json:/POINTER, \
                  args.names, args.values, headers.custom, body.unparsed, xml.values, body_size, client_ip, country, \
-                 asn, labels"
+                 asn, labels, tls.ja3, tls.ja4, tls.sni, tls.client_subject, tls.client_sans"
             )),
         })
     }
@@ -219,6 +235,13 @@ impl FieldValues for RuleInput<'_> {
                 text: Cow::Borrowed(text),
             }
         }
+        let tls_value = |f: fn(&crate::tls::TlsConnection) -> Option<&str>| -> Vec<Value<'s>> {
+            self.tls
+                .and_then(f)
+                .map(|t| bv(Origin::Other, None, t))
+                .into_iter()
+                .collect()
+        };
         fn header_text(v: &http::HeaderValue) -> Cow<'_, str> {
             match v.to_str() {
                 Ok(s) => Cow::Borrowed(s),
@@ -434,6 +457,23 @@ impl FieldValues for RuleInput<'_> {
                 })
                 .into_iter()
                 .collect(),
+            Field::TlsJa3 => tls_value(|t| Some(t.ja3.as_str())),
+            Field::TlsJa4 => tls_value(|t| Some(t.ja4.as_str())),
+            Field::TlsSni => tls_value(|t| t.sni.as_deref()),
+            Field::TlsClientSubject => tls_value(|t| t.client_subject.as_deref()),
+            Field::TlsClientSans => self
+                .tls
+                .map(|t| {
+                    t.client_sans
+                        .iter()
+                        .map(|s| Value {
+                            origin: Origin::Other,
+                            name: None,
+                            text: Cow::Borrowed(s.as_str()),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
             Field::Labels => labels
                 .iter()
                 .map(|l| Value {

@@ -146,6 +146,8 @@ pub struct RequestCtx {
     pub peer_ip: Option<IpAddr>,
     /// Whether the peer is a trusted proxy.
     pub peer_trusted: bool,
+    /// The connection's TLS digest (its extension holds the [`crate::tls::TlsConnection`]).
+    pub ssl: Option<Arc<pingora::protocols::tls::SslDigest>>,
     /// Country/ASN of the client (resolved only for routes that need it).
     pub geo: ClientGeo,
     /// Body pre-read state.
@@ -177,6 +179,14 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
+    /// What the handshake learned of the client's TLS connection.
+    pub fn tls(&self) -> Option<&crate::tls::TlsConnection> {
+        self.ssl
+            .as_ref()?
+            .extension
+            .get::<crate::tls::TlsConnection>()
+    }
+
     /// A fresh context bound to `snapshot`.
     pub fn new(snapshot: Arc<Snapshot>) -> RequestCtx {
         RequestCtx {
@@ -187,6 +197,7 @@ impl RequestCtx {
             client_ip: None,
             peer_ip: None,
             peer_trusted: false,
+            ssl: None,
             geo: ClientGeo::default(),
             body_state: BodyState::NotRead,
             body: None,

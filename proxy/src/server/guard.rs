@@ -45,6 +45,7 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
+use super::accept::{self, Bound};
 use super::ctx::RequestId;
 use crate::snapshot::Snapshot;
 
@@ -103,21 +104,37 @@ pub struct GuardedApp<A> {
     snapshot: Arc<ArcSwap<Snapshot>>,
     table: Arc<ConnectionTable>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// The client listeners this app serves.
+    bound: Vec<Bound>,
 }
 
 impl<A> GuardedApp<A> {
-    /// Guards `inner`, with limits from the live snapshot.
+    /// Guards `inner` on the `bound` listeners, with limits from the live snapshot.
     pub fn new(
         inner: A,
         snapshot: Arc<ArcSwap<Snapshot>>,
         metrics: Arc<crate::metrics::Metrics>,
+        bound: Vec<Bound>,
     ) -> Self {
         GuardedApp {
             inner: Arc::new(inner),
             snapshot,
             table: Arc::default(),
             metrics,
+            bound,
         }
+    }
+
+    /// The listener a connection arrived on, by its local address.
+    fn listener_of(&self, stream: &Stream) -> Option<&Bound> {
+        let local = stream
+            .get_socket_digest()
+            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied())?;
+        self.bound.iter().find(|b| b.address == local).or_else(|| {
+            self.bound
+                .iter()
+                .find(|b| b.address.port() == local.port() && b.address.ip().is_unspecified())
+        })
     }
 }
 
@@ -132,6 +149,11 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
         let stream: Stream = if stream.as_any().is::<GuardedStream>() {
             stream
         } else {
+            let snapshot = self.snapshot.load();
+            let stream = match self.listener_of(&stream) {
+                Some(bound) => accept::preamble(stream, bound, &snapshot, &self.metrics).await?,
+                None => stream,
+            };
             if let Some(d) = stream.get_ssl_digest() {
                 let alpn = match stream.selected_alpn_proto() {
                     Some(ALPN::H2) => "h2",
@@ -141,7 +163,6 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
                 };
                 self.metrics.count_tls_handshake(&d.version, alpn);
             }
-            let snapshot = self.snapshot.load();
             let http = &snapshot.config.http;
             let limits = Limits {
                 head_timeout: http.head_timeout,

@@ -2,6 +2,7 @@
 //! demo backend and the background services (health checks, rate-limit sweeper, reloads),
 //! then runs it. Start-up compiles the first snapshot through the same step as every reload.
 
+pub mod accept;
 pub mod admin;
 pub mod ctx;
 pub mod demo;
@@ -9,7 +10,6 @@ pub mod guard;
 pub mod proxy;
 pub mod redirect;
 pub mod reload;
-pub mod tls;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -167,12 +167,22 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         opts.h2c = true;
         app.server_options = Some(opts);
     }
+    // The listeners that proxy; TLS ones are bound as TCP: the guard reads the PROXY header
+    // and does the handshake (see `accept`).
+    let bound: Vec<accept::Bound> = listeners
+        .iter()
+        .filter(|l| l.redirect_to_https.is_none())
+        .map(|l| accept::Bound {
+            address: l.address,
+            tls: l.tls.is_some(),
+        })
+        .collect();
     let mut proxy = Service::new(
         "palisade proxy".to_string(),
-        guard::GuardedApp::new(app, Arc::clone(&snapshot), Arc::clone(&metrics)),
+        guard::GuardedApp::new(app, Arc::clone(&snapshot), Arc::clone(&metrics), bound),
     );
     let mut redirect_services = Vec::new();
-    for (i, l) in listeners.iter().enumerate() {
+    for l in &listeners {
         let addr = l.address.to_string();
         if let Some(port) = l.redirect_to_https {
             let mut svc = Service::new(
@@ -181,16 +191,6 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
             );
             svc.add_tcp(&addr);
             redirect_services.push(svc);
-        } else if l.tls.is_some() {
-            // Certificates and client-certificate settings come from the live snapshot at
-            // each handshake (SNI, reloads).
-            let mut settings = pingora::listeners::tls::TlsSettings::intermediate("", "")
-                .map_err(|e| StartError::Tls(e.to_string()))?;
-            let live = Arc::new(tls::LiveTls::new(i, Arc::clone(&snapshot)));
-            settings.set_cert_resolver(Arc::clone(&live) as _);
-            settings.set_client_cert_verifier(live);
-            settings.enable_h2();
-            proxy.add_tls_with_settings(&addr, None, settings);
         } else {
             proxy.add_tcp(&addr);
         }

@@ -453,6 +453,14 @@ impl PalisadeProxy {
     }
 }
 
+/// Headers the upstream gets on TLS connections: the client's JA3 and JA4 fingerprints and,
+/// under mTLS, its verified certificate's subject. Client-sent copies are removed.
+const TLS_HEADERS: [&str; 3] = [
+    "x-palisade-ja3",
+    "x-palisade-ja4",
+    "x-palisade-client-subject",
+];
+
 #[async_trait]
 impl ProxyHttp for PalisadeProxy {
     type CTX = RequestCtx;
@@ -467,6 +475,7 @@ impl ProxyHttp for PalisadeProxy {
         session.set_read_timeout(Some(t.client_read));
         session.set_write_timeout(Some(t.client_write));
         session.set_keepalive(Some(t.client_keepalive.as_secs()));
+        ctx.ssl = session.digest().and_then(|d| d.ssl_digest.clone());
         let req = session.req_header();
         ctx.peer_ip = session
             .client_addr()
@@ -515,6 +524,11 @@ impl ProxyHttp for PalisadeProxy {
             let step = {
                 let req = Request::of_head(session.req_header(), &ctx.cache)
                     .with_client(ctx.client_ip, ctx.geo.country, ctx.geo.asn)
+                    .with_tls(
+                        ctx.ssl
+                            .as_ref()
+                            .and_then(|d| d.extension.get::<crate::tls::TlsConnection>()),
+                    )
                     .with_body(ctx.body.as_deref(), ctx.body_state == BodyState::Complete);
                 route.pipeline.resume(at, body_read, &req, &mut ctx.notes)
             };
@@ -652,6 +666,21 @@ impl ProxyHttp for PalisadeProxy {
             upstream_request.remove_header(&http::header::EXPECT);
         }
         upstream_request.insert_header("x-request-id", ctx.request_id.to_string())?;
+        // What the TLS handshake learned, for the backend (as CloudFront's viewer headers):
+        // only Palisade sets these, whoever the client is.
+        for name in TLS_HEADERS {
+            upstream_request.remove_header(name);
+        }
+        if let Some(t) = ctx.tls() {
+            let subject = t.client_subject.as_deref().unwrap_or("");
+            for (name, value) in TLS_HEADERS.iter().zip([t.ja3.as_str(), &t.ja4, subject]) {
+                if let Ok(v) = http::HeaderValue::from_str(value) {
+                    if !value.is_empty() {
+                        upstream_request.insert_header(*name, v)?;
+                    }
+                }
+            }
+        }
         if let Some(peer) = ctx.peer_ip {
             // A trusted proxy's chain is kept and extended; an untrusted peer's is dropped, so
             // the upstream never sees a spoofed chain. Several XFF headers become one list.
@@ -853,6 +882,8 @@ impl ProxyHttp for PalisadeProxy {
                     client = ?ctx.client_ip,
                     country = ?ctx.geo.country,
                     asn = ?ctx.geo.asn,
+                    ja4 = ctx.tls().map(|t| t.ja4.as_str()),
+                    tls_client = ctx.tls().and_then(|t| t.client_subject.as_deref()),
                     method = %req.method,
                     path = %req.uri.path(),
                     details = %details

@@ -5,17 +5,158 @@
 //! certificate that cannot be loaded fails the reload with its file name, and the old
 //! snapshot keeps serving.
 
+pub mod fingerprint;
+
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rustls::crypto::ring::sign::any_supported_type;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::danger::ClientCertVerifier;
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::{
+    ClientHello, ProducesTickets, ResolvesServerCert, ServerConfig, ServerSessionMemoryCache,
+    StoresServerSessions, WebPkiClientVerifier,
+};
 use rustls::sign::CertifiedKey;
 use rustls::RootCertStore;
+
+pub use fingerprint::Fingerprint;
+
+/// What the proxy knows of a client's TLS connection: set at the handshake, read by rules
+/// (`tls.ja3`, `tls.ja4`, `tls.client_subject`, `tls.client_sans`), rate-limit keys and the
+/// logs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsConnection {
+    /// MD5 of the JA3 text, hex.
+    pub ja3: String,
+    /// JA4.
+    pub ja4: String,
+    /// The SNI the client sent.
+    pub sni: Option<String>,
+    /// The negotiated version (`TLSv1_3`).
+    pub version: String,
+    /// The verified client certificate's subject (`CN=alice, O=Example`), under mTLS.
+    pub client_subject: Option<String>,
+    /// Its subjectAltName entries (DNS names, e-mail addresses, URIs, IP addresses).
+    pub client_sans: Vec<String>,
+}
+
+/// The subject and subjectAltName entries of a (verified) client certificate.
+pub fn client_identity(der: &[u8]) -> Option<(String, Vec<String>)> {
+    use x509_parser::extensions::GeneralName;
+    let (_, x509) = x509_parser::parse_x509_certificate(der).ok()?;
+    let subject = x509.subject().to_string();
+    let sans = x509
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|g| match g {
+                    GeneralName::DNSName(n) => Some(format!("DNS:{n}")),
+                    GeneralName::RFC822Name(n) => Some(format!("email:{n}")),
+                    GeneralName::URI(n) => Some(format!("URI:{n}")),
+                    GeneralName::IPAddress(b) => match b.len() {
+                        4 => <[u8; 4]>::try_from(*b)
+                            .ok()
+                            .map(|a| format!("IP:{}", std::net::Ipv4Addr::from(a))),
+                        16 => <[u8; 16]>::try_from(*b)
+                            .ok()
+                            .map(|a| format!("IP:{}", std::net::Ipv6Addr::from(a))),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some((subject, sans))
+}
+
+/// A TLS listener as compiled: its certificates and the rustls configuration built on them
+/// (versions, cipher suites, ALPN, client certificates, session resumption).
+#[derive(Debug)]
+pub struct TlsListener {
+    /// The certificates (also the configuration's resolver).
+    pub store: Arc<CertStore>,
+    /// What each handshake on the listener uses.
+    pub config: Arc<ServerConfig>,
+}
+
+/// How TLS sessions resume: the session-id cache and the ticket keys.
+type Resumption = (
+    Arc<dyn StoresServerSessions>,
+    Option<Arc<dyn ProducesTickets>>,
+);
+
+/// Session resumption state shared by every TLS listener and kept across reloads: a client
+/// that resumes after a reload still gets the abbreviated handshake.
+fn resumption() -> &'static Resumption {
+    static STATE: OnceLock<Resumption> = OnceLock::new();
+    STATE.get_or_init(|| {
+        // Tickets (stateless, keys rotated every 6 hours) for TLS 1.2 and 1.3; the cache
+        // serves clients that ask for session ids.
+        let ticketer = rustls::crypto::ring::Ticketer::new().ok();
+        (ServerSessionMemoryCache::new(20_000), ticketer)
+    })
+}
+
+/// Builds the rustls configuration of a TLS listener. Errors say which setting is wrong.
+pub fn server_config(
+    store: Arc<CertStore>,
+    tls13_only: bool,
+    cipher_suites: &[String],
+) -> Result<Arc<ServerConfig>, String> {
+    let mut provider = rustls::crypto::ring::default_provider();
+    if !cipher_suites.is_empty() {
+        let known: Vec<String> = provider
+            .cipher_suites
+            .iter()
+            .map(|s| format!("{:?}", s.suite()))
+            .collect();
+        for name in cipher_suites {
+            if !known.iter().any(|k| k == name) {
+                return Err(format!(
+                    "unknown cipher suite {name:?}; the available ones are {}",
+                    known.join(", ")
+                ));
+            }
+        }
+        provider
+            .cipher_suites
+            .retain(|s| cipher_suites.contains(&format!("{:?}", s.suite())));
+    }
+    let versions: &[&rustls::SupportedProtocolVersion] = if tls13_only {
+        &[&rustls::version::TLS13]
+    } else {
+        &[&rustls::version::TLS12, &rustls::version::TLS13]
+    };
+    let builder = ServerConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(versions)
+        .map_err(|e| format!("no usable TLS version with these cipher suites: {e}"))?;
+    let builder = match &store.client_auth {
+        Some(c) => builder.with_client_cert_verifier(Arc::clone(&c.verifier)),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(store);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let (sessions, ticketer) = resumption();
+    config.session_storage = Arc::clone(sessions);
+    if let Some(t) = ticketer {
+        config.ticketer = Arc::clone(t);
+    }
+    Ok(Arc::new(config))
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.pick(hello.server_name()))
+    }
+}
 
 /// The certificates of one TLS listener, indexed by the names they serve.
 #[derive(Debug)]
