@@ -588,3 +588,138 @@ async fn proxy_protocol_from_a_trusted_peer_sets_the_client_ip_and_is_refused_fr
     p.expect_metric("palisade_proxy_protocol_total{result=\"malformed\"}", 1.0)
         .await;
 }
+
+/// What a TLS backend saw: per request, the HTTP version and whether the client presented a
+/// certificate.
+type TlsSeen = Arc<std::sync::Mutex<Vec<(hyper::Version, bool)>>>;
+
+/// A TLS backend on loopback serving `leaf` with ALPN h2 and http/1.1; it asks for (and
+/// verifies, without requiring) client certificates of `clients` when given. Answers every
+/// request with 200.
+async fn tls_backend(leaf: &Leaf, clients: Option<&Ca>) -> (std::net::SocketAddr, TlsSeen) {
+    use rustls::pki_types::pem::PemObject;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match clients {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca.der.clone()).unwrap();
+            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(v)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder
+        .with_single_cert(vec![leaf.der.clone()], key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: TlsSeen = Arc::default();
+    let log = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, log) = (acceptor.clone(), Arc::clone(&log));
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let client_cert = tls.get_ref().1.peer_certificates().is_some();
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        log.lock().unwrap().push((req.version(), client_cert));
+                        async move {
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(Bytes::from_static(b"tls backend")),
+                            ))
+                        }
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn an_upstream_over_tls_is_verified_against_its_ca_and_can_speak_h2_with_a_client_cert() {
+    let ca = Ca::new();
+    let backend_ca = Ca::new();
+    let proxies = Ca::new();
+    let (addr, seen) = tls_backend(
+        &backend_ca.leaf(&["backend.internal"], true),
+        Some(&proxies),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a", &ca.leaf(&["a.example"], true));
+    std::fs::write(dir.path().join("backend-ca.pem"), backend_ca.pem()).unwrap();
+    write(dir.path(), "client", &proxies.leaf(&["palisade"], false));
+    // Verified against the system roots, the self-signed backend is refused.
+    let upstream = |tls: &str| {
+        format!(
+            "upstreams:\n  app: {{targets: [\"{addr}\"], tls: {tls}}}\nroutes:\n  - name: api\n    upstream: app\n"
+        )
+    };
+    let p = Palisade::start_tls(
+        dir,
+        "{certificates: [{cert: a.pem, key: a.key}]}",
+        &upstream("{}"),
+    )
+    .await;
+    assert_eq!(rustls_get(&p, &ca, "/one").await, 502, "{}", p.log());
+    assert!(seen.lock().unwrap().is_empty());
+
+    // With its CA (the target is an IP: its certificate's IP address is checked), over h2.
+    let cfg = p.dir.join("palisade.yaml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("tls: {}", "tls: {ca: backend-ca.pem, h2: true}"),
+    )
+    .unwrap();
+    assert_eq!(reload(&p).await, 200, "{}", p.log());
+    assert_eq!(rustls_get(&p, &ca, "/two").await, 200, "{}", p.log());
+    assert_eq!(
+        seen.lock().unwrap().last().copied(),
+        Some((hyper::Version::HTTP_2, false))
+    );
+
+    // A wrong SNI fails verification; the name in the certificate passes.
+    std::fs::write(
+        &cfg,
+        text.replace("tls: {}", "tls: {ca: backend-ca.pem, sni: other.internal}"),
+    )
+    .unwrap();
+    assert_eq!(reload(&p).await, 200, "{}", p.log());
+    assert_eq!(rustls_get(&p, &ca, "/three").await, 502);
+    std::fs::write(
+        &cfg,
+        text.replace(
+            "tls: {}",
+            "tls: {ca: backend-ca.pem, sni: backend.internal, client_cert: {cert: client.pem, key: client.key}}",
+        ),
+    )
+    .unwrap();
+    assert_eq!(reload(&p).await, 200, "{}", p.log());
+    assert_eq!(rustls_get(&p, &ca, "/four").await, 200, "{}", p.log());
+    assert_eq!(
+        seen.lock().unwrap().last().copied(),
+        Some((hyper::Version::HTTP_11, true)),
+        "HTTP/1.1 unless h2 is offered; the client certificate was presented"
+    );
+    assert_eq!(seen.lock().unwrap().len(), 2);
+}

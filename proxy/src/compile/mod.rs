@@ -40,7 +40,7 @@ use crate::rules::eval::{AttachedRuleSet, ExclusionTarget};
 use crate::rules::RulesStage;
 use crate::schema::{ConfigSite, DocumentStore, RouteValidation, ValidateStage};
 use crate::snapshot::{CompiledRoute, RouteTable, Snapshot, SourceFile};
-use crate::upstream::UpstreamGroup;
+use crate::upstream::{UpstreamGroup, UpstreamTlsLoaded};
 
 /// What a compilation starts from besides the config.
 pub struct CompileContext<'a> {
@@ -795,12 +795,24 @@ fn resolve(target: &str) -> Result<Vec<SocketAddr>, String> {
 fn upstreams(config: &Config, cx: &CompileContext<'_>, out: &mut Out) -> Vec<Arc<UpstreamGroup>> {
     let mut groups = Vec::new();
     for up in &config.upstreams {
+        // Each server's host as written (the default SNI of TLS upstreams).
+        let mut names: Vec<(SocketAddr, String)> = Vec::new();
         let addrs: Vec<SocketAddr> = match &up.targets {
             UpstreamTargets::Servers(targets) => {
                 let mut addrs = Vec::new();
                 for t in targets {
                     match resolve(&t.address) {
-                        Ok(a) => addrs.extend(a),
+                        Ok(a) => {
+                            let host = t
+                                .address
+                                .rsplit_once(':')
+                                .map_or(t.address.as_str(), |(h, _)| h)
+                                .trim_start_matches('[')
+                                .trim_end_matches(']')
+                                .to_string();
+                            names.extend(a.iter().map(|a| (*a, host.clone())));
+                            addrs.extend(a);
+                        }
                         Err(m) => {
                             let m = format!("upstream {:?}: {m}", up.name);
                             match &t.at {
@@ -824,10 +836,55 @@ fn upstreams(config: &Config, cx: &CompileContext<'_>, out: &mut Out) -> Vec<Arc
                 }
             },
         };
+        let tls = match &up.tls {
+            None => None,
+            Some(t) => {
+                let ca = t.ca.as_ref().map(|(f, at)| {
+                    let path = config.resolve(f);
+                    out.source(&path, "tls");
+                    (path, *at)
+                });
+                let client = t.client_cert.as_ref().map(|(c, k, at)| {
+                    let (c, k) = (config.resolve(c), config.resolve(k));
+                    out.source(&c, "tls");
+                    out.source(&k, "tls");
+                    (c, k, *at)
+                });
+                let loaded = UpstreamTlsLoaded::load(
+                    t.sni.as_deref(),
+                    t.verify,
+                    t.h2,
+                    ca.as_ref().map(|(p, _)| p.as_path()),
+                    client.as_ref().map(|(c, k, _)| (c.as_path(), k.as_path())),
+                    names,
+                );
+                match loaded {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        let m = format!("upstream {:?}: {e}", up.name);
+                        // At the line naming the file the error is about.
+                        let at = match (&ca, &client) {
+                            (Some((p, at)), _) if e.starts_with(&p.display().to_string()) => {
+                                Some(*at)
+                            }
+                            (_, Some((_, _, at))) | (Some((_, at)), None) => Some(*at),
+                            (None, None) => None,
+                        };
+                        match at {
+                            Some(at) => out.at(&at, m),
+                            None => out.global(m),
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
         let kept = cx.previous.and_then(|p| {
-            p.upstreams
-                .iter()
-                .find(|g| g.built_from.0 == *up && g.built_from.1 == addrs)
+            p.upstreams.iter().find(|g| {
+                g.built_from.0 == *up
+                    && g.built_from.1 == addrs
+                    && g.tls.as_ref().map(|t| &t.material) == tls.as_ref().map(|t| &t.material)
+            })
         });
         if let Some(g) = kept {
             groups.push(Arc::clone(g));
@@ -838,7 +895,7 @@ fn upstreams(config: &Config, cx: &CompileContext<'_>, out: &mut Out) -> Vec<Arc
                 .upstream_errors
                 .with_label_values(&[up.name.as_str(), k])
         });
-        match UpstreamGroup::build(up, addrs, errors) {
+        match UpstreamGroup::build(up, addrs, errors, tls) {
             Ok(g) => groups.push(g),
             Err(e) => out.global(e.to_string()),
         }

@@ -17,7 +17,7 @@ use super::file::{
 };
 use super::{
     Config, HealthCheck, HostMatch, Listener, Overrides, PassiveHealth, Problem, Problems, Route,
-    RoutePolicy, Target, Timeouts, Upstream, UpstreamTargets, MAX_INSPECT_LIMIT,
+    RoutePolicy, Target, Timeouts, Upstream, UpstreamTargets, UpstreamTls, MAX_INSPECT_LIMIT,
 };
 use crate::identity::geo::CountryCode;
 use crate::identity::ipset::parse_cidr;
@@ -206,12 +206,20 @@ pub fn check_all(
     }
     if let Some(url) = &overrides.upstream {
         match parse_upstream_url(url) {
-            Ok(address) => upstreams.push(Upstream {
+            Ok((address, tls)) => upstreams.push(Upstream {
                 name: CLI_UPSTREAM.into(),
                 targets: UpstreamTargets::Servers(vec![Target { address, at: None }]),
                 host_header: None,
                 health_check: None,
                 passive: PassiveHealth::default(),
+                // The system's roots, verification on, the target's host as SNI.
+                tls: tls.then_some(UpstreamTls {
+                    sni: None,
+                    ca: None,
+                    verify: true,
+                    client_cert: None,
+                    h2: false,
+                }),
             }),
             Err(m) => issues.global(format!("--upstream {url:?}: {m}")),
         }
@@ -778,25 +786,50 @@ fn upstream(name: &str, up: &UpstreamConfig, issues: &mut Issues) -> Upstream {
             ejection: p.ejection.map(|d| d.0).unwrap_or(Duration::from_secs(10)),
         })
         .unwrap_or_default();
+    let tls = up.tls.as_ref().map(|t| {
+        if let Some(sni) = &t.sni {
+            if !valid_tls_name(sni) || sni.starts_with("*.") {
+                issues.global(format!(
+                    "upstream {name:?}: tls.sni {sni:?} is not a host name"
+                ));
+            }
+        }
+        if !t.verify {
+            tracing::warn!(upstream = name,
+                "tls.verify is false: the servers' certificates are not checked, so anyone on the path can impersonate them");
+        }
+        UpstreamTls {
+            sni: t.sni.clone(),
+            ca: t.ca.as_ref().map(|c| (c.value.clone(), c.referenced)),
+            verify: t.verify,
+            client_cert: t
+                .client_cert
+                .as_ref()
+                .map(|c| (c.cert.value.clone(), c.key.value.clone(), c.cert.referenced)),
+            h2: t.h2,
+        }
+    });
     Upstream {
         name: name.to_string(),
         targets,
         host_header: up.host_header.clone(),
         health_check,
         passive,
+        tls,
     }
 }
 
 /// Parses `--upstream http://host:port` into `host:port`.
-fn parse_upstream_url(url: &str) -> Result<String, String> {
-    let rest = match url.split_once("://") {
-        Some(("http", rest)) => rest,
+fn parse_upstream_url(url: &str) -> Result<(String, bool), String> {
+    let (rest, tls) = match url.split_once("://") {
+        Some(("http", rest)) => (rest, false),
+        Some(("https", rest)) => (rest, true),
         Some((scheme, _)) => {
             return Err(format!(
-                "scheme {scheme:?} is not supported for upstreams yet; use http://host:port"
+                "scheme {scheme:?} is not supported for upstreams; use http://host:port or https://host:port"
             ))
         }
-        None => url,
+        None => (url, false),
     };
     let hostport = rest.trim_end_matches('/');
     if hostport.contains('/') {
@@ -805,9 +838,9 @@ fn parse_upstream_url(url: &str) -> Result<String, String> {
     if hostport.rsplit_once(':').is_some_and(|(h, p)| {
         !h.is_empty() && p.chars().all(|c| c.is_ascii_digit()) && !hostport.ends_with(']')
     }) {
-        Ok(hostport.to_string())
+        Ok((hostport.to_string(), tls))
     } else {
-        Ok(format!("{hostport}:80"))
+        Ok((format!("{hostport}:{}", if tls { 443 } else { 80 }), tls))
     }
 }
 

@@ -378,6 +378,46 @@ pub struct UpstreamConfig {
     /// Passive health: eject a server after consecutive connection failures.
     #[serde(default)]
     pub passive: Option<PassiveHealthConfig>,
+    /// Connect to the servers over TLS. Reloaded with the config.
+    #[serde(default)]
+    pub tls: Option<UpstreamTlsConfig>,
+}
+
+/// TLS to the servers of an upstream group.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// Name sent as SNI and checked against the server's certificate. Default: the host of
+    /// each target (an IP target is checked against the certificate's IP addresses).
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// PEM file with the CA certificates that sign the servers' certificates; relative to
+    /// the config file. Default: the system's trusted roots.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub ca: Option<Spanned<String>>,
+    /// Verify the server's certificate and name (default `true`). `false` accepts any
+    /// certificate: an attacker on the path can read and change the traffic.
+    #[serde(default = "default_true")]
+    pub verify: bool,
+    /// Client certificate presented to the servers (mTLS to the upstream).
+    #[serde(default)]
+    pub client_cert: Option<UpstreamClientCertConfig>,
+    /// Offer HTTP/2 (ALPN `h2`, falling back to HTTP/1.1 when the server does not speak it).
+    #[serde(default)]
+    pub h2: bool,
+}
+
+/// A client certificate for TLS to an upstream.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamClientCertConfig {
+    /// PEM file with the certificate chain, leaf first; relative to the config file.
+    #[schemars(with = "String")]
+    pub cert: Spanned<String>,
+    /// PEM file with its private key; relative to the config file.
+    #[schemars(with = "String")]
+    pub key: Spanned<String>,
 }
 
 /// Active health check of every target of an upstream.

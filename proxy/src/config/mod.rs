@@ -251,6 +251,23 @@ pub struct Upstream {
     pub health_check: Option<HealthCheck>,
     /// Passive health settings (always on; defaults apply).
     pub passive: PassiveHealth,
+    /// TLS to the servers, when configured.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// TLS to the servers of an upstream group (see [`file::UpstreamTlsConfig`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// SNI and verified name; `None`: each target's host.
+    pub sni: Option<String>,
+    /// CA bundle file and where it is named; `None`: the system roots.
+    pub ca: Option<(String, Location)>,
+    /// Verify the certificate and name.
+    pub verify: bool,
+    /// Client certificate and key files, and where they are named.
+    pub client_cert: Option<(String, String, Location)>,
+    /// Offer HTTP/2.
+    pub h2: bool,
 }
 
 /// Active health check settings.

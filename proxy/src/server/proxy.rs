@@ -598,7 +598,7 @@ impl ProxyHttp for PalisadeProxy {
         ctx.tried.push(addr);
         ctx.upstream_addr = Some(addr);
         let t = snapshot.config.timeouts;
-        let mut peer = HttpPeer::new(addr, false, String::new());
+        let mut peer = group.peer(addr);
         peer.options.connection_timeout = Some(t.upstream_connect);
         peer.options.read_timeout = Some(t.upstream_read);
         peer.options.write_timeout = Some(t.upstream_write);

@@ -19,6 +19,11 @@ use pingora::lb::health_check::{
 };
 use pingora::lb::selection::RoundRobin;
 use pingora::lb::{Backend, LoadBalancer};
+use pingora::protocols::ALPN;
+use pingora::upstreams::peer::HttpPeer;
+use pingora::utils::tls::{CertKey, WrappedX509};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::{HealthCheckKind, PassiveHealth, Upstream};
 
@@ -48,6 +53,141 @@ pub struct UpstreamGroup {
     pub built_from: (Upstream, Vec<SocketAddr>),
     /// `palisade_upstream_errors_total` handles: connect, timeout, failure.
     pub errors: [prometheus::IntCounter; 3],
+    /// TLS to the servers, when configured.
+    pub tls: Option<UpstreamTlsLoaded>,
+}
+
+/// The certificates of TLS to an upstream, as read from their files (a reload compares
+/// them: a changed CA or client certificate rebuilds the group).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TlsMaterial {
+    /// The CA bundle (DER), when not the system roots.
+    pub ca: Vec<Vec<u8>>,
+    /// The client certificate chain (DER) and key (DER).
+    pub client: Option<(Vec<Vec<u8>>, Vec<u8>)>,
+}
+
+/// TLS to the servers of a group, ready for connections.
+pub struct UpstreamTlsLoaded {
+    /// What it was loaded from.
+    pub material: TlsMaterial,
+    /// SNI and verified name of each server: the configured one, or the target's host.
+    names: Vec<(SocketAddr, String)>,
+    verify: bool,
+    h2: bool,
+    ca: Option<Arc<[WrappedX509]>>,
+    client: Option<Arc<CertKey>>,
+}
+
+impl std::fmt::Debug for UpstreamTlsLoaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTlsLoaded")
+            .field("names", &self.names)
+            .field("verify", &self.verify)
+            .field("h2", &self.h2)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads a PEM certificate chain; errors name the file.
+fn read_chain(path: &std::path::Path) -> Result<Vec<Vec<u8>>, String> {
+    let certs: Vec<Vec<u8>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{}: cannot read certificates: {e}", path.display()))?
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: not a PEM certificate file: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate in the file", path.display()));
+    }
+    for c in &certs {
+        // pingora parses them again (and panics on a bad one): check here.
+        x509_parser::parse_x509_certificate(c)
+            .map_err(|e| format!("{}: cannot parse a certificate: {e}", path.display()))?;
+    }
+    Ok(certs)
+}
+
+impl UpstreamTlsLoaded {
+    /// Loads the CA bundle and client certificate files (paths already resolved). `names`
+    /// gives each server's SNI when `sni` is not set.
+    pub fn load(
+        sni: Option<&str>,
+        verify: bool,
+        h2: bool,
+        ca: Option<&std::path::Path>,
+        client: Option<(&std::path::Path, &std::path::Path)>,
+        names: Vec<(SocketAddr, String)>,
+    ) -> Result<UpstreamTlsLoaded, String> {
+        let mut material = TlsMaterial::default();
+        if let Some(ca) = ca {
+            material.ca = read_chain(ca)?;
+        }
+        if let Some((cert, key)) = client {
+            let chain = read_chain(cert)?;
+            let der = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| format!("{}: no usable private key: {e}", key.display()))?;
+            let signer = rustls::crypto::ring::sign::any_supported_type(&der)
+                .map_err(|e| format!("{}: unsupported private key: {e}", key.display()))?;
+            let certified = rustls::sign::CertifiedKey::new(
+                chain
+                    .iter()
+                    .map(|c| CertificateDer::from(c.clone()))
+                    .collect(),
+                signer,
+            );
+            certified.keys_match().map_err(|e| {
+                format!(
+                    "{} does not belong to {}: {e}",
+                    key.display(),
+                    cert.display()
+                )
+            })?;
+            material.client = Some((chain, der.secret_der().to_vec()));
+        }
+        let ca_certs = (!material.ca.is_empty()).then(|| {
+            let certs: Arc<[WrappedX509]> = material
+                .ca
+                .iter()
+                .map(|c| WrappedX509::new(c.clone(), pingora::utils::tls::parse_x509))
+                .collect();
+            certs
+        });
+        let client_key = material
+            .client
+            .as_ref()
+            .map(|(chain, key)| Arc::new(CertKey::new(chain.clone(), key.clone())));
+        let names = match sni {
+            Some(s) => names.into_iter().map(|(a, _)| (a, s.to_string())).collect(),
+            None => names,
+        };
+        Ok(UpstreamTlsLoaded {
+            material,
+            names,
+            verify,
+            h2,
+            ca: ca_certs,
+            client: client_key,
+        })
+    }
+
+    /// The name `addr` is reached by (SNI, and the certificate's expected name).
+    fn name_of(&self, addr: SocketAddr) -> String {
+        self.names
+            .iter()
+            .find(|(a, _)| *a == addr)
+            .map(|(_, n)| n.clone())
+            .unwrap_or_else(|| addr.ip().to_string())
+    }
+
+    /// Applies these settings to a peer bound to `addr`.
+    fn apply(&self, peer: &mut HttpPeer, addr: SocketAddr) {
+        peer.sni = self.name_of(addr);
+        peer.options.verify_cert = self.verify;
+        peer.options.verify_hostname = self.verify;
+        peer.options.ca.clone_from(&self.ca);
+        peer.client_cert_key.clone_from(&self.client);
+        peer.options.alpn = if self.h2 { ALPN::H2H1 } else { ALPN::H1 };
+    }
 }
 
 /// Why an upstream group could not be built.
@@ -69,6 +209,7 @@ impl UpstreamGroup {
         up: &Upstream,
         addrs: Vec<SocketAddr>,
         errors: [prometheus::IntCounter; 3],
+        tls: Option<UpstreamTlsLoaded>,
     ) -> Result<Arc<UpstreamGroup>, UpstreamError> {
         let mut lb =
             LoadBalancer::<RoundRobin>::try_from_iter(addrs.iter().copied()).map_err(|source| {
@@ -95,7 +236,12 @@ impl UpstreamGroup {
                 }
                 HealthCheckKind::Http => {
                     let host = up.host_header.clone().unwrap_or_else(|| "localhost".into());
-                    let mut c = HttpHealthCheck::new(&host, false);
+                    let mut c = HttpHealthCheck::new(&host, tls.is_some());
+                    if let Some(t) = &tls {
+                        // Checked like requests: same name, CA and client certificate.
+                        let addr = addrs.first().copied().unwrap_or(([0, 0, 0, 0], 0).into());
+                        t.apply(&mut c.peer_template, addr);
+                    }
                     c.consecutive_success = hc.healthy_after;
                     c.consecutive_failure = hc.unhealthy_after;
                     c.req.set_uri(
@@ -129,7 +275,20 @@ impl UpstreamGroup {
             next_check_ms: AtomicU64::new(0),
             built_from: (up.clone(), addrs),
             errors,
+            tls,
         }))
+    }
+
+    /// A peer for server `addr` of this group: cleartext, or TLS with the group's settings.
+    pub fn peer(&self, addr: SocketAddr) -> HttpPeer {
+        match &self.tls {
+            Some(t) => {
+                let mut peer = HttpPeer::new(addr, true, String::new());
+                t.apply(&mut peer, addr);
+                peer
+            }
+            None => HttpPeer::new(addr, false, String::new()),
+        }
     }
 
     /// Runs the active health check if it is due.
