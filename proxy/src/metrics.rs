@@ -33,6 +33,10 @@ pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "palisade_tls_handshake_failures_
 /// result (`accepted`, `untrusted_peer`, `malformed`, `timeout`).
 pub const PROXY_PROTOCOL_TOTAL: &str = "palisade_proxy_protocol_total";
 
+/// `palisade_http2_rapid_reset_total`: HTTP/2 connections closed because the client reset
+/// streams as fast as it opened them.
+pub const HTTP2_RAPID_RESET_TOTAL: &str = "palisade_http2_rapid_reset_total";
+
 /// The reasons of `palisade_tls_handshake_failures_total`:
 /// - `not_tls`: the client spoke something else (cleartext HTTP on the TLS port),
 /// - `malformed_hello`: TLS records that are not a ClientHello that parses,
@@ -153,6 +157,8 @@ pub struct Metrics {
     tls_handshake_failures: IntCounterVec,
     /// PROXY protocol headers by result.
     proxy_protocol: IntCounterVec,
+    /// HTTP/2 connections cut for rapid reset.
+    pub http2_rapid_reset: IntCounter,
     /// Country handles, resolved once per country.
     country_cache: LabelCache,
 }
@@ -386,6 +392,11 @@ impl Metrics {
         registry.register(Box::new(tls_handshakes.clone()))?;
         registry.register(Box::new(tls_handshake_failures.clone()))?;
         registry.register(Box::new(proxy_protocol.clone()))?;
+        let http2_rapid_reset = IntCounter::new(
+            HTTP2_RAPID_RESET_TOTAL,
+            "HTTP/2 connections closed because the client reset streams as fast as it opened them.",
+        )?;
+        registry.register(Box::new(http2_rapid_reset.clone()))?;
         for result in ["success", "failure"] {
             config_reloads.with_label_values(&[result]);
         }
@@ -437,6 +448,7 @@ impl Metrics {
             tls_handshakes,
             tls_handshake_failures,
             proxy_protocol,
+            http2_rapid_reset,
             country_cache: LabelCache::new(client_country.clone()),
         })
     }

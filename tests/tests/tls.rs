@@ -723,3 +723,155 @@ async fn an_upstream_over_tls_is_verified_against_its_ca_and_can_speak_h2_with_a
     );
     assert_eq!(seen.lock().unwrap().len(), 2);
 }
+
+/// An HTTP/2 frame.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// The client preface and an empty SETTINGS frame.
+fn preface() -> Vec<u8> {
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(4, 0, 0, &[]));
+    out
+}
+
+/// HPACK for `GET https://a.example/`.
+fn get_block() -> Vec<u8> {
+    let mut b = vec![0x82, 0x87, 0x84, 0x01, 9];
+    b.extend_from_slice(b"a.example");
+    b
+}
+
+/// Writes `writes` on a new h2 connection (stopping at the first failed write) and returns
+/// what the server sent until it closed the connection (within 10 s).
+async fn exchange_h2(p: &Palisade, ca: &Ca, writes: &[Vec<u8>]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = connect(p, &ca.connector(&[b"h2"]), dns("a.example")).await;
+    let (mut rd, mut wr) = tokio::io::split(s);
+    let reader = tokio::spawn(async move {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = rd.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+        }
+        all
+    });
+    for w in writes {
+        if wr.write_all(w).await.is_err() {
+            break;
+        }
+    }
+    let _ = wr.flush().await;
+    tokio::time::timeout(std::time::Duration::from_secs(10), reader)
+        .await
+        .expect("the server closes the connection")
+        .unwrap()
+}
+
+/// The error code of the first GOAWAY frame among `frames`.
+fn goaway_code(frames: &[u8]) -> Option<u32> {
+    let mut at = 0;
+    while at + 9 <= frames.len() {
+        let len = u32::from_be_bytes([0, frames[at], frames[at + 1], frames[at + 2]]) as usize;
+        if frames[at + 3] == 7 && at + 17 <= frames.len() {
+            let c = &frames[at + 13..at + 17];
+            return Some(u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
+        }
+        at += 9 + len;
+    }
+    None
+}
+
+/// An HTTP/2 client (the h2 crate) on a new TLS connection.
+async fn h2_client(
+    p: &Palisade,
+    ca: &Ca,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let s = connect(p, &ca.connector(&[b"h2"]), dns("a.example")).await;
+    let (send, conn) = h2::client::handshake(s).await.unwrap();
+    (send, tokio::spawn(conn))
+}
+
+fn h2_get(path: &str) -> http::Request<()> {
+    http::Request::get(format!("https://a.example{path}"))
+        .header("user-agent", UA)
+        .body(())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn http2_streams_are_limited_and_rapid_reset_and_continuation_floods_lose_the_connection() {
+    let backend = Backend::start("api").await;
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a", &ca.leaf(&["a.example"], false));
+    let config = format!(
+        "http: {{h2_max_concurrent_streams: 16}}\n{}",
+        body(&backend)
+    );
+    let p = Palisade::start_tls(dir, "{certificates: [{cert: a.pem, key: a.key}]}", &config).await;
+
+    // The stream limit is advertised, and a request is served.
+    let (send, conn) = h2_client(&p, &ca).await;
+    let mut send = send.ready().await.unwrap();
+    let (resp, _) = send.send_request(h2_get("/items"), true).unwrap();
+    assert_eq!(resp.await.unwrap().status(), 200);
+    assert_eq!(send.current_max_send_streams(), 16);
+    drop(send);
+    let _ = conn.await;
+
+    // Rapid reset: 1000 requests, each cancelled in the same write. The connection is cut:
+    // by the h2 crate (GOAWAY ENHANCE_YOUR_CALM for streams reset before they were taken)
+    // or by the guard (100 resets, at least half of the streams opened).
+    let mut frames = preface();
+    for i in 0..1000u32 {
+        let id = 2 * i + 1;
+        frames.extend(frame(1, 0x5, id, &get_block()));
+        frames.extend(frame(3, 0, id, &8u32.to_be_bytes()));
+    }
+    let got = exchange_h2(&p, &ca, &[frames]).await;
+    let goaway = goaway_code(&got);
+    let cut = p.metric("palisade_http2_rapid_reset_total").await;
+    assert!(
+        goaway == Some(0xb) || cut == 1.0,
+        "GOAWAY {goaway:?}, guard cuts {cut}"
+    );
+    assert!(
+        backend.count() < 200,
+        "{} requests reached the backend",
+        backend.count()
+    );
+    let after_reset = backend.count();
+
+    // CONTINUATION flood: one header block that never ends (150 literal headers of 100
+    // bytes per frame, never END_HEADERS): GOAWAY once it passes the head size limit.
+    let mut block = Vec::new();
+    for _ in 0..150 {
+        block.extend_from_slice(&[0x00, 0x01, b'a', 100]);
+        block.extend_from_slice(&[b'v'; 100]);
+    }
+    let mut first = preface();
+    first.extend(frame(1, 0x1, 1, &get_block()));
+    let mut writes = vec![first];
+    writes.extend((0..400).map(|_| frame(9, 0, 1, &block)));
+    let got = exchange_h2(&p, &ca, &writes).await;
+    assert!(goaway_code(&got).is_some(), "GOAWAY before 6 MB of headers");
+    assert_eq!(
+        backend.count(),
+        after_reset,
+        "nothing of the flood reached the backend"
+    );
+    // The server is fine.
+    assert_eq!(rustls_get(&p, &ca, "/items").await, 200);
+}

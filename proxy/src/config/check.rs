@@ -698,6 +698,10 @@ fn http_settings(h: &super::file::HttpConfig, issues: &mut Issues) -> super::Htt
         head_timeout,
         body_timeout,
         max_connections_per_ip: h.max_connections_per_ip.unwrap_or(d.max_connections_per_ip),
+        h2_max_concurrent_streams: h
+            .h2_max_concurrent_streams
+            .unwrap_or(d.h2_max_concurrent_streams)
+            .max(1),
         content_encoding: h.content_encoding.unwrap_or(d.content_encoding),
         untrusted_headers,
     }

@@ -300,6 +300,12 @@ pub struct HttpConfig {
     /// not limited.
     #[serde(default)]
     pub max_connections_per_ip: Option<usize>,
+    /// HTTP/2 (over TLS, or h2c): most concurrent streams per connection, advertised to the
+    /// client (default 100). Applies at start-up. A client that resets streams faster than
+    /// they are served (rapid reset) or floods CONTINUATION frames past `max_head_size` loses
+    /// its connection.
+    #[serde(default)]
+    pub h2_max_concurrent_streams: Option<u32>,
     /// Bodies with a `Content-Encoding` (gzip, deflate): `refuse` (415, default) or `decode`
     /// (inflated for inspection, at most the inspection limit, and forwarded as sent).
     #[serde(default)]

@@ -135,6 +135,8 @@ pub struct Http {
     pub body_timeout: Duration,
     /// Connections per client address (0 = no limit).
     pub max_connections_per_ip: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub h2_max_concurrent_streams: u32,
     /// Request bodies with a content coding.
     pub content_encoding: file::ContentEncodingPolicy,
     /// Lower-case names of the headers only trusted proxies may send.
@@ -178,6 +180,7 @@ impl Default for Http {
             head_timeout: Duration::from_secs(15),
             body_timeout: Duration::from_secs(30),
             max_connections_per_ip: 256,
+            h2_max_concurrent_streams: 100,
             content_encoding: file::ContentEncodingPolicy::Refuse,
             untrusted_headers: DEFAULT_UNTRUSTED_HEADERS
                 .iter()

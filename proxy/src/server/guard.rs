@@ -189,7 +189,12 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
                 },
                 None => None,
             };
-            let mut guarded = GuardedStream::new(stream, limits, permit);
+            let mut guarded = GuardedStream::new(
+                stream,
+                limits,
+                permit,
+                self.metrics.http2_rapid_reset.clone(),
+            );
             if !guarded.read_first_head().await {
                 return None;
             }
@@ -229,7 +234,77 @@ pub struct GuardedStream {
     pre: Vec<u8>,
     /// How much of `pre` was replayed.
     pre_at: usize,
+    /// Frames of an HTTP/2 connection, counted for rapid-reset detection.
+    h2: H2Monitor,
+    /// `palisade_http2_rapid_reset_total`, counted when a connection is cut.
+    rapid_reset: prometheus::IntCounter,
     _permit: Option<Permit>,
+}
+
+/// Watches the frames an HTTP/2 client sends, for the rapid-reset attack (CVE-2023-44487):
+/// streams opened and cancelled at once, so the server does work for each while the
+/// concurrency limit never binds. The h2 crate only counts resets of streams not yet handed
+/// to the application, and pingora takes each stream at once, so the count is kept here, as
+/// Envoy does: a connection whose client has reset at least [`H2Monitor::MIN_RESETS`]
+/// streams, and at least half of those it opened, is closed.
+#[derive(Debug)]
+struct H2Monitor {
+    /// Bytes of the client preface still to skip.
+    preface_left: usize,
+    /// A frame header being read.
+    header: [u8; 9],
+    header_len: usize,
+    /// Payload bytes of the current frame still to skip.
+    payload_left: usize,
+    /// HEADERS frames (new streams, and the odd trailer block).
+    streams: u32,
+    /// RST_STREAM frames.
+    resets: u32,
+}
+
+impl H2Monitor {
+    const MIN_RESETS: u32 = 100;
+
+    fn new() -> H2Monitor {
+        H2Monitor {
+            preface_left: 24,
+            header: [0; 9],
+            header_len: 0,
+            payload_left: 0,
+            streams: 0,
+            resets: 0,
+        }
+    }
+
+    /// Reads client bytes; `true` when the connection is to be cut.
+    fn feed(&mut self, mut data: &[u8]) -> bool {
+        let n = self.preface_left.min(data.len());
+        self.preface_left -= n;
+        data = &data[n..];
+        while !data.is_empty() {
+            if self.payload_left > 0 {
+                let n = self.payload_left.min(data.len());
+                self.payload_left -= n;
+                data = &data[n..];
+                continue;
+            }
+            let n = (9 - self.header_len).min(data.len());
+            self.header[self.header_len..self.header_len + n].copy_from_slice(&data[..n]);
+            self.header_len += n;
+            data = &data[n..];
+            if self.header_len == 9 {
+                let h = self.header;
+                match h[3] {
+                    1 => self.streams += 1,
+                    3 => self.resets += 1,
+                    _ => {}
+                }
+                self.payload_left = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+                self.header_len = 0;
+            }
+        }
+        self.resets >= Self::MIN_RESETS && self.resets.saturating_mul(2) >= self.streams
+    }
 }
 
 impl std::fmt::Debug for GuardedStream {
@@ -284,7 +359,12 @@ fn pingora_error_status(buf: &[u8]) -> Option<u16> {
 }
 
 impl GuardedStream {
-    fn new(inner: Stream, limits: Limits, permit: Option<Permit>) -> Self {
+    fn new(
+        inner: Stream,
+        limits: Limits,
+        permit: Option<Permit>,
+        rapid_reset: prometheus::IntCounter,
+    ) -> Self {
         GuardedStream {
             inner,
             limits,
@@ -293,8 +373,23 @@ impl GuardedStream {
             out: None,
             pre: Vec::new(),
             pre_at: 0,
+            h2: H2Monitor::new(),
+            rapid_reset,
             _permit: permit,
         }
+    }
+
+    /// Watches bytes handed to pingora on an HTTP/2 connection; an error when the client is
+    /// resetting streams as fast as it opens them.
+    fn watch_h2(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if self.state == State::H2 && self.h2.feed(data) {
+            self.rapid_reset.inc();
+            tracing::info!(streams = self.h2.streams, resets = self.h2.resets,
+                "HTTP/2 connection closed: the client resets streams as fast as it opens them (rapid reset)");
+            self.state = State::Failing(std::io::ErrorKind::ConnectionAborted);
+            return Err(std::io::ErrorKind::ConnectionAborted.into());
+        }
+        Ok(())
     }
 
     /// Reads the connection's first request head (or the HTTP/2 preface) ahead of pingora,
@@ -418,13 +513,17 @@ impl AsyncRead for GuardedStream {
         let this = self.get_mut();
         if this.pre_at < this.pre.len() {
             let n = buf.remaining().min(this.pre.len() - this.pre_at);
-            buf.put_slice(&this.pre[this.pre_at..this.pre_at + n]);
+            let (from, to) = (this.pre_at, this.pre_at + n);
+            buf.put_slice(&this.pre[from..to]);
             this.pre_at += n;
+            let pre = std::mem::take(&mut this.pre);
+            let watched = this.watch_h2(&pre[from..to]);
+            this.pre = pre;
             if this.pre_at == this.pre.len() {
                 this.pre = Vec::new();
                 this.pre_at = 0;
             }
-            return Poll::Ready(Ok(()));
+            return Poll::Ready(watched);
         }
         if let State::Failing(kind) = this.state {
             ready!(this.poll_out(cx))?;
@@ -441,6 +540,12 @@ impl AsyncRead for GuardedStream {
                     buf.set_filled(before);
                     ready!(this.poll_out(cx))?;
                     return Poll::Ready(Err(kind.into()));
+                }
+                if this.state == State::H2 {
+                    if let Err(e) = this.watch_h2(&buf.filled()[before..]) {
+                        buf.set_filled(before);
+                        return Poll::Ready(Err(e));
+                    }
                 }
                 Poll::Ready(Ok(()))
             }
@@ -591,6 +696,37 @@ impl Peek for GuardedStream {
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rapid_reset_is_half_the_streams_reset_after_a_hundred() {
+        let frame = |kind: u8, id: u32| {
+            let mut f = vec![0, 0, 4, kind, 0];
+            f.extend_from_slice(&id.to_be_bytes());
+            f.extend_from_slice(&[0, 0, 0, 8]);
+            f
+        };
+        let mut busy = H2Monitor::new();
+        assert!(!busy.feed(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
+        // A browser that cancels one stream in three is fine, however long it stays.
+        for i in 0..3000u32 {
+            let mut bytes = frame(1, 2 * i + 1);
+            if i % 3 == 0 {
+                bytes.extend(frame(3, 2 * i + 1));
+            }
+            // Fed a byte at a time: frames split across reads are counted the same.
+            for b in bytes {
+                assert!(!busy.feed(&[b]), "{i}");
+            }
+        }
+        let mut attack = H2Monitor::new();
+        attack.feed(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        let cut = (0..1000u32).position(|i| {
+            let mut bytes = frame(1, 2 * i + 1);
+            bytes.extend(frame(3, 2 * i + 1));
+            attack.feed(&bytes)
+        });
+        assert_eq!(cut, Some(99));
+    }
 
     #[test]
     fn pingora_answers_are_recognized() {

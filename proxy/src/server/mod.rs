@@ -130,6 +130,9 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     let metrics = Arc::new(Metrics::new()?);
     let threads = config.threads;
     let h2c = config.h2c;
+    let h2_streams = config.http.h2_max_concurrent_streams;
+    let max_head = config.http.max_head_size;
+    let keepalive = config.timeouts.client_keepalive;
     let listeners = config.listeners.clone();
     let admin_addr = config.admin;
     let first = compile(config, &CompileContext::first(&metrics, demo_addr))?;
@@ -162,11 +165,22 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         &server.configuration,
         proxy::PalisadeProxy::new(Arc::clone(&snapshot), Arc::clone(&metrics)),
     );
-    if h2c {
-        let mut opts = HttpServerOptions::default();
-        opts.h2c = true;
-        app.server_options = Some(opts);
-    }
+    let mut opts = HttpServerOptions::default();
+    opts.h2c = h2c;
+    // An HTTP/2 connection with no stream open is closed like an idle keep-alive one.
+    opts.h2_idle_timeout = Some(keepalive);
+    app.server_options = Some(opts);
+    // HTTP/2 limits (the h2 crate's): streams per connection as configured; a header block
+    // (CONTINUATION frames included) no larger than an HTTP/1.1 head may be; at most 20
+    // streams reset by the client before they were served, and 256 streams the server had to
+    // reset for errors, before the connection is closed with ENHANCE_YOUR_CALM (HTTP/2 rapid
+    // reset, CVE-2023-44487).
+    let mut h2 = pingora::protocols::http::v2::server::H2Options::new();
+    h2.max_concurrent_streams(h2_streams)
+        .max_header_list_size(u32::try_from(max_head).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(20)
+        .max_local_error_reset_streams(Some(256));
+    app.h2_options = Some(h2);
     // The listeners that proxy; TLS ones are bound as TCP: the guard reads the PROXY header
     // and does the handshake (see `accept`).
     let bound: Vec<accept::Bound> = listeners

@@ -206,6 +206,17 @@ fn restart_required(old: &config::Config, new: &config::Config) -> Vec<String> {
     if old.h2c != new.h2c {
         out.push("h2c".into());
     }
+    // HTTP/2 settings are the connection builder's, made once (the header-list limit follows
+    // http.max_head_size, which also applies to HTTP/1.1 at once).
+    if old.http.h2_max_concurrent_streams != new.http.h2_max_concurrent_streams {
+        out.push("http.h2_max_concurrent_streams".into());
+    }
+    if old.http.max_head_size != new.http.max_head_size {
+        out.push("http.max_head_size (for HTTP/2)".into());
+    }
+    if old.timeouts.client_keepalive != new.timeouts.client_keepalive {
+        out.push("timeouts.client_keepalive (for HTTP/2)".into());
+    }
     if old.log_format != new.log_format || old.log_level != new.log_level {
         out.push("logging".into());
     }
