@@ -342,6 +342,13 @@ async fn client_certificates_signed_by_the_configured_ca_are_required_or_optiona
     .await;
     let h1 = [&b"http/1.1"[..]];
     assert!(gets_through(&p, &ca.connector_as(&h1, Some(&good))).await);
+    let subject = backend.seen()[0]
+        .header("x-palisade-client-subject")
+        .map(str::to_string);
+    assert!(
+        subject.as_deref().is_some_and(|s| s.starts_with("CN=")),
+        "the verified subject goes upstream: {subject:?}"
+    );
     assert!(
         !gets_through(&p, &ca.connector_as(&h1, None)).await,
         "no certificate"
@@ -361,6 +368,11 @@ async fn client_certificates_signed_by_the_configured_ca_are_required_or_optiona
     .unwrap();
     assert_eq!(reload(&p).await, 200, "{}", p.log());
     assert!(gets_through(&p, &ca.connector_as(&h1, None)).await);
+    assert_eq!(
+        backend.seen()[1].header("x-palisade-client-subject"),
+        None,
+        "no certificate, no subject"
+    );
     assert!(gets_through(&p, &ca.connector_as(&h1, Some(&good))).await);
     assert!(!gets_through(&p, &ca.connector_as(&h1, Some(&stranger))).await);
     assert_eq!(backend.count(), 3);
@@ -547,8 +559,13 @@ async fn proxy_protocol_from_a_trusted_peer_sets_the_client_ip_and_is_refused_fr
     let ca = Ca::new();
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "a", &ca.leaf(&["a.example"], false));
-    // TLS behind a TCP load balancer: the PROXY header comes first, then the handshake.
-    let tls = "{certificates: [{cert: a.pem, key: a.key}]}\n    proxy_protocol: true";
+    // TLS behind a TCP load balancer: the PROXY header comes first, then the handshake. A
+    // second, cleartext listener takes PROXY headers too.
+    let plain = free_port();
+    let tls = format!(
+        "{{certificates: [{{cert: a.pem, key: a.key}}]}}\n    proxy_protocol: true\n  - address: \"127.0.0.1:{plain}\"\n    proxy_protocol: true"
+    );
+    let tls = tls.as_str();
     let config = format!(
         "client_ip: {{trusted_proxies: [127.0.0.1/32]}}\n{}",
         body(&backend)
@@ -578,7 +595,17 @@ async fn proxy_protocol_from_a_trusted_peer_sets_the_client_ip_and_is_refused_fr
     assert_eq!(get_after(&p, &ca, "127.0.0.2", &v2).await, None);
     assert_eq!(get_after(&p, &ca, "127.0.0.1", b"").await, None);
     assert_eq!(backend.count(), 2);
-    p.expect_metric("palisade_proxy_protocol_total{result=\"accepted\"}", 2.0)
+
+    // On the cleartext listener: the header, then the request.
+    let plain: std::net::SocketAddr = format!("127.0.0.1:{plain}").parse().unwrap();
+    let req = format!(
+        "PROXY TCP4 192.0.2.44 127.0.0.1 4444 {}\r\nGET /items HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n",
+        plain.port()
+    );
+    let r = raw_request(plain, req.as_bytes()).await.expect("an answer");
+    assert_eq!(r.status, 200);
+    assert_eq!(backend.seen()[2].header("x-real-ip"), Some("192.0.2.44"));
+    p.expect_metric("palisade_proxy_protocol_total{result=\"accepted\"}", 3.0)
         .await;
     p.expect_metric(
         "palisade_proxy_protocol_total{result=\"untrusted_peer\"}",
@@ -874,4 +901,49 @@ async fn http2_streams_are_limited_and_rapid_reset_and_continuation_floods_lose_
     );
     // The server is fine.
     assert_eq!(rustls_get(&p, &ca, "/items").await, 200);
+}
+
+#[tokio::test]
+async fn sessions_resume_across_connections_and_reloads() {
+    let backend = Backend::start("api").await;
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a", &ca.leaf(&["a.example"], false));
+    let p = Palisade::start_tls(
+        dir,
+        "{certificates: [{cert: a.pem, key: a.key}]}",
+        &body(&backend),
+    )
+    .await;
+    // A client that keeps its session (tickets) between connections.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der.clone()).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = TlsConnector::from(Arc::new(cfg));
+    let kind = |s: &TlsStream<TcpStream>| s.get_ref().1.handshake_kind();
+    let mut kinds = Vec::new();
+    for round in 0..3 {
+        if round == 2 {
+            assert_eq!(reload(&p).await, 200);
+        }
+        let s = connect(&p, &connector, dns("a.example")).await;
+        kinds.push(kind(&s));
+        // The ticket arrives after the handshake: read a response before the next connection.
+        assert_eq!(
+            status_h1(&mut h1(s).await, "a.example", "/items").await,
+            200
+        );
+    }
+    use rustls::HandshakeKind::{Full, Resumed};
+    assert_eq!(
+        kinds,
+        [Some(Full), Some(Resumed), Some(Resumed)],
+        "the third after a reload"
+    );
 }
