@@ -149,7 +149,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
         let stream: Stream = if stream.as_any().is::<GuardedStream>() {
             stream
         } else {
-            let snapshot = self.snapshot.load();
+            // Held across the preamble and the first head (awaits): a full Arc, not a guard.
+            let snapshot = self.snapshot.load_full();
             let stream = match self.listener_of(&stream) {
                 Some(bound) => accept::preamble(stream, bound, &snapshot, &self.metrics).await?,
                 None => stream,
