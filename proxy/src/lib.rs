@@ -17,6 +17,7 @@
 
 pub mod compile;
 pub mod config;
+pub mod decisions;
 pub mod files;
 pub mod identity;
 pub mod metrics;

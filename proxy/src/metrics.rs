@@ -37,6 +37,11 @@ pub const PROXY_PROTOCOL_TOTAL: &str = "palisade_proxy_protocol_total";
 /// streams as fast as it opened them.
 pub const HTTP2_RAPID_RESET_TOTAL: &str = "palisade_http2_rapid_reset_total";
 
+/// `palisade_decision_log_lines_total`: decision-log lines written.
+pub const DECISION_LOG_LINES_TOTAL: &str = "palisade_decision_log_lines_total";
+/// `palisade_decision_log_dropped_total`: decision-log lines dropped (queue full).
+pub const DECISION_LOG_DROPPED_TOTAL: &str = "palisade_decision_log_dropped_total";
+
 /// The reasons of `palisade_tls_handshake_failures_total`:
 /// - `not_tls`: the client spoke something else (cleartext HTTP on the TLS port),
 /// - `malformed_hello`: TLS records that are not a ClientHello that parses,
@@ -159,6 +164,10 @@ pub struct Metrics {
     proxy_protocol: IntCounterVec,
     /// HTTP/2 connections cut for rapid reset.
     pub http2_rapid_reset: IntCounter,
+    /// Decision-log lines written.
+    pub decision_log_lines: IntCounter,
+    /// Decision-log lines dropped (the writer was behind).
+    pub decision_log_dropped: IntCounter,
     /// Country handles, resolved once per country.
     country_cache: LabelCache,
 }
@@ -397,6 +406,14 @@ impl Metrics {
             "HTTP/2 connections closed because the client reset streams as fast as it opened them.",
         )?;
         registry.register(Box::new(http2_rapid_reset.clone()))?;
+        let decision_log_lines =
+            IntCounter::new(DECISION_LOG_LINES_TOTAL, "Decision-log lines written.")?;
+        let decision_log_dropped = IntCounter::new(
+            DECISION_LOG_DROPPED_TOTAL,
+            "Decision-log lines dropped because the writer could not keep up.",
+        )?;
+        registry.register(Box::new(decision_log_lines.clone()))?;
+        registry.register(Box::new(decision_log_dropped.clone()))?;
         for result in ["success", "failure"] {
             config_reloads.with_label_values(&[result]);
         }
@@ -449,6 +466,8 @@ impl Metrics {
             tls_handshake_failures,
             proxy_protocol,
             http2_rapid_reset,
+            decision_log_lines,
+            decision_log_dropped,
             country_cache: LabelCache::new(client_country.clone()),
         })
     }

@@ -190,12 +190,14 @@ pub fn compile_with(
         ) {
             stages.push(Box::new(g));
         }
+        // With a decision log, stages record what matched and where.
+        let evidence = config.decision_log.is_some();
         if let Some(rl) = RateLimitStage::for_route(&r.name, &rate_limits, cx.metrics) {
-            stages.push(Box::new(rl));
+            stages.push(Box::new(rl.with_evidence(evidence)));
         }
         let attached = attach_rulesets(r, &rule_sets, &mut out);
         if let Some(rules) = RulesStage::new(attached.clone()) {
-            stages.push(Box::new(rules));
+            stages.push(Box::new(rules.with_evidence(evidence)));
         }
         let validation = p
             .validate

@@ -363,6 +363,11 @@ pub fn check_all(
         admin_token,
         h2c: file.h2c,
         threads,
+        decision_log: file
+            .logging
+            .decisions
+            .as_ref()
+            .map(|d| decision_log(d, base_dir, &mut issues)),
         log_format: file.logging.format,
         log_level: file.logging.level.unwrap_or_else(|| "info".into()),
         watch: file.reload.watch.unwrap_or(true),
@@ -820,6 +825,46 @@ fn upstream(name: &str, up: &UpstreamConfig, issues: &mut Issues) -> Upstream {
         health_check,
         passive,
         tls,
+    }
+}
+
+fn decision_log(
+    d: &super::file::DecisionLogConfig,
+    base_dir: &Path,
+    issues: &mut Issues,
+) -> super::DecisionLog {
+    let sample = d.allowed_sample.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&sample) {
+        issues.global(format!(
+            "logging.decisions.allowed_sample {sample} must be between 0 and 1"
+        ));
+    }
+    let queue = d.queue.unwrap_or(10_000);
+    if queue == 0 {
+        issues.global("logging.decisions.queue must be at least 1".into());
+    }
+    let redact_headers: Vec<String> = match &d.redact_headers {
+        Some(list) => list.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        None => super::DEFAULT_REDACTED_HEADERS
+            .iter()
+            .map(|h| h.to_string())
+            .collect(),
+    };
+    for h in &redact_headers {
+        if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+            issues.global(format!(
+                "logging.decisions.redact_headers: {h:?} is not a header name"
+            ));
+        }
+    }
+    let file = d.file.as_ref().map(|f| super::resolve_path(base_dir, f));
+    super::DecisionLog {
+        stdout: d.stdout.unwrap_or(file.is_none()),
+        file,
+        allowed_sample: sample,
+        redact_headers,
+        redact_query: d.redact_query.clone(),
+        queue: queue.max(1),
     }
 }
 

@@ -221,6 +221,38 @@ pub struct LoggingConfig {
     /// A `tracing` filter such as `info` or `palisade=debug`; `RUST_LOG` overrides it.
     #[serde(default)]
     pub level: Option<String>,
+    /// Decision logs: one JSON line per blocked or counted request (and a sample of allowed
+    /// ones), as AWS WAF logs them.
+    #[serde(default)]
+    pub decisions: Option<DecisionLogConfig>,
+}
+
+/// Where and what the decision log writes.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionLogConfig {
+    /// Write lines to stdout (default: `true` when no `file` is given).
+    #[serde(default)]
+    pub stdout: Option<bool>,
+    /// Append lines to this file, relative to the config file; reopened on `SIGUSR1` (for
+    /// logrotate's `postrotate`).
+    #[serde(default)]
+    pub file: Option<String>,
+    /// Fraction of allowed requests logged as well, 0 to 1 (default 0).
+    #[serde(default)]
+    pub allowed_sample: Option<f64>,
+    /// Headers whose values are never logged in clear (replaces the default list:
+    /// `authorization`, `cookie`, `set-cookie`, `x-api-key`, `proxy-authorization`).
+    #[serde(default)]
+    pub redact_headers: Option<Vec<String>>,
+    /// Query parameters whose values are never logged in clear.
+    #[serde(default)]
+    pub redact_query: Vec<String>,
+    /// Lines waiting for the writer (default 10000). A sink that cannot keep up never slows
+    /// requests: lines past this are dropped and counted
+    /// (`palisade_decision_log_dropped_total`).
+    #[serde(default)]
+    pub queue: Option<usize>,
 }
 
 /// Log line format.

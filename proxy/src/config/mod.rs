@@ -84,6 +84,34 @@ pub struct Config {
     pub redis: Option<file::RedisConfig>,
     /// Rule-set files, directories or `builtin:managed`, as written.
     pub rulesets: Vec<Spanned<String>>,
+    /// The decision log, when configured.
+    pub decision_log: Option<DecisionLog>,
+}
+
+/// Headers the decision log redacts by default.
+pub const DEFAULT_REDACTED_HEADERS: &[&str] = &[
+    "authorization",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+    "proxy-authorization",
+];
+
+/// The decision log, checked (see [`file::DecisionLogConfig`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecisionLog {
+    /// Lines to stdout.
+    pub stdout: bool,
+    /// Lines appended to this file.
+    pub file: Option<PathBuf>,
+    /// Fraction of allowed requests logged.
+    pub allowed_sample: f64,
+    /// Lower-case header names logged as `[redacted]`.
+    pub redact_headers: Vec<String>,
+    /// Query parameter names logged as `[redacted]`.
+    pub redact_query: Vec<String>,
+    /// Queue length.
+    pub queue: usize,
 }
 
 impl Config {

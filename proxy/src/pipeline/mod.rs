@@ -161,6 +161,36 @@ pub struct Notes {
     pub counted: Vec<Cow<'static, str>>,
     /// Headers added to a forwarded request's response (`RateLimit`, `RateLimit-Policy`).
     pub response_headers: Vec<(&'static str, String)>,
+    /// What matched, for the decision log (rules with where they matched, rate limits with
+    /// a hash of the key). Filled only when a decision log is configured.
+    pub matches: Vec<MatchNote>,
+}
+
+/// One match, as the decision log shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MatchNote {
+    /// `rule` or `rate_limit`.
+    pub kind: &'static str,
+    /// Rule set (empty for a rate limit).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub set: String,
+    /// Rule id or rate-limit rule name.
+    pub rule: String,
+    /// `block`, `count`, `log` or `allow`.
+    pub action: &'static str,
+    /// Where it matched (`json:/user/bio`, `query:q`, `body`).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub field: String,
+    /// Transforms applied before the match.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub transforms: Vec<&'static str>,
+    /// The start of the matched value, after the transforms.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub snippet: String,
+    /// A rate limit's key, hashed (SHA-256, first 16 hex digits): the same client shows the
+    /// same hash without its address or token being logged.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub key_hash: String,
 }
 
 impl Notes {
@@ -168,6 +198,7 @@ impl Notes {
     pub fn merge(&mut self, other: Notes) {
         self.counted.extend(other.counted);
         self.response_headers.extend(other.response_headers);
+        self.matches.extend(other.matches);
     }
 }
 

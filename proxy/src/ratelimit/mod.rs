@@ -134,6 +134,8 @@ pub struct RateLimitStage {
     rules: Vec<Arc<CompiledRateLimit>>,
     metrics: Arc<Metrics>,
     any_redis: bool,
+    /// Record limited keys (hashed) for the decision log.
+    evidence: bool,
 }
 
 /// Where evaluation of a route's rules stands.
@@ -142,11 +144,36 @@ struct Tally {
     /// Lowest `remaining` among `headers: always` rules, with its header values.
     headers: Option<(u32, String, String)>,
     counted: Option<Cow<'static, str>>,
+    /// Limited rules with their key hashes (when recording evidence).
+    matches: Vec<crate::pipeline::MatchNote>,
+    evidence: bool,
+}
+
+/// The first 16 hex digits of the SHA-256 of a rate-limit key.
+fn key_hash(key: &str) -> String {
+    use sha2::Digest as _;
+    let d = sha2::Sha256::digest(key.as_bytes());
+    d.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 impl Tally {
     /// Applies one rule's outcome; `Some` when the request is blocked.
-    fn apply(&mut self, r: &CompiledRateLimit, outcome: Outcome) -> Option<Decision> {
+    fn apply(&mut self, r: &CompiledRateLimit, outcome: Outcome, key: &str) -> Option<Decision> {
+        if self.evidence && matches!(outcome, Outcome::Limited { .. }) {
+            self.matches.push(crate::pipeline::MatchNote {
+                kind: "rate_limit",
+                set: String::new(),
+                rule: r.rule.name.clone(),
+                action: match r.rule.action {
+                    RateLimitAction::Count => "count",
+                    RateLimitAction::Block => "block",
+                },
+                field: String::new(),
+                transforms: Vec::new(),
+                snippet: String::new(),
+                key_hash: key_hash(key),
+            });
+        }
         match outcome {
             Outcome::Allowed { remaining, reset } => {
                 if r.rule.headers_always
@@ -185,6 +212,7 @@ impl Tally {
     }
 
     fn finish(self, notes: &mut Notes) -> Decision {
+        notes.matches.extend(self.matches);
         if let Some(c) = self.counted {
             notes.counted.push(c);
         }
@@ -221,7 +249,14 @@ impl RateLimitStage {
             rules,
             metrics: Arc::clone(metrics),
             any_redis,
+            evidence: false,
         })
+    }
+
+    /// Records limited keys, hashed, for the decision log.
+    pub fn with_evidence(mut self, on: bool) -> RateLimitStage {
+        self.evidence = on;
+        self
     }
 }
 
@@ -244,12 +279,16 @@ impl Stage for RateLimitStage {
         if !self.any_redis {
             // Local limiters only: decided now, one key buffer for all rules.
             let mut key = String::with_capacity(64);
-            let mut tally = Tally::default();
+            let mut tally = Tally {
+                evidence: self.evidence,
+                ..Tally::default()
+            };
             for r in &self.rules {
                 if !r.applies(req) || !build_key(&r.rule.key, &self.route, req, &mut key) {
                     continue;
                 }
-                if let Some(d) = tally.apply(r, r.local.check(&key)) {
+                if let Some(d) = tally.apply(r, r.local.check(&key), &key) {
+                    notes.matches.extend(tally.matches);
                     return Eval::Done(d);
                 }
             }
@@ -264,13 +303,21 @@ impl Stage for RateLimitStage {
                 keys.push((r, key));
             }
         }
+        let evidence = self.evidence;
         Eval::Pending(Box::pin(async move {
-            let mut tally = Tally::default();
+            let mut tally = Tally {
+                evidence,
+                ..Tally::default()
+            };
             for (r, key) in keys {
                 match r.check(&key, &self.metrics).await {
                     Ok(Some(o)) => {
-                        if let Some(d) = tally.apply(r, o) {
-                            return (d, Notes::default());
+                        if let Some(d) = tally.apply(r, o, &key) {
+                            let notes = Notes {
+                                matches: tally.matches,
+                                ..Notes::default()
+                            };
+                            return (d, notes);
                         }
                     }
                     Ok(None) => {} // Redis down, fail open

@@ -10,7 +10,7 @@ use super::compile::{CompiledRule, CompiledRuleSet, Cond, Leaf, Mode, Op};
 use super::engine::{Engine, Run};
 use super::fields::{Field, FieldValues, Origin, RuleInput};
 use super::file::RuleAction;
-use super::transforms::apply_chain;
+use super::transforms::{apply_chain, Transform};
 
 /// A field a route excludes from a rule's inspection (`query:token`, `json:/password`,
 /// `header:cookie`, `body`, …).
@@ -151,6 +151,113 @@ pub trait Tracer {
     fn enabled(&self) -> bool;
     /// One line.
     fn line(&mut self, s: String);
+    /// A value satisfied a leaf's operator (called only when enabled).
+    fn value_matched(
+        &mut self,
+        _origin: Origin,
+        _field: &Field,
+        _name: Option<&str>,
+        _chain: &[Transform],
+        _text: &str,
+    ) {
+    }
+}
+
+/// Where a rule matched, for the decision log: the value's field (`json:/user/bio`,
+/// `query:q`, `header:user-agent`, `body`), the transforms applied, and the start of the
+/// transformed value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MatchEvidence {
+    /// Rule set.
+    pub set: String,
+    /// Rule id.
+    pub rule: String,
+    /// The field, as rule files and logs name it; empty for a rule matched on counts or
+    /// labels only.
+    pub field: String,
+    /// Transform names in order.
+    pub transforms: Vec<&'static str>,
+    /// The first [`SNIPPET_CHARS`] characters of the transformed value.
+    pub snippet: String,
+}
+
+/// Characters of a matched value kept as its snippet.
+pub const SNIPPET_CHARS: usize = 80;
+
+/// Collects the first matching value of a rule's evaluation.
+#[derive(Default)]
+struct EvidenceTracer {
+    first: Option<(String, Vec<&'static str>, String)>,
+}
+
+impl Tracer for EvidenceTracer {
+    fn enabled(&self) -> bool {
+        true
+    }
+    fn line(&mut self, _: String) {}
+    fn value_matched(
+        &mut self,
+        origin: Origin,
+        field: &Field,
+        name: Option<&str>,
+        chain: &[Transform],
+        text: &str,
+    ) {
+        if self.first.is_none() {
+            self.first = Some((
+                field.label(origin, name),
+                chain.iter().map(|t| t.name()).collect(),
+                text.chars().take(SNIPPET_CHARS).collect(),
+            ));
+        }
+    }
+}
+
+impl Engine {
+    /// Where each of `matches` matched in `input`: only those rules are evaluated again,
+    /// with a collector (the request path skips this unless a decision log wants it).
+    pub fn evidence(
+        &self,
+        input: &RuleInput<'_>,
+        matches: &[RuleMatch],
+        labels: &[Cow<'static, str>],
+    ) -> Vec<MatchEvidence> {
+        let mut run = self.run(input);
+        let mut out = Vec::with_capacity(matches.len());
+        for m in matches {
+            let Some((si, att)) = self
+                .sets
+                .iter()
+                .enumerate()
+                .find(|(_, a)| a.set.name == m.set)
+            else {
+                continue;
+            };
+            let Some(i) = att.set.rules.iter().position(|r| r.id == m.rule) else {
+                continue;
+            };
+            let mut ev = EvidenceTracer::default();
+            {
+                let mut cx = Ctx {
+                    set: si,
+                    labels,
+                    exclusions: &att.tuning[i].exclusions,
+                    trace: &mut ev,
+                    reference: false,
+                };
+                eval_cond(&att.set.rules[i].cond, &mut run, &mut cx);
+            }
+            let (field, transforms, snippet) = ev.first.unwrap_or_default();
+            out.push(MatchEvidence {
+                set: m.set.clone(),
+                rule: m.rule.clone(),
+                field,
+                transforms,
+                snippet,
+            });
+        }
+        out
+    }
 }
 
 impl Tracer for () {
@@ -340,9 +447,13 @@ fn test_values<'v, T: Tracer>(
         }
         return c.holds(n as f64);
     }
-    for (_, name, text) in kept {
+    for (origin, name, text) in kept {
         let m =
             leaf.confirm.as_ref().is_none_or(|c| c.is_match(text)) && value_matches(&leaf.op, text);
+        if m && cx.trace.enabled() {
+            cx.trace
+                .value_matched(origin, &src.field, name, &src.chain, text);
+        }
         if cx.trace.enabled() {
             let shown: String = text.chars().take(120).collect();
             cx.trace.line(format!(

@@ -179,6 +179,69 @@ impl Field {
         })
     }
 
+    /// How logs name a value of this field: its origin and name when it has one
+    /// (`query:q`, `json:/user/bio`, `header:user-agent`), else the field as rule files
+    /// write it (`body`, `uri`, `path.raw`).
+    pub fn label(&self, origin: Origin, name: Option<&str>) -> String {
+        let kind = match origin {
+            Origin::Query => "query",
+            Origin::Form => "form",
+            Origin::Json => "json",
+            Origin::Header => "header",
+            Origin::Cookie => "cookie",
+            _ => "",
+        };
+        match name {
+            Some(n) if !kind.is_empty() => format!("{kind}:{n}"),
+            _ => self.spelling(),
+        }
+    }
+
+    /// The field as rule files write it.
+    pub fn spelling(&self) -> String {
+        let s = match self {
+            Field::Method => "method",
+            Field::Path => "path",
+            Field::PathRaw => "path.raw",
+            Field::Uri => "uri",
+            Field::QueryString => "query_string",
+            Field::QueryNames => "query.names",
+            Field::QueryValues => "query.values",
+            Field::QueryArg(n) => return format!("query:{n}"),
+            Field::Header(n) => return format!("header:{n}"),
+            Field::HeaderNames => "headers.names",
+            Field::HeaderValues => "headers.values",
+            Field::CookieNames => "cookies.names",
+            Field::CookieValues => "cookies.values",
+            Field::Cookie(n) => return format!("cookie:{n}"),
+            Field::Body => "body",
+            Field::FormNames => "form.names",
+            Field::FormValues => "form.values",
+            Field::FormField(n) => return format!("form:{n}"),
+            Field::FileNames => "files.names",
+            Field::FileContents => "files.contents",
+            Field::JsonKeys => "json.keys",
+            Field::JsonValues => "json.values",
+            Field::JsonPointer(p) => return format!("json:{p}"),
+            Field::ArgsNames => "args.names",
+            Field::ArgsValues => "args.values",
+            Field::ClientIp => "client_ip",
+            Field::Country => "country",
+            Field::Asn => "asn",
+            Field::Labels => "labels",
+            Field::HeadersCustom => "headers.custom",
+            Field::BodyUnparsed => "body.unparsed",
+            Field::XmlValues => "xml.values",
+            Field::BodySize => "body_size",
+            Field::TlsJa3 => "tls.ja3",
+            Field::TlsJa4 => "tls.ja4",
+            Field::TlsSni => "tls.sni",
+            Field::TlsClientSubject => "tls.client_subject",
+            Field::TlsClientSans => "tls.client_sans",
+        };
+        s.to_string()
+    }
+
     /// Whether reading this field needs the request body.
     pub fn needs_body(&self) -> bool {
         matches!(

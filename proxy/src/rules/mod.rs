@@ -25,6 +25,8 @@ pub struct RulesStage {
     engine: Engine,
     needs_body: bool,
     needs_geo: bool,
+    /// Record where matches matched (for the decision log).
+    evidence: bool,
 }
 
 impl RulesStage {
@@ -39,6 +41,7 @@ impl RulesStage {
             engine: Engine::new(sets),
             needs_body,
             needs_geo,
+            evidence: false,
         })
     }
 
@@ -68,6 +71,13 @@ pub fn ruleset_json_schema() -> String {
 }
 
 impl RulesStage {
+    /// Records, for each block and count, the field, transforms and value that matched (the
+    /// decision log's evidence): the matched rules are evaluated again with a collector.
+    pub fn with_evidence(mut self, on: bool) -> RulesStage {
+        self.evidence = on;
+        self
+    }
+
     /// The attached rule sets, in priority order.
     pub fn sets(&self) -> &[AttachedRuleSet] {
         &self.engine.sets
@@ -99,6 +109,30 @@ impl Stage for RulesStage {
                     notes.counted.push(Cow::Owned(format!("rule:{}", m.rule)));
                 }
                 _ => {}
+            }
+        }
+        if self.evidence && !outcome.matches.is_empty() {
+            for e in self.engine.evidence(req, &outcome.matches, &outcome.labels) {
+                let action = outcome
+                    .matches
+                    .iter()
+                    .find(|m| m.set == e.set && m.rule == e.rule)
+                    .map_or("block", |m| match m.action {
+                        file::RuleAction::Block => "block",
+                        file::RuleAction::Count => "count",
+                        file::RuleAction::Log => "log",
+                        file::RuleAction::Allow => "allow",
+                    });
+                notes.matches.push(crate::pipeline::MatchNote {
+                    kind: "rule",
+                    set: e.set,
+                    rule: e.rule,
+                    action,
+                    field: e.field,
+                    transforms: e.transforms,
+                    snippet: e.snippet,
+                    key_hash: String::new(),
+                });
             }
         }
         Eval::Done(match outcome.verdict {

@@ -82,6 +82,15 @@ impl Transform {
         })
     }
 
+    /// The transform's name in rule files.
+    pub fn name(&self) -> &'static str {
+        Self::NAMES
+            .iter()
+            .copied()
+            .find(|n| Transform::parse(n) == Some(*self))
+            .unwrap_or("?")
+    }
+
     /// Every transform name, for error messages and the JSON Schema.
     pub const NAMES: &'static [&'static str] = &[
         "url_decode",

@@ -176,6 +176,8 @@ pub struct RequestCtx {
     pub replay: Option<Bytes>,
     /// Palisade answered `Expect: 100-continue` itself (to pre-read the body).
     pub continued: bool,
+    /// Time from the request's start to the pipeline's verdict (inspection included).
+    pub inspection: Option<std::time::Duration>,
 }
 
 impl RequestCtx {
@@ -211,6 +213,7 @@ impl RequestCtx {
             normal_path: String::new(),
             replay: None,
             continued: false,
+            inspection: None,
         }
     }
 }

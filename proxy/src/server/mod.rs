@@ -5,6 +5,7 @@
 pub mod accept;
 pub mod admin;
 pub mod ctx;
+pub mod decision_log;
 pub mod demo;
 pub mod guard;
 pub mod proxy;
@@ -49,9 +50,9 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
-    /// A TLS listener could not be set up.
-    #[error("cannot set up TLS: {0}")]
-    Tls(String),
+    /// The decision log's writer could not start.
+    #[error("cannot start the decision log writer: {0}")]
+    DecisionLog(std::io::Error),
 }
 
 /// A response with a body, its `Content-Type` and `Content-Length` (the admin, redirect and
@@ -130,6 +131,7 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     let metrics = Arc::new(Metrics::new()?);
     let threads = config.threads;
     let h2c = config.h2c;
+    let decision_log = config.decision_log.clone();
     let h2_streams = config.http.h2_max_concurrent_streams;
     let max_head = config.http.max_head_size;
     let keepalive = config.timeouts.client_keepalive;
@@ -161,9 +163,33 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
 
+    // The decision log's writer (its destination is fixed at start; what it logs reloads).
+    let decisions = match &decision_log {
+        Some(d) => {
+            let reopen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            if let Err(e) =
+                signal_hook::flag::register(signal_hook::consts::SIGUSR1, Arc::clone(&reopen))
+            {
+                tracing::warn!(error = %e, "cannot handle SIGUSR1: the decision log file will not be reopened");
+            }
+            let sink = crate::decisions::DecisionSink::start(
+                crate::decisions::SinkConfig {
+                    stdout: d.stdout,
+                    file: d.file.clone(),
+                    queue: d.queue,
+                },
+                reopen,
+                metrics.decision_log_lines.clone(),
+                metrics.decision_log_dropped.clone(),
+            )
+            .map_err(StartError::DecisionLog)?;
+            Some(Arc::new(sink))
+        }
+        None => None,
+    };
     let mut app = pingora::proxy::http_proxy(
         &server.configuration,
-        proxy::PalisadeProxy::new(Arc::clone(&snapshot), Arc::clone(&metrics)),
+        proxy::PalisadeProxy::new(Arc::clone(&snapshot), Arc::clone(&metrics), decisions),
     );
     let mut opts = HttpServerOptions::default();
     opts.h2c = h2c;

@@ -38,12 +38,21 @@ use crate::snapshot::Snapshot;
 pub struct PalisadeProxy {
     snapshot: Arc<ArcSwap<Snapshot>>,
     metrics: Arc<Metrics>,
+    decisions: Option<Arc<crate::decisions::DecisionSink>>,
 }
 
 impl PalisadeProxy {
-    /// A proxy over a swappable snapshot.
-    pub fn new(snapshot: Arc<ArcSwap<Snapshot>>, metrics: Arc<Metrics>) -> Self {
-        PalisadeProxy { snapshot, metrics }
+    /// A proxy over a swappable snapshot, writing decision-log lines to `decisions`.
+    pub fn new(
+        snapshot: Arc<ArcSwap<Snapshot>>,
+        metrics: Arc<Metrics>,
+        decisions: Option<Arc<crate::decisions::DecisionSink>>,
+    ) -> Self {
+        PalisadeProxy {
+            snapshot,
+            metrics,
+            decisions,
+        }
     }
 }
 
@@ -571,6 +580,7 @@ impl ProxyHttp for PalisadeProxy {
                     }
                 }
             };
+            ctx.inspection = Some(ctx.start.elapsed());
             return match verdict {
                 Verdict::Block(stage, b) => self.block(session, ctx, stage, b).await,
                 Verdict::Forward | Verdict::Allow => Ok(false),
@@ -844,6 +854,11 @@ impl ProxyHttp for PalisadeProxy {
             .response_written()
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
+        if let (Some(sink), Some(log)) = (&self.decisions, &ctx.snapshot.config.decision_log) {
+            if let Some(action) = super::decision_log::action(ctx, log.allowed_sample) {
+                sink.send(super::decision_log::line(session, ctx, log, action, status));
+            }
+        }
         let Some(route) = ctx.route.and_then(|i| ctx.snapshot.routes.get(i)) else {
             match ctx.outcome {
                 Outcome::NoRoute => self.metrics.no_route(),

@@ -217,6 +217,14 @@ fn restart_required(old: &config::Config, new: &config::Config) -> Vec<String> {
     if old.timeouts.client_keepalive != new.timeouts.client_keepalive {
         out.push("timeouts.client_keepalive (for HTTP/2)".into());
     }
+    let sink = |c: &config::Config| {
+        c.decision_log
+            .as_ref()
+            .map(|d| (d.stdout, d.file.clone(), d.queue))
+    };
+    if sink(old) != sink(new) {
+        out.push("logging.decisions (stdout, file, queue)".into());
+    }
     if old.log_format != new.log_format || old.log_level != new.log_level {
         out.push("logging".into());
     }
