@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building and testing Palisade needs on a fresh Debian/Ubuntu machine, and only
 # what is missing: a C toolchain and cmake (pingora's zlib-ng build), pkg-config, curl, and
-# redis-server (distributed rate-limit tests), Flask and Node.js (the differential tests run
-# real Werkzeug and Node parsers as backends); then Rust via rustup if cargo is absent.
+# redis-server (distributed rate-limit tests), promtool (the alert rules' check), Flask and
+# Node.js (the differential tests run real Werkzeug and Node parsers as backends); then Rust
+# via rustup if cargo is absent.
 # Idempotent: a second run installs nothing.
 set -euo pipefail
 
@@ -15,6 +16,9 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v python3 >/dev/null || need+=(python3)
 command -v mmdblookup >/dev/null || need+=(mmdb-bin)
 command -v node >/dev/null || need+=(nodejs)
+# promtool checks the shipped Prometheus alert rules (Debian's prometheus package; it is
+# installed without starting the server: RUNLEVEL=1 below).
+command -v promtool >/dev/null || need+=(prometheus)
 if ! /usr/bin/python3 -c 'import flask' 2>/dev/null && ! python3 -c 'import flask' 2>/dev/null; then
   need+=(python3-flask)
 fi
@@ -24,7 +28,7 @@ if ((${#need[@]})); then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  $sudo env RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
 if ! command -v cargo >/dev/null; then

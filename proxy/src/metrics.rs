@@ -170,6 +170,8 @@ pub struct Metrics {
     pub decision_log_dropped: IntCounter,
     /// Country handles, resolved once per country.
     country_cache: LabelCache,
+    /// The operator's metrics (dashboard and alerts).
+    pub ops: OpsMetrics,
 }
 
 /// Counter handles of one metric family, resolved once per label set and then read without a
@@ -243,6 +245,10 @@ pub struct RouteMetrics {
     pub blocks: Arc<LabelCache>,
     /// `palisade_counted_total` handles of this route by label.
     pub counts: Arc<LabelCache>,
+    /// `palisade_inspected_body_bytes_total` of this route.
+    pub inspected_bytes: IntCounter,
+    /// `palisade_request_methods_total` of this route, by [`METHOD_CLASSES`] index.
+    pub methods: Vec<IntCounter>,
 }
 
 /// Why metrics could not be registered (a programming error: duplicate names).
@@ -387,6 +393,15 @@ impl Metrics {
         for r in TLS_FAILURE_REASONS {
             tls_handshake_failures.with_label_values(&[*r]);
         }
+        // The common combinations exist from the start, so dashboards show zero, not no data.
+        for (v, a) in [
+            ("1.3", "h2"),
+            ("1.3", "http/1.1"),
+            ("1.2", "h2"),
+            ("1.2", "http/1.1"),
+        ] {
+            tls_handshakes.with_label_values(&[v, a]);
+        }
         let proxy_protocol = IntCounterVec::new(
             Opts::new(
                 PROXY_PROTOCOL_TOTAL,
@@ -441,7 +456,9 @@ impl Metrics {
         registry.register(Box::new(upstream_errors.clone()))?;
         registry.register(Box::new(upstream_servers.clone()))?;
         registry.register(Box::new(responses.clone()))?;
+        let ops = OpsMetrics::register(&registry)?;
         Ok(Metrics {
+            ops,
             registry,
             requests,
             blocked,
@@ -535,6 +552,11 @@ impl Metrics {
             ],
             blocks: Arc::new(LabelCache::new(self.blocked.clone())),
             counts: Arc::new(LabelCache::new(self.counted.clone())),
+            inspected_bytes: self.ops.inspected_bytes.with_label_values(&[route]),
+            methods: METHOD_CLASSES
+                .iter()
+                .map(|m| self.ops.methods.with_label_values(&[route, m]))
+                .collect(),
         }
     }
 
@@ -570,6 +592,173 @@ impl RouteMetrics {
         if let Some(c) = self.responses.get((status / 100).wrapping_sub(1) as usize) {
             c.inc();
         }
+    }
+}
+
+/// Method classes of `palisade_request_methods_total` (anything else is `other`).
+pub const METHOD_CLASSES: [&str; 8] = [
+    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other",
+];
+
+/// The index of a method in [`METHOD_CLASSES`].
+pub fn method_class(method: &str) -> usize {
+    METHOD_CLASSES[..7]
+        .iter()
+        .position(|m| *m == method)
+        .unwrap_or(7)
+}
+
+/// Latency buckets (seconds) of the inspection and upstream histograms.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+];
+
+/// The operator's metrics beyond the request counters: what the shipped Grafana dashboard
+/// and alert rules read (`deploy/grafana`, `deploy/prometheus`). Every label comes from the
+/// config or the code.
+pub struct OpsMetrics {
+    /// `palisade_connections_active`: open client connections on the proxy listeners.
+    pub connections_active: IntGauge,
+    /// `palisade_rule_matches_total{rule_set, rule, action}`.
+    pub rule_matches: Arc<LabelCache>,
+    /// `palisade_inspection_duration_seconds{stage}`, by [`crate::pipeline::StageKind`] order.
+    pub inspection: Vec<Histogram>,
+    /// `palisade_inspected_body_bytes_total{route}`.
+    pub inspected_bytes: IntCounterVec,
+    /// `palisade_request_methods_total{route, method}`.
+    pub methods: IntCounterVec,
+    /// `palisade_geo_blocked_total{country}`: countries named in the config, else `other`.
+    pub geo_blocked: Arc<LabelCache>,
+    /// `palisade_upstream_responses_total{upstream, class}`.
+    pub upstream_responses: IntCounterVec,
+    /// `palisade_upstream_response_duration_seconds{upstream}`: request sent to response head.
+    pub upstream_latency: HistogramVec,
+    /// `palisade_upstream_connect_duration_seconds{upstream}`: new connections only.
+    pub upstream_connect: HistogramVec,
+    /// `palisade_upstream_retries_total{upstream}`: requests sent to another server after a
+    /// failed connection.
+    pub upstream_retries: IntCounterVec,
+    /// `palisade_upstream_ejections_total{upstream}`: servers ejected by passive health.
+    pub upstream_ejections: IntCounterVec,
+}
+
+impl OpsMetrics {
+    fn register(registry: &Registry) -> Result<OpsMetrics, MetricsError> {
+        let build = IntGaugeVec::new(
+            Opts::new("palisade_build_info", "Build information; the value is 1."),
+            &["version"],
+        )?;
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        registry.register(Box::new(build))?;
+        let connections_active = IntGauge::new(
+            "palisade_connections_active",
+            "Open client connections on the proxy listeners.",
+        )?;
+        registry.register(Box::new(connections_active.clone()))?;
+        let rule_matches = IntCounterVec::new(
+            Opts::new(
+                "palisade_rule_matches_total",
+                "Rule matches by rule set, rule and action taken (block, count, log, allow).",
+            ),
+            &["rule_set", "rule", "action"],
+        )?;
+        registry.register(Box::new(rule_matches.clone()))?;
+        let inspection_vec = HistogramVec::new(
+            HistogramOpts::new(
+                "palisade_inspection_duration_seconds",
+                "Time spent in each inspection stage per request, in seconds.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["stage"],
+        )?;
+        registry.register(Box::new(inspection_vec.clone()))?;
+        let inspection = crate::pipeline::StageKind::ALL
+            .iter()
+            .map(|k| inspection_vec.with_label_values(&[k.name()]))
+            .collect();
+        let inspected_bytes = IntCounterVec::new(
+            Opts::new(
+                "palisade_inspected_body_bytes_total",
+                "Request body bytes read for inspection, by route.",
+            ),
+            &["route"],
+        )?;
+        registry.register(Box::new(inspected_bytes.clone()))?;
+        let methods = IntCounterVec::new(
+            Opts::new(
+                "palisade_request_methods_total",
+                "Requests by route and method (GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, other).",
+            ),
+            &["route", "method"],
+        )?;
+        registry.register(Box::new(methods.clone()))?;
+        let geo_blocked = IntCounterVec::new(
+            Opts::new(
+                "palisade_geo_blocked_total",
+                "Requests blocked by a geo policy, by country (countries named in the config; other ones are `other`).",
+            ),
+            &["country"],
+        )?;
+        for c in ["other", "unknown"] {
+            geo_blocked.with_label_values(&[c]);
+        }
+        registry.register(Box::new(geo_blocked.clone()))?;
+        let upstream_responses = IntCounterVec::new(
+            Opts::new(
+                "palisade_upstream_responses_total",
+                "Responses received from upstreams by upstream and status class.",
+            ),
+            &["upstream", "class"],
+        )?;
+        registry.register(Box::new(upstream_responses.clone()))?;
+        let upstream_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "palisade_upstream_response_duration_seconds",
+                "Time from choosing an upstream server to its response head, in seconds.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["upstream"],
+        )?;
+        registry.register(Box::new(upstream_latency.clone()))?;
+        let upstream_connect = HistogramVec::new(
+            HistogramOpts::new(
+                "palisade_upstream_connect_duration_seconds",
+                "Time to open a new upstream connection (TLS included), in seconds.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["upstream"],
+        )?;
+        registry.register(Box::new(upstream_connect.clone()))?;
+        let upstream_retries = IntCounterVec::new(
+            Opts::new(
+                "palisade_upstream_retries_total",
+                "Requests retried on another upstream server after a failed connection.",
+            ),
+            &["upstream"],
+        )?;
+        registry.register(Box::new(upstream_retries.clone()))?;
+        let upstream_ejections = IntCounterVec::new(
+            Opts::new(
+                "palisade_upstream_ejections_total",
+                "Upstream servers ejected by passive health checks.",
+            ),
+            &["upstream"],
+        )?;
+        registry.register(Box::new(upstream_ejections.clone()))?;
+        Ok(OpsMetrics {
+            connections_active,
+            rule_matches: Arc::new(LabelCache::new(rule_matches)),
+            inspection,
+            inspected_bytes,
+            methods,
+            geo_blocked: Arc::new(LabelCache::new(geo_blocked)),
+            upstream_responses,
+            upstream_latency,
+            upstream_connect,
+            upstream_retries,
+            upstream_ejections,
+        })
     }
 }
 

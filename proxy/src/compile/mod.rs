@@ -40,7 +40,7 @@ use crate::rules::eval::{AttachedRuleSet, ExclusionTarget};
 use crate::rules::RulesStage;
 use crate::schema::{ConfigSite, DocumentStore, RouteValidation, ValidateStage};
 use crate::snapshot::{CompiledRoute, RouteTable, Snapshot, SourceFile};
-use crate::upstream::{UpstreamGroup, UpstreamTlsLoaded};
+use crate::upstream::{UpstreamGroup, UpstreamOps, UpstreamTlsLoaded};
 
 /// What a compilation starts from besides the config.
 pub struct CompileContext<'a> {
@@ -197,7 +197,11 @@ pub fn compile_with(
         }
         let attached = attach_rulesets(r, &rule_sets, &mut out);
         if let Some(rules) = RulesStage::new(attached.clone()) {
-            stages.push(Box::new(rules.with_evidence(evidence)));
+            stages.push(Box::new(
+                rules
+                    .with_evidence(evidence)
+                    .with_metrics(Arc::clone(&cx.metrics.ops.rule_matches)),
+            ));
         }
         let validation = p
             .validate
@@ -897,7 +901,17 @@ fn upstreams(config: &Config, cx: &CompileContext<'_>, out: &mut Out) -> Vec<Arc
                 .upstream_errors
                 .with_label_values(&[up.name.as_str(), k])
         });
-        match UpstreamGroup::build(up, addrs, errors, tls) {
+        let o = &cx.metrics.ops;
+        let name = up.name.as_str();
+        let ops = UpstreamOps {
+            responses: ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                .map(|c| o.upstream_responses.with_label_values(&[name, c])),
+            latency: o.upstream_latency.with_label_values(&[name]),
+            connect: o.upstream_connect.with_label_values(&[name]),
+            retries: o.upstream_retries.with_label_values(&[name]),
+            ejections: o.upstream_ejections.with_label_values(&[name]),
+        };
+        match UpstreamGroup::build(up, addrs, errors, tls, ops) {
             Ok(g) => groups.push(g),
             Err(e) => out.global(e.to_string()),
         }

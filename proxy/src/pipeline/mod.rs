@@ -164,6 +164,9 @@ pub struct Notes {
     /// What matched, for the decision log (rules with where they matched, rate limits with
     /// a hash of the key). Filled only when a decision log is configured.
     pub matches: Vec<MatchNote>,
+    /// Nanoseconds spent in each stage that ran, by [`StageKind::ALL`] index (`None`: did
+    /// not run), for `palisade_inspection_duration_seconds`.
+    pub stage_ns: [Option<u64>; 7],
 }
 
 /// One match, as the decision log shows it.
@@ -199,6 +202,23 @@ impl Notes {
         self.counted.extend(other.counted);
         self.response_headers.extend(other.response_headers);
         self.matches.extend(other.matches);
+        for (mine, theirs) in self.stage_ns.iter_mut().zip(other.stage_ns) {
+            if let Some(t) = theirs {
+                *mine = Some(mine.unwrap_or(0) + t);
+            }
+        }
+    }
+
+    /// Adds time spent in a stage.
+    pub fn time(&mut self, kind: StageKind, since: std::time::Instant) {
+        let ns = since.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+        if let Some(slot) = StageKind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .and_then(|i| self.stage_ns.get_mut(i))
+        {
+            *slot = Some(slot.unwrap_or(0) + ns);
+        }
     }
 }
 
@@ -324,7 +344,10 @@ impl Pipeline {
                 return Step::Done(Verdict::Forward);
             };
             i += 1;
-            match stage.evaluate(req, notes) {
+            let started = std::time::Instant::now();
+            let eval = stage.evaluate(req, notes);
+            notes.time(stage.kind(), started);
+            match eval {
                 Eval::Done(d) => {
                     if let Some(v) = settle(stage.kind(), d) {
                         return Step::Done(v);

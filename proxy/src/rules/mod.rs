@@ -14,6 +14,7 @@ pub mod testing;
 pub mod transforms;
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use crate::pipeline::{Block, Decision, Eval, Needs, Notes, Stage, StageKind};
 use crate::request::Request;
@@ -27,6 +28,8 @@ pub struct RulesStage {
     needs_geo: bool,
     /// Record where matches matched (for the decision log).
     evidence: bool,
+    /// `palisade_rule_matches_total` handles.
+    matches_metric: Option<Arc<crate::metrics::LabelCache>>,
 }
 
 impl RulesStage {
@@ -42,6 +45,7 @@ impl RulesStage {
             needs_body,
             needs_geo,
             evidence: false,
+            matches_metric: None,
         })
     }
 
@@ -78,6 +82,12 @@ impl RulesStage {
         self
     }
 
+    /// Counts matches in `palisade_rule_matches_total{rule_set, rule, action}`.
+    pub fn with_metrics(mut self, m: Arc<crate::metrics::LabelCache>) -> RulesStage {
+        self.matches_metric = Some(m);
+        self
+    }
+
     /// The attached rule sets, in priority order.
     pub fn sets(&self) -> &[AttachedRuleSet] {
         &self.engine.sets
@@ -98,6 +108,17 @@ impl Stage for RulesStage {
 
     fn evaluate<'s>(&'s self, req: &Request<'_>, notes: &mut Notes) -> Eval<'s> {
         let outcome = self.engine.evaluate(req, &mut ());
+        if let Some(metric) = &self.matches_metric {
+            for m in &outcome.matches {
+                let action = match m.action {
+                    file::RuleAction::Block => "block",
+                    file::RuleAction::Count => "count",
+                    file::RuleAction::Log => "log",
+                    file::RuleAction::Allow => "allow",
+                };
+                metric.get(&[m.set.as_str(), m.rule.as_str(), action]).inc();
+            }
+        }
         for m in &outcome.matches {
             match m.action {
                 file::RuleAction::Log => {

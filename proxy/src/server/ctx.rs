@@ -178,6 +178,8 @@ pub struct RequestCtx {
     pub continued: bool,
     /// Time from the request's start to the pipeline's verdict (inspection included).
     pub inspection: Option<std::time::Duration>,
+    /// When the current upstream server was chosen (connect and response latency).
+    pub upstream_started: Option<Instant>,
 }
 
 impl RequestCtx {
@@ -214,6 +216,7 @@ impl RequestCtx {
             replay: None,
             continued: false,
             inspection: None,
+            upstream_started: None,
         }
     }
 }

@@ -64,6 +64,22 @@ pub struct ConnectionTable {
     open: Mutex<HashMap<IpAddr, usize>>,
 }
 
+/// One open connection in `palisade_connections_active`; uncounted when dropped.
+struct Active(prometheus::IntGauge);
+
+impl Active {
+    fn new(gauge: &prometheus::IntGauge) -> Active {
+        gauge.inc();
+        Active(gauge.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// One counted connection; uncounted when dropped.
 struct Permit {
     table: Arc<ConnectionTable>,
@@ -151,6 +167,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
         } else {
             // Held across the preamble and the first head (awaits): a full Arc, not a guard.
             let snapshot = self.snapshot.load_full();
+            let active = Active::new(&self.metrics.ops.connections_active);
             let stream = match self.listener_of(&stream) {
                 Some(bound) => accept::preamble(stream, bound, &snapshot, &self.metrics).await?,
                 None => stream,
@@ -196,6 +213,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
                 permit,
                 self.metrics.http2_rapid_reset.clone(),
             );
+            guarded._active = Some(active);
             if !guarded.read_first_head().await {
                 return None;
             }
@@ -240,6 +258,8 @@ pub struct GuardedStream {
     /// `palisade_http2_rapid_reset_total`, counted when a connection is cut.
     rapid_reset: prometheus::IntCounter,
     _permit: Option<Permit>,
+    /// Counted in `palisade_connections_active` while open.
+    _active: Option<Active>,
 }
 
 /// Watches the frames an HTTP/2 client sends, for the rapid-reset attack (CVE-2023-44487):
@@ -377,6 +397,7 @@ impl GuardedStream {
             h2: H2Monitor::new(),
             rapid_reset,
             _permit: permit,
+            _active: None,
         }
     }
 

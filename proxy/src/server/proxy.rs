@@ -607,6 +607,7 @@ impl ProxyHttp for PalisadeProxy {
         })?;
         ctx.tried.push(addr);
         ctx.upstream_addr = Some(addr);
+        ctx.upstream_started = Some(std::time::Instant::now());
         let t = snapshot.config.timeouts;
         let mut peer = group.peer(addr);
         peer.options.connection_timeout = Some(t.upstream_connect);
@@ -768,15 +769,35 @@ impl ProxyHttp for PalisadeProxy {
             // Nothing was sent yet, so any request may go to another server.
             if ctx.tried.len() < group.len() {
                 e.set_retry(true);
+                group.ops.retries.inc();
             }
         }
         e
     }
 
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(route) = ctx.route.and_then(|i| ctx.snapshot.routes.get(i)) {
+            let ops = &ctx.snapshot.upstreams[route.upstream].ops;
+            let class = (upstream_response.status.as_u16() / 100).wrapping_sub(1) as usize;
+            if let Some(c) = ops.responses.get(class) {
+                c.inc();
+            }
+            if let Some(t) = ctx.upstream_started {
+                ops.latency.observe(t.elapsed().as_secs_f64());
+            }
+        }
+        Ok(())
+    }
+
     async fn connected_to_upstream(
         &self,
         _session: &mut Session,
-        _reused: bool,
+        reused: bool,
         peer: &HttpPeer,
         #[cfg(unix)] _fd: std::os::unix::io::RawFd,
         #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
@@ -784,8 +805,12 @@ impl ProxyHttp for PalisadeProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let Some(route) = ctx.route.and_then(|i| ctx.snapshot.routes.get(i)) {
+            let group = &ctx.snapshot.upstreams[route.upstream];
             if let Some(addr) = peer._address.as_inet() {
-                ctx.snapshot.upstreams[route.upstream].record_success(*addr);
+                group.record_success(*addr);
+            }
+            if let (false, Some(t)) = (reused, ctx.upstream_started) {
+                group.ops.connect.observe(t.elapsed().as_secs_f64());
             }
         }
         Ok(())
@@ -870,6 +895,45 @@ impl ProxyHttp for PalisadeProxy {
         let m = &route.metrics;
         m.duration.observe(ctx.start.elapsed().as_secs_f64());
         m.response(status);
+        if let Some(c) = m.methods.get(crate::metrics::method_class(
+            session.req_header().method.as_str(),
+        )) {
+            c.inc();
+        }
+        if let Some(b) = &ctx.body {
+            m.inspected_bytes.inc_by(b.len() as u64);
+        }
+        for (h, ns) in self.metrics.ops.inspection.iter().zip(ctx.notes.stage_ns) {
+            if let Some(ns) = ns {
+                h.observe(ns as f64 / 1e9);
+            }
+        }
+        if let Outcome::Blocked {
+            stage: crate::pipeline::StageKind::Geo,
+            reason,
+            ..
+        } = &ctx.outcome
+        {
+            if reason == "geo_denied" {
+                // Only countries the config names become labels.
+                let named = |c: &str| {
+                    let cfg = ctx.route.and_then(|i| ctx.snapshot.config.routes.get(i));
+                    cfg.and_then(|r| r.policy.geo.as_ref()).is_some_and(|g| {
+                        g.allow
+                            .iter()
+                            .chain(g.deny.iter())
+                            .flatten()
+                            .any(|x| x.value.eq_ignore_ascii_case(c))
+                    })
+                };
+                let label = match &ctx.geo.country {
+                    Some(c) if named(c.as_str()) => c.as_str(),
+                    Some(_) => "other",
+                    None => "unknown",
+                };
+                self.metrics.ops.geo_blocked.get(&[label]).inc();
+            }
+        }
         for label in &ctx.notes.counted {
             m.counts.get(&[route.name.as_str(), label]).inc();
         }

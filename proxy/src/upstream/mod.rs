@@ -55,6 +55,23 @@ pub struct UpstreamGroup {
     pub errors: [prometheus::IntCounter; 3],
     /// TLS to the servers, when configured.
     pub tls: Option<UpstreamTlsLoaded>,
+    /// Response, latency, retry and ejection metric handles.
+    pub ops: UpstreamOps,
+}
+
+/// The metric handles of one group (resolved by the compile step).
+#[derive(Clone)]
+pub struct UpstreamOps {
+    /// Responses by class, index `status / 100 - 1`.
+    pub responses: [prometheus::IntCounter; 5],
+    /// Time from choosing a server to its response head.
+    pub latency: prometheus::Histogram,
+    /// Time to open a new connection.
+    pub connect: prometheus::Histogram,
+    /// Requests sent to another server after a failed connection.
+    pub retries: prometheus::IntCounter,
+    /// Servers ejected by passive health.
+    pub ejections: prometheus::IntCounter,
 }
 
 /// The certificates of TLS to an upstream, as read from their files (a reload compares
@@ -210,6 +227,7 @@ impl UpstreamGroup {
         addrs: Vec<SocketAddr>,
         errors: [prometheus::IntCounter; 3],
         tls: Option<UpstreamTlsLoaded>,
+        ops: UpstreamOps,
     ) -> Result<Arc<UpstreamGroup>, UpstreamError> {
         let mut lb =
             LoadBalancer::<RoundRobin>::try_from_iter(addrs.iter().copied()).map_err(|source| {
@@ -276,6 +294,7 @@ impl UpstreamGroup {
             built_from: (up.clone(), addrs),
             errors,
             tls,
+            ops,
         }))
     }
 
@@ -333,6 +352,7 @@ impl UpstreamGroup {
                 let until = self.now_ms() + self.passive.ejection.as_millis() as u64;
                 s.ejected_until_ms.store(until, Ordering::Relaxed);
                 s.consecutive_failures.store(0, Ordering::Relaxed);
+                self.ops.ejections.inc();
                 tracing::warn!(upstream = %self.name, server = %addr, ejection = ?self.passive.ejection,
                     "upstream server ejected after consecutive connection failures");
             }
