@@ -15,6 +15,7 @@
 //! Module dependencies point one way: `config` ← `request`/`identity` ← `pipeline` ← stages ←
 //! `snapshot` ← `compile` ← `server`.
 
+pub mod auth;
 pub mod compile;
 pub mod config;
 pub mod decisions;

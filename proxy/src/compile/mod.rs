@@ -155,6 +155,7 @@ pub fn compile_with(
     let rate_limits = rate_limits(&config, redis.as_ref(), geo.is_some(), cx, &mut out);
     let upstreams = upstreams(&config, cx, &mut out);
     let tls = tls_stores(&config, &mut out);
+    let issuers = issuers(&config, &mut out);
 
     // Schema documents are read once per load, whichever routes refer to them.
     let store = DocumentStore::new();
@@ -189,6 +190,11 @@ pub fn compile_with(
             p.asn.as_ref().map(asn_policy),
         ) {
             stages.push(Box::new(g));
+        }
+        if let Some(a) = &p.auth {
+            if let Some(stage) = auth_stage(&config, &r.name, a, &issuers, &mut out) {
+                stages.push(Box::new(stage));
+            }
         }
         // With a decision log, stages record what matched and where.
         let evidence = config.decision_log.is_some();
@@ -299,6 +305,118 @@ fn tls_stores(config: &Config, out: &mut Out) -> Vec<Option<Arc<crate::tls::TlsL
         }
     }
     stores
+}
+
+/// The token issuers of `auth.issuers`. A problem is reported at the line it is about.
+fn issuers(config: &Config, out: &mut Out) -> BTreeMap<String, Arc<crate::auth::Issuer>> {
+    let mut map = BTreeMap::new();
+    let Some(auth) = &config.auth else {
+        return map;
+    };
+    for (name, i) in &auth.issuers {
+        let jwks = i.jwks_file.as_ref().map(|f| {
+            let p = config.resolve(&f.value);
+            out.source(&p, "auth");
+            p
+        });
+        let secret = match (&i.secret, &i.secret_env) {
+            (Some(s), _) => Some(s.clone()),
+            (None, Some(var)) => match std::env::var(var) {
+                Ok(v) => Some(v),
+                Err(_) => {
+                    out.global(format!(
+                        "auth issuer {name:?}: environment variable {var:?} (secret_env) is not set"
+                    ));
+                    continue;
+                }
+            },
+            (None, None) => None,
+        };
+        let algorithms: Vec<String> = i.algorithms.iter().map(|a| a.value.clone()).collect();
+        let spec = crate::auth::IssuerSpec {
+            name,
+            issuer: &i.issuer,
+            algorithms: &algorithms,
+            jwks_file: jwks.as_deref(),
+            secret: secret.as_deref(),
+            audiences: &i.audiences,
+            audience_claim: i.audience_claim.as_deref(),
+            token_use: i.token_use.as_deref(),
+            leeway: i.leeway.map_or(60, |d| d.0.as_secs()),
+        };
+        match crate::auth::Issuer::build(&spec) {
+            Ok(issuer) => {
+                map.insert(name.clone(), Arc::new(issuer));
+            }
+            Err(e) => {
+                let m = format!("auth issuer {name:?}: {}", e.message);
+                let at = if e.jwks {
+                    i.jwks_file.as_ref().map(|f| f.referenced)
+                } else {
+                    i.algorithms.first().map(|a| a.referenced)
+                };
+                match at {
+                    Some(at) => out.at(&at, m),
+                    None => out.global(m),
+                }
+            }
+        }
+    }
+    map
+}
+
+/// A route's token check, over the issuers it names (all by default).
+fn auth_stage(
+    config: &Config,
+    route: &str,
+    a: &crate::config::file::RouteAuthConfig,
+    issuers: &BTreeMap<String, Arc<crate::auth::Issuer>>,
+    out: &mut Out,
+) -> Option<crate::auth::AuthStage> {
+    let Some(auth) = &config.auth else {
+        out.global(format!(
+            "route {route:?}: `policy.auth` needs `auth.issuers` at the top of the config"
+        ));
+        return None;
+    };
+    let names: Vec<&String> = if a.issuers.is_empty() {
+        auth.issuers.keys().collect()
+    } else {
+        a.issuers.iter().collect()
+    };
+    let mut chosen = Vec::new();
+    for n in names {
+        match issuers.get(n) {
+            Some(i) => chosen.push(Arc::clone(i)),
+            None if auth.issuers.contains_key(n) => {} // its own error is reported
+            None => out.global(format!(
+                "route {route:?}: unknown issuer {n:?} in policy.auth.issuers (known: {})",
+                auth.issuers.keys().cloned().collect::<Vec<_>>().join(", ")
+            )),
+        }
+    }
+    let token = match crate::auth::TokenSource::parse(a.token.as_deref().unwrap_or("authorization"))
+    {
+        Ok(t) => t,
+        Err(e) => {
+            out.global(format!("route {route:?}: policy.auth.token: {e}"));
+            return None;
+        }
+    };
+    let scopes = a
+        .scopes
+        .iter()
+        .map(|(m, s)| (m.clone(), s.clone()))
+        .collect();
+    for h in a.forward_claims.values() {
+        if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+            out.global(format!(
+                "route {route:?}: policy.auth.forward_claims: {h:?} is not a header name"
+            ));
+        }
+    }
+    let realm = auth.realm.clone().unwrap_or_else(|| "palisade".into());
+    Some(crate::auth::AuthStage::new(chosen, token, scopes, realm))
 }
 
 fn ip_sets(config: &Config, out: &mut Out) -> BTreeMap<String, Arc<IpSet>> {

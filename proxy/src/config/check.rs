@@ -327,6 +327,7 @@ pub fn check_all(
                 rulesets: p.rulesets,
                 exclusions: p.exclusions,
                 validate: p.validate,
+                auth: p.auth,
             },
         });
     }
@@ -383,6 +384,7 @@ pub fn check_all(
         ip_sets: file.ip_sets,
         client_ip: file.client_ip,
         geoip: file.geoip,
+        auth: file.auth,
         rate_limits: file.rate_limits,
         redis: file.redis,
         rulesets: file.rulesets,

@@ -59,6 +59,9 @@ pub struct FileConfig {
     /// MaxMind databases for country and ASN.
     #[serde(default)]
     pub geoip: Option<GeoIpConfig>,
+    /// Token issuers that routes accept bearer tokens (JWT) from (`policy.auth`).
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
     /// Rate-limit rules, evaluated in order after the ip and geo stages.
     #[serde(default)]
     pub rate_limits: Vec<RateLimitConfig>,
@@ -564,6 +567,9 @@ pub struct PolicyConfig {
     /// validators).
     #[serde(default)]
     pub validate: Option<ValidateConfig>,
+    /// Require a valid bearer token (JWT) from one of `auth.issuers`, with scopes per method.
+    #[serde(default)]
+    pub auth: Option<RouteAuthConfig>,
 }
 
 /// Request validation for a route: operations written here, imported from OpenAPI, or both.
@@ -1105,4 +1111,71 @@ pub enum RuleAction {
 
 fn default_true() -> bool {
     true
+}
+
+/// Token issuers (`auth`).
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Issuers by name (routes list the names they accept).
+    pub issuers: BTreeMap<String, IssuerConfig>,
+    /// Realm named in `WWW-Authenticate` (default `palisade`).
+    #[serde(default)]
+    pub realm: Option<String>,
+}
+
+/// One token issuer (an OAuth 2.0 authorization server, e.g. a Cognito user pool).
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// The exact `iss` of its tokens.
+    pub issuer: String,
+    /// JWKS file with its public keys, relative to the config file (reloaded with it).
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub jwks_file: Option<Spanned<String>>,
+    /// Shared secret for HS256/384/512 (only when listed in `algorithms`); prefer
+    /// `secret_env`.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// Environment variable holding the HS* shared secret.
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// Accepted signature algorithms, pinned (never taken from the token): RS256, RS384,
+    /// RS512, PS256, PS384, PS512, ES256, ES384, EdDSA, and HS256/384/512 with a secret.
+    #[schemars(with = "Vec<String>")]
+    pub algorithms: Vec<Spanned<String>>,
+    /// Accepted audiences (`aud`, or the claim named by `audience_claim`). Required.
+    pub audiences: Vec<String>,
+    /// The claim holding the audience: `aud` (default) or e.g. `client_id` (Cognito access
+    /// tokens carry no `aud`).
+    #[serde(default)]
+    pub audience_claim: Option<String>,
+    /// Required value of Cognito's `token_use` claim (`access` or `id`).
+    #[serde(default)]
+    pub token_use: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf` (default 60s).
+    #[serde(default)]
+    pub leeway: Option<HumanDuration>,
+}
+
+/// A route's token requirement.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouteAuthConfig {
+    /// Issuers accepted (names from `auth.issuers`); default: all of them.
+    #[serde(default)]
+    pub issuers: Vec<String>,
+    /// Scopes required per method (`GET: [activities:read]`, `"*"` for every method): every
+    /// listed scope must be in the token's `scope` (space-separated) or `scp`.
+    #[serde(default)]
+    pub scopes: BTreeMap<String, Vec<String>>,
+    /// Where the token is: `authorization` (default: `Authorization: Bearer …`), `header:NAME`
+    /// or `cookie:NAME`.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Claims sent to the upstream as headers (`{sub: X-Palisade-Sub}`); copies of these
+    /// headers sent by the client are removed first.
+    #[serde(default)]
+    pub forward_claims: BTreeMap<String, String>,
 }

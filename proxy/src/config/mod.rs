@@ -78,6 +78,8 @@ pub struct Config {
     pub client_ip: Option<file::ClientIpConfig>,
     /// Geo databases.
     pub geoip: Option<file::GeoIpConfig>,
+    /// Token issuers.
+    pub auth: Option<file::AuthConfig>,
     /// Rate-limit rules, in order.
     pub rate_limits: Vec<file::RateLimitConfig>,
     /// Redis for `store: redis` rules.
@@ -398,6 +400,8 @@ pub struct RoutePolicy {
     pub exclusions: Vec<file::ExclusionConfig>,
     /// Request validation.
     pub validate: Option<file::ValidateConfig>,
+    /// Bearer-token requirement.
+    pub auth: Option<file::RouteAuthConfig>,
 }
 
 /// Overrides given on the command line; they win over the file.

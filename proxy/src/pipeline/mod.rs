@@ -45,6 +45,8 @@ pub enum StageKind {
     Ip,
     /// Country/ASN allow/deny.
     Geo,
+    /// Bearer tokens (JWT) checked against the route's issuers and scopes.
+    Auth,
     /// Rate limits (asynchronous with Redis).
     RateLimit,
     /// The body pre-read: not a stage of its own but the point where the body is read, and
@@ -63,6 +65,7 @@ impl StageKind {
             StageKind::Access => "access",
             StageKind::Ip => "ip",
             StageKind::Geo => "geo",
+            StageKind::Auth => "auth",
             StageKind::RateLimit => "ratelimit",
             StageKind::Body => "body",
             StageKind::Rules => "rules",
@@ -71,10 +74,11 @@ impl StageKind {
     }
 
     /// Every kind, in pipeline order.
-    pub const ALL: [StageKind; 7] = [
+    pub const ALL: [StageKind; 8] = [
         StageKind::Access,
         StageKind::Ip,
         StageKind::Geo,
+        StageKind::Auth,
         StageKind::RateLimit,
         StageKind::Body,
         StageKind::Rules,
@@ -166,7 +170,7 @@ pub struct Notes {
     pub matches: Vec<MatchNote>,
     /// Nanoseconds spent in each stage that ran, by [`StageKind::ALL`] index (`None`: did
     /// not run), for `palisade_inspection_duration_seconds`.
-    pub stage_ns: [Option<u64>; 7],
+    pub stage_ns: [Option<u64>; StageKind::ALL.len()],
 }
 
 /// One match, as the decision log shows it.

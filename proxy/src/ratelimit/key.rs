@@ -38,6 +38,8 @@ pub enum KeyPart {
     Ja4,
     /// The subject of the verified client certificate (mTLS).
     ClientSubject,
+    /// A claim of the verified bearer token (`claim:sub`, `claim:client_id`).
+    Claim(String),
 }
 
 /// Why a key spec is invalid.
@@ -103,7 +105,8 @@ impl KeyPart {
                     .map_err(|_| err("not a valid header name")),
                 "cookie" => Ok(KeyPart::Cookie(name.to_string())),
                 "query" => Ok(KeyPart::Query(name.to_string())),
-                _ => Err(err("known kinds are header:, cookie:, query:")),
+                "claim" => Ok(KeyPart::Claim(name.to_string())),
+                _ => Err(err("known kinds are header:, cookie:, query:, claim:")),
             };
         }
         match s {
@@ -217,6 +220,13 @@ pub fn build_key(parts: &[KeyPart], route: &str, req: &Request<'_>, out: &mut St
                     None => return false,
                 }
             }
+            KeyPart::Claim(c) => match req.claim(c) {
+                Some(v) => {
+                    out.push_str(&v);
+                    Ok(())
+                }
+                None => return false,
+            },
             KeyPart::Asn => match req.asn {
                 Some(a) => write!(out, "{a}"),
                 None => {

@@ -35,6 +35,8 @@ pub struct RequestCache {
     json_doc: OnceLock<Result<serde_json::Value, JsonError>>,
     json: OnceLock<ParsedJson>,
     xml: OnceLock<(Vec<String>, bool)>,
+    /// Verified token claims (set by the auth stage).
+    claims: OnceLock<std::sync::Arc<serde_json::Map<String, serde_json::Value>>>,
 }
 
 /// Why a body is not valid JSON, with where (for the 400 `invalid_json` answer).
@@ -230,6 +232,34 @@ impl<'a> Request<'a> {
     pub fn with_tls(mut self, tls: Option<&'a crate::tls::TlsConnection>) -> Self {
         self.tls = tls;
         self
+    }
+
+    /// Records the verified claims of the request's token (the auth stage); later stages and
+    /// phases of the same request read them with [`Request::claims`].
+    pub fn set_claims(&self, claims: std::sync::Arc<serde_json::Map<String, serde_json::Value>>) {
+        let _ = self.cache().claims.set(claims);
+    }
+
+    /// The verified token claims, once the auth stage has run.
+    pub fn claims(&self) -> Option<&serde_json::Map<String, serde_json::Value>> {
+        self.cache().claims.get().map(|c| &**c)
+    }
+
+    /// A claim as text (`sub`, `client_id`; numbers and booleans as written, arrays joined by
+    /// spaces).
+    pub fn claim(&self, name: &str) -> Option<std::borrow::Cow<'_, str>> {
+        use std::borrow::Cow;
+        match self.claims()?.get(name)? {
+            serde_json::Value::String(s) => Some(Cow::Borrowed(s.as_str())),
+            serde_json::Value::Array(a) => Some(Cow::Owned(
+                a.iter()
+                    .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            )),
+            serde_json::Value::Null => None,
+            v => Some(Cow::Owned(v.to_string())),
+        }
     }
 
     /// The same view with the pre-read body.

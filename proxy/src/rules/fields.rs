@@ -113,6 +113,8 @@ pub enum Field {
     /// The subjectAltName entries of the verified client certificate (`DNS:…`, `email:…`,
     /// `URI:…`, `IP:…`).
     TlsClientSans,
+    /// A claim of the verified bearer token (routes with `policy.auth`).
+    Claim(String),
 }
 
 pub use crate::request::grammar::STANDARD_HEADERS;
@@ -131,8 +133,9 @@ impl Field {
                 "cookie" => Field::Cookie(name.to_string()),
                 "form" => Field::FormField(name.to_string()),
                 "json" if name.starts_with('/') => Field::JsonPointer(name.to_string()),
+                "claim" => Field::Claim(name.to_string()),
                 "json" => return Err(format!("field {s:?}: a JSON pointer starts with `/` (e.g. json:/user/name)")),
-                _ => return Err(format!("unknown field kind {kind:?} in {s:?}: use query:, header:, cookie:, form: or json:")),
+                _ => return Err(format!("unknown field kind {kind:?} in {s:?}: use query:, header:, cookie:, form:, json: or claim:")),
             });
         }
         Ok(match s {
@@ -238,6 +241,7 @@ impl Field {
             Field::TlsSni => "tls.sni",
             Field::TlsClientSubject => "tls.client_subject",
             Field::TlsClientSans => "tls.client_sans",
+            Field::Claim(c) => return format!("claim:{c}"),
         };
         s.to_string()
     }
@@ -537,6 +541,15 @@ impl FieldValues for RuleInput<'_> {
                         .collect()
                 })
                 .unwrap_or_default(),
+            Field::Claim(c) => self
+                .claim(c)
+                .map(|t| Value {
+                    origin: Origin::Other,
+                    name: None,
+                    text: t,
+                })
+                .into_iter()
+                .collect(),
             Field::Labels => labels
                 .iter()
                 .map(|l| Value {

@@ -105,6 +105,13 @@ pub(crate) fn line(
         o.insert("query".into(), redact_query(q, &log.redact_query).into());
     }
     o.insert("route".into(), route.into());
+    // The token's subject and client, never the token (it is in `headers`, redacted).
+    let view = crate::request::Request::of_head(req, &ctx.cache);
+    for claim in ["sub", "client_id"] {
+        if let Some(v) = view.claim(claim) {
+            o.insert(format!("token_{claim}"), v.into_owned().into());
+        }
+    }
     if let Outcome::Blocked {
         stage,
         reason,

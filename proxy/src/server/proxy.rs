@@ -677,6 +677,22 @@ impl ProxyHttp for PalisadeProxy {
             upstream_request.remove_header(&http::header::EXPECT);
         }
         upstream_request.insert_header("x-request-id", ctx.request_id.to_string())?;
+        // Verified token claims the route forwards (client-sent copies removed first).
+        if let Some(auth) = ctx
+            .route
+            .and_then(|i| ctx.snapshot.config.routes.get(i))
+            .and_then(|r| r.policy.auth.as_ref())
+        {
+            let view = Request::of_head(session.req_header(), &ctx.cache);
+            for (claim, header) in &auth.forward_claims {
+                upstream_request.remove_header(header.as_str());
+                if let Some(v) = view.claim(claim) {
+                    if let Ok(v) = http::HeaderValue::from_str(&v) {
+                        upstream_request.insert_header(header.clone(), v)?;
+                    }
+                }
+            }
+        }
         // What the TLS handshake learned, for the backend (as CloudFront's viewer headers):
         // only Palisade sets these, whoever the client is.
         for name in TLS_HEADERS {
