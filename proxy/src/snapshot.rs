@@ -125,6 +125,8 @@ pub struct Snapshot {
     pub demo_addr: Option<SocketAddr>,
     /// Per client listener (config order), its certificates when it terminates TLS.
     pub tls: Vec<Option<Arc<crate::tls::TlsListener>>>,
+    /// Token issuers by name (their keys; fetched JWKS are refreshed in the background).
+    pub issuers: std::collections::BTreeMap<String, Arc<crate::auth::Issuer>>,
 }
 
 /// Routes in config order (index them like a slice), and the order they are matched in.

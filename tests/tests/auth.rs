@@ -258,3 +258,123 @@ fn issuer_mistakes_are_reported_at_their_line() {
     );
     assert!(text.contains("unknown issuer \"c\""), "{text}");
 }
+
+/// A loopback JWKS endpoint whose document the test changes; `None` answers 503 (an issuer
+/// outage). Counts the fetches.
+struct JwksServer {
+    addr: std::net::SocketAddr,
+    doc: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl JwksServer {
+    async fn start(doc: String) -> JwksServer {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let doc = std::sync::Arc::new(std::sync::Mutex::new(Some(doc)));
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (d, h) = (doc.clone(), hits.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (d, h) = (d.clone(), h.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |_req: hyper::Request<hyper::body::Incoming>| {
+                            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            let body = d.lock().unwrap().clone();
+                            async move {
+                                let mut r = hyper::Response::new(http_body_util::Full::new(
+                                    bytes::Bytes::from(body.clone().unwrap_or_default()),
+                                ));
+                                if body.is_none() {
+                                    *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                                }
+                                Ok::<_, std::convert::Infallible>(r)
+                            }
+                        },
+                    );
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        JwksServer { addr, doc, hits }
+    }
+
+    fn set(&self, doc: Option<String>) {
+        *self.doc.lock().unwrap() = doc;
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+fn jwks(keys: &[(&EncodingKey, &str)]) -> String {
+    let keys: Vec<Value> = keys
+        .iter()
+        .map(|(k, kid)| {
+            let mut j = serde_json::to_value(
+                jsonwebtoken::jwk::Jwk::from_encoding_key(k, Algorithm::RS256).unwrap(),
+            )
+            .unwrap();
+            j["kid"] = json!(kid);
+            j
+        })
+        .collect();
+    json!({ "keys": keys }).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwks_url_is_fetched_rotated_on_kid_miss_and_served_stale_in_an_outage() {
+    let backend = Backend::start("api").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (k1, _) = rsa_key(dir.path(), "k1");
+    let (k2, _) = rsa_key(dir.path(), "k2");
+    let (k3, _) = rsa_key(dir.path(), "k3");
+    let server = JwksServer::start(jwks(&[(&k1, "k1")])).await;
+    let config = format!(
+        "auth:\n  issuers:\n    pool:\n      issuer: \"{ISS}\"\n      jwks_url: \"http://{}/.well-known/jwks.json\"\n      algorithms: [RS256]\n      audiences: [api]\nupstreams:\n  app: {{targets: [\"{}\"]}}\nroutes:\n  - name: api\n    upstream: app\n    policy:\n      auth: {{}}\n",
+        server.addr, backend.addr
+    );
+    let p = Palisade::start_in(dir, &config, false).await;
+    let t1 = token(&k1, Algorithm::RS256, Some("k1"), &claims(json!({})));
+    // Fetched in the background at start (or by the first request's kid miss).
+    assert!(
+        eventually(std::time::Duration::from_secs(10), || async {
+            call(&p, "GET", Some(&t1)).await.status == 200
+        })
+        .await,
+        "{}",
+        p.log()
+    );
+
+    // Rotation: the issuer publishes k2; the first token signed with it passes (the unknown
+    // kid makes Palisade fetch the JWKS again at once).
+    server.set(Some(jwks(&[(&k1, "k1"), (&k2, "k2")])));
+    let t2 = token(&k2, Algorithm::RS256, Some("k2"), &claims(json!({})));
+    assert_eq!(call(&p, "GET", Some(&t2)).await.status, 200, "{}", p.log());
+
+    // Outage: the cached keys keep serving; an unknown kid is refused, and refetched at
+    // most once in 10 s however often it comes.
+    server.set(None);
+    assert_eq!(call(&p, "GET", Some(&t1)).await.status, 200);
+    assert_eq!(call(&p, "GET", Some(&t2)).await.status, 200);
+    let before = server.hits();
+    let t3 = token(&k3, Algorithm::RS256, Some("k3"), &claims(json!({})));
+    for _ in 0..5 {
+        let r = call(&p, "GET", Some(&t3)).await;
+        assert_eq!(r.status, 401);
+        assert!(r
+            .header("www-authenticate")
+            .unwrap()
+            .contains("invalid_token"));
+    }
+    assert!(
+        server.hits() - before <= 1,
+        "{} fetches for one unknown kid",
+        server.hits() - before
+    );
+}

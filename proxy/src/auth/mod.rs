@@ -19,7 +19,11 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
 
 use base64::Engine as _;
 use jsonwebtoken::jwk::JwkSet;
@@ -35,10 +39,17 @@ pub struct Issuer {
     pub name: String,
     iss: String,
     algorithms: Vec<Algorithm>,
-    /// Keys by `kid`.
-    keys: HashMap<String, DecodingKey>,
-    /// The key of a JWKS with exactly one key (serves tokens without `kid`).
-    only_key: Option<DecodingKey>,
+    /// The public keys: from the JWKS file, or the last JWKS fetched from `jwks_url`.
+    keys: ArcSwap<Keys>,
+    /// Where the JWKS is fetched from (refreshed in the background and on an unknown `kid`).
+    jwks_url: Option<String>,
+    /// Milliseconds since `epoch` of the last fetch attempt (0: never).
+    last_fetch_ms: AtomicU64,
+    /// … and of the last one an unknown `kid` asked for.
+    last_miss_ms: AtomicU64,
+    epoch: Instant,
+    /// One fetch at a time.
+    fetching: tokio::sync::Mutex<()>,
     /// The HS* shared secret.
     secret: Option<DecodingKey>,
     audiences: Vec<String>,
@@ -53,8 +64,58 @@ impl std::fmt::Debug for Issuer {
             .field("name", &self.name)
             .field("iss", &self.iss)
             .field("algorithms", &self.algorithms)
-            .field("keys", &self.keys.len())
+            .field("jwks_url", &self.jwks_url)
             .finish_non_exhaustive()
+    }
+}
+
+/// An issuer's public keys.
+#[derive(Default)]
+pub struct Keys {
+    /// By `kid`.
+    by_kid: HashMap<String, DecodingKey>,
+    /// The key of a JWKS with exactly one key (serves tokens without `kid`).
+    only: Option<DecodingKey>,
+}
+
+impl Keys {
+    /// Parses a JWKS document; `source` names it in errors.
+    pub fn parse(text: &str, source: &str) -> Result<Keys, String> {
+        let set: JwkSet =
+            serde_json::from_str(text).map_err(|e| format!("{source}: not a JWKS: {e}"))?;
+        if set.keys.is_empty() {
+            return Err(format!("{source}: no key in the JWKS"));
+        }
+        let mut keys = Keys::default();
+        for (i, jwk) in set.keys.iter().enumerate() {
+            let key = DecodingKey::from_jwk(jwk)
+                .map_err(|e| format!("{source}: key {i} is unusable: {e}"))?;
+            match &jwk.common.key_id {
+                Some(kid) => {
+                    keys.by_kid.insert(kid.clone(), key.clone());
+                }
+                None if set.keys.len() > 1 => {
+                    return Err(format!(
+                        "{source}: key {i} has no `kid` (needed when a JWKS has several keys)"
+                    ))
+                }
+                None => {}
+            }
+            if set.keys.len() == 1 {
+                keys.only = Some(key);
+            }
+        }
+        Ok(keys)
+    }
+
+    fn find(&self, kid: Option<&str>) -> Option<&DecodingKey> {
+        match kid {
+            Some(k) => self
+                .by_kid
+                .get(k)
+                .or(self.only.as_ref().filter(|_| self.by_kid.is_empty())),
+            None => self.only.as_ref(),
+        }
     }
 }
 
@@ -68,6 +129,10 @@ pub struct IssuerSpec<'a> {
     pub algorithms: &'a [String],
     /// The JWKS file.
     pub jwks_file: Option<&'a Path>,
+    /// The JWKS URL.
+    pub jwks_url: Option<&'a str>,
+    /// Keys fetched from the same URL by the previous snapshot (kept across reloads).
+    pub previous_keys: Option<Arc<Keys>>,
     /// The HS* secret.
     pub secret: Option<&'a str>,
     /// Audiences.
@@ -152,41 +217,37 @@ impl Issuer {
             }
             (false, _) => None,
         };
-        let mut keys = HashMap::new();
-        let mut only_key = None;
+        let mut keys = Keys::default();
         if asym {
-            let Some(path) = spec.jwks_file else {
-                return Err(alg_err("public-key algorithms need `jwks_file`".into()));
-            };
-            let jwks_err = |message: String| IssuerError {
-                message,
-                jwks: true,
-            };
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| jwks_err(format!("{}: cannot read: {e}", path.display())))?;
-            let set: JwkSet = serde_json::from_str(&text)
-                .map_err(|e| jwks_err(format!("{}: not a JWKS: {e}", path.display())))?;
-            if set.keys.is_empty() {
-                return Err(jwks_err(format!("{}: no key in the JWKS", path.display())));
-            }
-            for (i, jwk) in set.keys.iter().enumerate() {
-                let key = DecodingKey::from_jwk(jwk).map_err(|e| {
-                    jwks_err(format!("{}: key {i} is unusable: {e}", path.display()))
-                })?;
-                match &jwk.common.key_id {
-                    Some(kid) => {
-                        keys.insert(kid.clone(), key.clone());
-                    }
-                    None if set.keys.len() > 1 => {
-                        return Err(jwks_err(format!(
-                            "{}: key {i} has no `kid` (needed when a JWKS has several keys)",
-                            path.display()
-                        )))
-                    }
-                    None => {}
+            match (spec.jwks_file, spec.jwks_url) {
+                (Some(path), None) => {
+                    let text = std::fs::read_to_string(path).map_err(|e| IssuerError {
+                        message: format!("{}: cannot read: {e}", path.display()),
+                        jwks: true,
+                    })?;
+                    keys = Keys::parse(&text, &path.display().to_string()).map_err(|message| {
+                        IssuerError {
+                            message,
+                            jwks: true,
+                        }
+                    })?;
                 }
-                if set.keys.len() == 1 {
-                    only_key = Some(key);
+                (None, Some(url)) => {
+                    let ok = url.parse::<http::Uri>().ok().is_some_and(|u| {
+                        matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+                    });
+                    if !ok {
+                        return Err(IssuerError {
+                            message: format!("jwks_url {url:?} is not an http(s) URL"),
+                            jwks: true,
+                        });
+                    }
+                }
+                _ => {
+                    return Err(alg_err(
+                        "public-key algorithms need exactly one of `jwks_file` and `jwks_url`"
+                            .into(),
+                    ))
                 }
             }
         }
@@ -195,12 +256,20 @@ impl Issuer {
                 "`audiences` is empty: list the audiences (or client ids) of this API".into(),
             ));
         }
+        let keys = match (spec.jwks_url.is_some(), &spec.previous_keys) {
+            (true, Some(prev)) => Arc::clone(prev),
+            _ => Arc::new(keys),
+        };
         Ok(Issuer {
             name: spec.name.to_string(),
             iss: spec.issuer.to_string(),
             algorithms,
-            keys,
-            only_key,
+            keys: ArcSwap::new(keys),
+            jwks_url: spec.jwks_url.map(str::to_string),
+            last_fetch_ms: AtomicU64::new(0),
+            last_miss_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            fetching: tokio::sync::Mutex::new(()),
             secret,
             audiences: spec.audiences.to_vec(),
             audience_claim: spec
@@ -222,18 +291,13 @@ impl Issuer {
         if !self.algorithms.contains(&alg) {
             return Err(format!("algorithm {alg:?} is not accepted"));
         }
+        let keys = self.keys.load();
         let key = if is_hmac(alg) {
             self.secret.as_ref()
         } else {
-            match kid {
-                Some(k) => self
-                    .keys
-                    .get(k)
-                    .or(self.only_key.as_ref().filter(|_| self.keys.is_empty())),
-                None => self.only_key.as_ref(),
-            }
+            keys.find(kid)
         }
-        .ok_or_else(|| "unknown signing key".to_string())?;
+        .ok_or_else(|| UNKNOWN_KEY.to_string())?;
         let mut v = Validation::new(alg);
         v.algorithms = self.algorithms.clone();
         v.leeway = self.leeway;
@@ -268,6 +332,119 @@ impl Issuer {
         }
         Ok(claims)
     }
+}
+
+/// The error of a token whose key is not (yet) known.
+const UNKNOWN_KEY: &str = "unknown signing key";
+
+/// A JWKS fetch takes at most this long.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(3);
+/// An unknown `kid` triggers a fetch at most this often per issuer.
+const MISS_REFETCH_EVERY: Duration = Duration::from_secs(10);
+/// How often the background refresher fetches each JWKS URL.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(300);
+/// Largest JWKS document read.
+const MAX_JWKS: usize = 1 << 20;
+
+impl Issuer {
+    /// The keys in force (a reload keeps fetched ones).
+    pub fn keys(&self) -> Arc<Keys> {
+        self.keys.load_full()
+    }
+
+    /// The JWKS URL, when the keys are fetched.
+    pub fn jwks_url(&self) -> Option<&str> {
+        self.jwks_url.as_deref()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Whether a fetch is due: never tried, or the last try is older than `every`.
+    pub fn due(&self, every: Duration) -> bool {
+        let last = self.last_fetch_ms.load(Ordering::Relaxed);
+        self.jwks_url.is_some()
+            && (last == 0 || self.now_ms().saturating_sub(last) >= every.as_millis() as u64)
+    }
+
+    /// Whether a token with an unknown `kid` may trigger a fetch now (at most one per
+    /// [`MISS_REFETCH_EVERY`]; the caller that gets `true` does it).
+    fn claim_miss_fetch(&self) -> bool {
+        let now = self.now_ms();
+        let last = self.last_miss_ms.load(Ordering::Relaxed);
+        let free = last == 0 || now.saturating_sub(last) >= MISS_REFETCH_EVERY.as_millis() as u64;
+        free && self
+            .last_miss_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// Fetches the JWKS and swaps the keys in. A failure keeps the keys in force (stale keys
+    /// serve while the issuer is down) and says why.
+    pub async fn refresh(&self) -> Result<(), String> {
+        let Some(url) = &self.jwks_url else {
+            return Ok(());
+        };
+        let _one = self.fetching.lock().await;
+        self.last_fetch_ms.store(self.now_ms(), Ordering::Relaxed);
+        let text = tokio::time::timeout(FETCH_TIMEOUT, fetch(url))
+            .await
+            .map_err(|_| format!("{url}: no answer within {FETCH_TIMEOUT:?}"))??;
+        let keys = Keys::parse(&text, url)?;
+        self.keys.store(Arc::new(keys));
+        tracing::info!(issuer = %self.name, url = %url, "JWKS fetched");
+        Ok(())
+    }
+}
+
+/// GETs `url` (http, or https verified against the system roots) with pingora's client.
+async fn fetch(url: &str) -> Result<String, String> {
+    use pingora::upstreams::peer::HttpPeer;
+    static CONNECTOR: std::sync::OnceLock<pingora::connectors::http::Connector> =
+        std::sync::OnceLock::new();
+    let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    let tls = uri.scheme_str() == Some("https");
+    let host = uri
+        .host()
+        .ok_or_else(|| format!("{url}: no host"))?
+        .to_string();
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let addr = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .map_err(|e| format!("{url}: cannot resolve: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{url}: no address"))?;
+    let peer = HttpPeer::new(addr, tls, host.clone());
+    let connector = CONNECTOR.get_or_init(|| pingora::connectors::http::Connector::new(None));
+    let (mut session, _) = connector
+        .get_http_session(&peer)
+        .await
+        .map_err(|e| format!("{url}: cannot connect: {e}"))?;
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let io = |e: Box<pingora::Error>| format!("{url}: {e}");
+    let mut req = pingora::http::RequestHeader::build("GET", path.as_bytes(), None).map_err(io)?;
+    req.insert_header("host", host.as_str()).map_err(io)?;
+    req.insert_header("accept", "application/json")
+        .map_err(io)?;
+    session
+        .write_request_header(Box::new(req))
+        .await
+        .map_err(io)?;
+    session.finish_request_body().await.map_err(io)?;
+    session.read_response_header().await.map_err(io)?;
+    let status = session.response_header().map_or(0, |r| r.status.as_u16());
+    if status != 200 {
+        return Err(format!("{url}: status {status}"));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = session.read_response_body().await.map_err(io)? {
+        body.extend_from_slice(&chunk);
+        if body.len() > MAX_JWKS {
+            return Err(format!("{url}: JWKS larger than {MAX_JWKS} bytes"));
+        }
+    }
+    String::from_utf8(body).map_err(|_| format!("{url}: not UTF-8"))
 }
 
 /// A short reason for `error_description` (never echoing the token).
@@ -379,12 +556,22 @@ impl AuthStage {
         .filter(|t| !t.is_empty())
     }
 
-    fn check(&self, req: &Request<'_>) -> Result<Map<String, Value>, Decision> {
-        let invalid = |d: String| self.challenge(401, "invalid_token", Some(("invalid_token", d)));
-        let Some(token) = self.token(req) else {
-            return Err(self.challenge(401, "missing_token", None));
+    /// Checks the token of a request with method `method`. `Err(Ok(issuer))`: its key is
+    /// not known, and the issuer fetches keys from a URL (the caller may refresh and retry).
+    fn check(
+        &self,
+        token: Option<&str>,
+        method: &str,
+    ) -> Result<Map<String, Value>, Result<Arc<Issuer>, Decision>> {
+        let invalid =
+            |d: String| Err(self.challenge(401, "invalid_token", Some(("invalid_token", d))));
+        let Some(token) = token else {
+            return Err(Err(self.challenge(401, "missing_token", None)));
         };
-        let header = jsonwebtoken::decode_header(token).map_err(|e| invalid(describe(&e)))?;
+        let header = match jsonwebtoken::decode_header(token) {
+            Ok(h) => h,
+            Err(e) => return Err(invalid(describe(&e))),
+        };
         // The issuer by the (unverified) `iss`; the signature is checked with its keys next.
         let iss = token
             .split('.')
@@ -395,20 +582,24 @@ impl AuthStage {
                     .ok()
             })
             .and_then(|b| serde_json::from_slice::<Map<String, Value>>(&b).ok())
-            .and_then(|m| m.get("iss").and_then(Value::as_str).map(str::to_string))
-            .ok_or_else(|| invalid("missing `iss` claim".into()))?;
-        let issuer = self
-            .issuers
-            .iter()
-            .find(|i| i.iss == iss)
-            .ok_or_else(|| invalid("wrong issuer".into()))?;
-        let claims = issuer
-            .verify(token, header.alg, header.kid.as_deref())
-            .map_err(invalid)?;
+            .and_then(|m| m.get("iss").and_then(Value::as_str).map(str::to_string));
+        let Some(iss) = iss else {
+            return Err(invalid("missing `iss` claim".into()));
+        };
+        let Some(issuer) = self.issuers.iter().find(|i| i.iss == iss) else {
+            return Err(invalid("wrong issuer".into()));
+        };
+        let claims = match issuer.verify(token, header.alg, header.kid.as_deref()) {
+            Ok(c) => c,
+            Err(e) if e == UNKNOWN_KEY && issuer.jwks_url.is_some() => {
+                return Err(Ok(Arc::clone(issuer)))
+            }
+            Err(e) => return Err(invalid(e)),
+        };
         let needed = self
             .scopes
             .iter()
-            .filter(|(m, _)| m == "*" || m.eq_ignore_ascii_case(req.method))
+            .filter(|(m, _)| m == "*" || m.eq_ignore_ascii_case(method))
             .flat_map(|(_, s)| s);
         let granted = scopes_of(&claims);
         let missing: Vec<&String> = needed.filter(|s| !granted.contains(&s.as_str())).collect();
@@ -422,9 +613,18 @@ impl AuthStage {
             value.retain(|c| !c.is_control());
             let mut b = Block::new(403, "insufficient_scope");
             b.headers.push(("www-authenticate", value));
-            return Err(Decision::Block(b));
+            return Err(Err(Decision::Block(b)));
         }
         Ok(claims)
+    }
+
+    /// The answer to a token whose key stays unknown.
+    fn unknown_key(&self) -> Decision {
+        self.challenge(
+            401,
+            "invalid_token",
+            Some(("invalid_token", UNKNOWN_KEY.to_string())),
+        )
     }
 }
 
@@ -451,13 +651,36 @@ impl Stage for AuthStage {
     }
 
     fn evaluate<'s>(&'s self, req: &Request<'_>, _notes: &mut Notes) -> Eval<'s> {
-        Eval::Done(match self.check(req) {
+        match self.check(self.token(req), req.method) {
             Ok(claims) => {
                 req.set_claims(Arc::new(claims));
-                Decision::Continue
+                Eval::Done(Decision::Continue)
             }
-            Err(d) => d,
-        })
+            Err(Err(d)) => Eval::Done(d),
+            // An unknown `kid` may be a rotated key: fetch the issuer's JWKS again (at most
+            // every 10 s per issuer, bounded in time) and check once more.
+            Err(Ok(issuer)) if issuer.claim_miss_fetch() => {
+                let token = self.token(req).map(str::to_string);
+                let method = req.method.to_string();
+                Eval::Pending(Box::pin(async move {
+                    if let Err(e) = issuer.refresh().await {
+                        tracing::warn!(issuer = %issuer.name, error = %e, "JWKS refresh failed; the cached keys stay");
+                    }
+                    match self.check(token.as_deref(), &method) {
+                        Ok(claims) => (
+                            Decision::Continue,
+                            Notes {
+                                claims: Some(Arc::new(claims)),
+                                ..Notes::default()
+                            },
+                        ),
+                        Err(Err(d)) => (d, Notes::default()),
+                        Err(Ok(_)) => (self.unknown_key(), Notes::default()),
+                    }
+                }))
+            }
+            Err(Ok(_)) => Eval::Done(self.unknown_key()),
+        }
     }
 }
 

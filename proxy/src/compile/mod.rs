@@ -155,7 +155,7 @@ pub fn compile_with(
     let rate_limits = rate_limits(&config, redis.as_ref(), geo.is_some(), cx, &mut out);
     let upstreams = upstreams(&config, cx, &mut out);
     let tls = tls_stores(&config, &mut out);
-    let issuers = issuers(&config, &mut out);
+    let issuers = issuers(&config, cx, &mut out);
 
     // Schema documents are read once per load, whichever routes refer to them.
     let store = DocumentStore::new();
@@ -253,6 +253,7 @@ pub fn compile_with(
         sources: out.sources,
         demo_addr: cx.demo_addr,
         tls,
+        issuers,
     })
 }
 
@@ -308,7 +309,11 @@ fn tls_stores(config: &Config, out: &mut Out) -> Vec<Option<Arc<crate::tls::TlsL
 }
 
 /// The token issuers of `auth.issuers`. A problem is reported at the line it is about.
-fn issuers(config: &Config, out: &mut Out) -> BTreeMap<String, Arc<crate::auth::Issuer>> {
+fn issuers(
+    config: &Config,
+    cx: &CompileContext<'_>,
+    out: &mut Out,
+) -> BTreeMap<String, Arc<crate::auth::Issuer>> {
     let mut map = BTreeMap::new();
     let Some(auth) = &config.auth else {
         return map;
@@ -338,6 +343,14 @@ fn issuers(config: &Config, out: &mut Out) -> BTreeMap<String, Arc<crate::auth::
             issuer: &i.issuer,
             algorithms: &algorithms,
             jwks_file: jwks.as_deref(),
+            jwks_url: i.jwks_url.as_ref().map(|u| u.value.as_str()),
+            // Keys fetched by the running snapshot from the same URL serve on at once.
+            previous_keys: cx.previous.and_then(|p| {
+                p.issuers
+                    .get(name)
+                    .filter(|old| old.jwks_url() == i.jwks_url.as_ref().map(|u| u.value.as_str()))
+                    .map(|old| old.keys())
+            }),
             secret: secret.as_deref(),
             audiences: &i.audiences,
             audience_claim: i.audience_claim.as_deref(),
@@ -351,7 +364,10 @@ fn issuers(config: &Config, out: &mut Out) -> BTreeMap<String, Arc<crate::auth::
             Err(e) => {
                 let m = format!("auth issuer {name:?}: {}", e.message);
                 let at = if e.jwks {
-                    i.jwks_file.as_ref().map(|f| f.referenced)
+                    i.jwks_file
+                        .as_ref()
+                        .or(i.jwks_url.as_ref())
+                        .map(|f| f.referenced)
                 } else {
                     i.algorithms.first().map(|a| a.referenced)
                 };

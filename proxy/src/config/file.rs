@@ -1134,6 +1134,12 @@ pub struct IssuerConfig {
     #[serde(default)]
     #[schemars(with = "Option<String>")]
     pub jwks_file: Option<Spanned<String>>,
+    /// URL of the issuer's JWKS (`https://…/.well-known/jwks.json`): fetched in the
+    /// background (every 5 minutes, and at once on a token with an unknown `kid`, at most
+    /// every 10 s), kept across reloads, and served stale while the issuer is down.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub jwks_url: Option<Spanned<String>>,
     /// Shared secret for HS256/384/512 (only when listed in `algorithms`); prefer
     /// `secret_env`.
     #[serde(default)]

@@ -171,6 +171,9 @@ pub struct Notes {
     /// Nanoseconds spent in each stage that ran, by [`StageKind::ALL`] index (`None`: did
     /// not run), for `palisade_inspection_duration_seconds`.
     pub stage_ns: [Option<u64>; StageKind::ALL.len()],
+    /// Verified token claims from a stage that waited (the auth stage after a JWKS fetch);
+    /// the proxy records them in the request's cache.
+    pub claims: Option<std::sync::Arc<serde_json::Map<String, serde_json::Value>>>,
 }
 
 /// One match, as the decision log shows it.
@@ -206,6 +209,9 @@ impl Notes {
         self.counted.extend(other.counted);
         self.response_headers.extend(other.response_headers);
         self.matches.extend(other.matches);
+        if other.claims.is_some() {
+            self.claims = other.claims;
+        }
         for (mine, theirs) in self.stage_ns.iter_mut().zip(other.stage_ns) {
             if let Some(t) = theirs {
                 *mine = Some(mine.unwrap_or(0) + t);

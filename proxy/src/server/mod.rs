@@ -274,6 +274,12 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         ),
     ));
     server.add_service(pingora::services::background::background_service(
+        "JWKS refresh",
+        JwksRefresher {
+            snapshot: Arc::clone(&snapshot),
+        },
+    ));
+    server.add_service(pingora::services::background::background_service(
         "config reload",
         reload::ReloadService::new(reloader),
     ));
@@ -286,4 +292,31 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     }
     tracing::info!(addr = %admin_addr, "admin listening (/healthz, /readyz, /metrics, /config, POST /reload)");
     server.run_forever()
+}
+
+/// Fetches the JWKS of issuers with `jwks_url`: at start, then every
+/// [`crate::auth::REFRESH_EVERY`]; a failure keeps the cached keys (logged).
+struct JwksRefresher {
+    snapshot: Arc<ArcSwap<crate::snapshot::Snapshot>>,
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for JwksRefresher {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        loop {
+            let snap = self.snapshot.load_full();
+            for issuer in snap.issuers.values() {
+                if issuer.due(crate::auth::REFRESH_EVERY) {
+                    if let Err(e) = issuer.refresh().await {
+                        tracing::warn!(issuer = %issuer.name, error = %e,
+                            "JWKS fetch failed; the cached keys stay in force");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+            }
+        }
+    }
 }

@@ -571,6 +571,9 @@ impl ProxyHttp for PalisadeProxy {
                 } => {
                     let (decision, notes) = pending.await;
                     ctx.notes.merge(notes);
+                    if let Some(claims) = ctx.notes.claims.take() {
+                        Request::of_head(session.req_header(), &ctx.cache).set_claims(claims);
+                    }
                     match settle(kind, decision) {
                         Some(v) => v,
                         None => {
