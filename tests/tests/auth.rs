@@ -341,7 +341,17 @@ async fn a_jwks_url_is_fetched_rotated_on_kid_miss_and_served_stale_in_an_outage
     );
     let p = Palisade::start_in(dir, &config, false).await;
     let t1 = token(&k1, Algorithm::RS256, Some("k1"), &claims(json!({})));
-    // Fetched in the background at start (or by the first request's kid miss).
+    // Fetched in the background at start. (A token arriving before that would spend the
+    // unknown-kid fetch, and the rotation below would then wait for the 10 s limit.)
+    assert!(
+        eventually(std::time::Duration::from_secs(10), || async {
+            server.hits() >= 1
+        })
+        .await,
+        "no JWKS fetch at start: {}",
+        p.log()
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert!(
         eventually(std::time::Duration::from_secs(10), || async {
             call(&p, "GET", Some(&t1)).await.status == 200
