@@ -1,0 +1,141 @@
+//! Cost per request of bearer-token verification with a cached key: the whole auth stage
+//! (token extraction, issuer choice, signature, claim checks, scopes) for RS256 (2048-bit),
+//! ES256 and EdDSA tokens. `*_verify`: 1,000 distinct tokens in turn, so the per-thread
+//! verified-token cache (256 slots) misses and each request pays the signature; `*_repeat`:
+//! one client's token again and again (the common case: a token lives an hour). Keys are made
+//! by openssl at setup; tokens by jsonwebtoken.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark setup")]
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use palisade::auth::{AuthStage, Issuer, IssuerSpec, TokenSource};
+use palisade::pipeline::{Notes, Stage};
+use palisade::request::Request;
+
+const ISS: &str = "https://issuer.bench";
+
+fn openssl_key(dir: &std::path::Path, name: &str, args: &[&str]) -> Vec<u8> {
+    let path = dir.join(name);
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .arg("-out")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    std::fs::read(&path).unwrap()
+}
+
+fn bench(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let rsa = EncodingKey::from_rsa_pem(&openssl_key(
+        dir.path(),
+        "rsa.pem",
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+        ],
+    ))
+    .unwrap();
+    let ec = EncodingKey::from_ec_pem(&openssl_key(
+        dir.path(),
+        "ec.pem",
+        &[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ],
+    ))
+    .unwrap();
+    let ed = EncodingKey::from_ed_pem(&openssl_key(
+        dir.path(),
+        "ed.pem",
+        &["genpkey", "-algorithm", "ed25519"],
+    ))
+    .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = serde_json::json!({"iss": ISS, "aud": "api", "sub": "alice", "exp": now + 3600,
+                                    "scope": "activities:read activities:write"});
+    let mut g = c.benchmark_group("auth_stage");
+    for (name, alg, key) in [
+        ("rs256", Algorithm::RS256, &rsa),
+        ("es256", Algorithm::ES256, &ec),
+        ("eddsa", Algorithm::EdDSA, &ed),
+    ] {
+        let mut jwk =
+            serde_json::to_value(jsonwebtoken::jwk::Jwk::from_encoding_key(key, alg).unwrap())
+                .unwrap();
+        jwk["kid"] = serde_json::json!(name);
+        let jwks = dir.path().join(format!("{name}.json"));
+        std::fs::write(&jwks, serde_json::json!({"keys": [jwk]}).to_string()).unwrap();
+        let algs = [format!("{alg:?}")];
+        let issuer = Issuer::build(&IssuerSpec {
+            name,
+            issuer: ISS,
+            algorithms: &algs,
+            jwks_file: Some(&jwks),
+            jwks_url: None,
+            previous_keys: None,
+            secret: None,
+            audiences: &["api".to_string()],
+            audience_claim: None,
+            token_use: None,
+            leeway: 60,
+        })
+        .unwrap();
+        let stage = AuthStage::new(
+            vec![Arc::new(issuer)],
+            TokenSource::Authorization,
+            vec![("GET".into(), vec!["activities:read".into()])],
+            "bench".into(),
+        );
+        let mut header = Header::new(alg);
+        header.kid = Some(name.to_string());
+        let headers: Vec<http::HeaderMap> = (0..1000)
+            .map(|i| {
+                let mut c = claims.clone();
+                c["jti"] = serde_json::json!(i);
+                let token = jsonwebtoken::encode(&header, &c, key).unwrap();
+                let mut h = http::HeaderMap::new();
+                h.insert(
+                    http::header::AUTHORIZATION,
+                    format!("Bearer {token}").parse().unwrap(),
+                );
+                h
+            })
+            .collect();
+        let run = |h: &http::HeaderMap| {
+            let req = Request::new("GET", "/activities", "", h, b"", None, None, None);
+            let mut notes = Notes::default();
+            let verdict = stage.evaluate(black_box(&req), &mut notes);
+            assert!(matches!(
+                verdict,
+                palisade::pipeline::Eval::Done(palisade::pipeline::Decision::Continue)
+            ));
+            black_box(req.claims().is_some())
+        };
+        let mut i = 0;
+        g.bench_function(format!("{name}_verify"), |b| {
+            b.iter(|| {
+                i = (i + 1) % headers.len();
+                run(&headers[i])
+            })
+        });
+        g.bench_function(format!("{name}_repeat"), |b| b.iter(|| run(&headers[0])));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
