@@ -388,3 +388,103 @@ async fn a_jwks_url_is_fetched_rotated_on_kid_miss_and_served_stale_in_an_outage
         server.hits() - before
     );
 }
+
+fn openssl_pem(dir: &std::path::Path, name: &str, args: &[&str]) -> Vec<u8> {
+    let path = dir.join(name);
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .arg("-out")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    std::fs::read(&path).unwrap()
+}
+
+#[tokio::test]
+async fn es256_and_eddsa_issuers_verify_their_own_tokens_only() {
+    let backend = Backend::start("api").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ec = EncodingKey::from_ec_pem(&openssl_pem(
+        dir.path(),
+        "ec.pem",
+        &[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ],
+    ))
+    .unwrap();
+    let ed = EncodingKey::from_ed_pem(&openssl_pem(
+        dir.path(),
+        "ed.pem",
+        &["genpkey", "-algorithm", "ed25519"],
+    ))
+    .unwrap();
+    for (file, key, alg) in [
+        ("ec.json", &ec, Algorithm::ES256),
+        ("ed.json", &ed, Algorithm::EdDSA),
+    ] {
+        let jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(key, alg).unwrap();
+        std::fs::write(dir.path().join(file), json!({"keys": [jwk]}).to_string()).unwrap();
+    }
+    let config = format!(
+        "auth:\n  issuers:\n    ec:\n      issuer: \"https://ec.test\"\n      jwks_file: ec.json\n      algorithms: [ES256]\n      audiences: [api]\n    ed:\n      issuer: \"https://ed.test\"\n      jwks_file: ed.json\n      algorithms: [EdDSA]\n      audiences: [api]\nupstreams:\n  app: {{targets: [\"{}\"]}}\nroutes:\n  - name: api\n    upstream: app\n    policy:\n      auth: {{}}\n",
+        backend.addr
+    );
+    let p = Palisade::start_in(dir, &config, false).await;
+    let mint = |key: &EncodingKey, alg, iss: &str| {
+        token(
+            key,
+            alg,
+            None,
+            &claims(json!({"iss": iss, "token_use": null})),
+        )
+    };
+    assert_eq!(
+        call(
+            &p,
+            "GET",
+            Some(&mint(&ec, Algorithm::ES256, "https://ec.test"))
+        )
+        .await
+        .status,
+        200,
+        "{}",
+        p.log()
+    );
+    assert_eq!(
+        call(
+            &p,
+            "GET",
+            Some(&mint(&ed, Algorithm::EdDSA, "https://ed.test"))
+        )
+        .await
+        .status,
+        200
+    );
+    // Each issuer pins its algorithm and key: a token claiming the other issuer is refused.
+    assert_eq!(
+        call(
+            &p,
+            "GET",
+            Some(&mint(&ec, Algorithm::ES256, "https://ed.test"))
+        )
+        .await
+        .status,
+        401
+    );
+    assert_eq!(
+        call(
+            &p,
+            "GET",
+            Some(&mint(&ed, Algorithm::EdDSA, "https://ec.test"))
+        )
+        .await
+        .status,
+        401
+    );
+    assert_eq!(backend.count(), 2);
+}
