@@ -280,9 +280,24 @@ impl JwksServer {
                 let (d, h) = (d.clone(), h.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(
-                        move |_req: hyper::Request<hyper::body::Incoming>| {
+                        move |req: hyper::Request<hyper::body::Incoming>| {
                             h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                            let body = d.lock().unwrap().clone();
+                            // OpenID Connect discovery names the JWKS at /jwks.
+                            let body = if req.uri().path() == "/.well-known/openid-configuration" {
+                                let host = req
+                                    .headers()
+                                    .get("host")
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("")
+                                    .to_string();
+                                Some(
+                                    json!({"issuer": format!("http://{host}"),
+                                           "jwks_uri": format!("http://{host}/jwks")})
+                                    .to_string(),
+                                )
+                            } else {
+                                d.lock().unwrap().clone()
+                            };
                             async move {
                                 let mut r = hyper::Response::new(http_body_util::Full::new(
                                     bytes::Bytes::from(body.clone().unwrap_or_default()),
@@ -487,4 +502,33 @@ async fn es256_and_eddsa_issuers_verify_their_own_tokens_only() {
         401
     );
     assert_eq!(backend.count(), 2);
+}
+
+#[tokio::test]
+async fn openid_connect_discovery_finds_the_jwks() {
+    let backend = Backend::start("api").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (k1, _) = rsa_key(dir.path(), "k1");
+    let server = JwksServer::start(jwks(&[(&k1, "k1")])).await;
+    let issuer = format!("http://{}", server.addr);
+    let config = format!(
+        "auth:\n  issuers:\n    pool:\n      issuer: \"{issuer}\"\n      discovery: true\n      algorithms: [RS256]\n      audiences: [api]\nupstreams:\n  app: {{targets: [\"{}\"]}}\nroutes:\n  - name: api\n    upstream: app\n    policy:\n      auth: {{}}\n",
+        backend.addr
+    );
+    let p = Palisade::start_in(dir, &config, false).await;
+    let t = token(
+        &k1,
+        Algorithm::RS256,
+        Some("k1"),
+        &claims(json!({"iss": issuer})),
+    );
+    assert!(
+        eventually(std::time::Duration::from_secs(10), || async {
+            call(&p, "GET", Some(&t)).await.status == 200
+        })
+        .await,
+        "{}",
+        p.log()
+    );
+    assert!(server.hits() >= 2, "the discovery document, then the JWKS");
 }

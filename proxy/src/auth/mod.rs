@@ -43,6 +43,9 @@ pub struct Issuer {
     keys: ArcSwap<Keys>,
     /// Where the JWKS is fetched from (refreshed in the background and on an unknown `kid`).
     jwks_url: Option<String>,
+    /// The OpenID Connect discovery document naming the JWKS URL (`jwks_uri`), when the
+    /// issuer is configured with `discovery: true`.
+    discovery: Option<String>,
     /// Milliseconds since `epoch` of the last fetch attempt (0: never).
     last_fetch_ms: AtomicU64,
     /// … and of the last one an unknown `kid` asked for.
@@ -133,6 +136,8 @@ pub struct IssuerSpec<'a> {
     pub jwks_file: Option<&'a Path>,
     /// The JWKS URL.
     pub jwks_url: Option<&'a str>,
+    /// Find the JWKS URL through OpenID Connect discovery (`{issuer}/.well-known/openid-configuration`).
+    pub discovery: bool,
     /// Keys fetched from the same URL by the previous snapshot (kept across reloads).
     pub previous_keys: Option<Arc<Keys>>,
     /// The HS* secret.
@@ -221,7 +226,7 @@ impl Issuer {
         };
         let mut keys = Keys::default();
         if asym {
-            match (spec.jwks_file, spec.jwks_url) {
+            match (spec.jwks_file, spec.jwks_url.or(spec.discovery.then_some(spec.issuer))) {
                 (Some(path), None) => {
                     let text = std::fs::read_to_string(path).map_err(|e| IssuerError {
                         message: format!("{}: cannot read: {e}", path.display()),
@@ -240,14 +245,18 @@ impl Issuer {
                     });
                     if !ok {
                         return Err(IssuerError {
-                            message: format!("jwks_url {url:?} is not an http(s) URL"),
+                            message: if spec.discovery {
+                                format!("discovery needs an http(s) issuer, not {url:?}")
+                            } else {
+                                format!("jwks_url {url:?} is not an http(s) URL")
+                            },
                             jwks: true,
                         });
                     }
                 }
                 _ => {
                     return Err(alg_err(
-                        "public-key algorithms need exactly one of `jwks_file` and `jwks_url`"
+                        "public-key algorithms need exactly one of `jwks_file`, `jwks_url` and `discovery`"
                             .into(),
                     ))
                 }
@@ -258,7 +267,10 @@ impl Issuer {
                 "`audiences` is empty: list the audiences (or client ids) of this API".into(),
             ));
         }
-        let keys = match (spec.jwks_url.is_some(), &spec.previous_keys) {
+        let keys = match (
+            spec.jwks_url.is_some() || spec.discovery,
+            &spec.previous_keys,
+        ) {
             (true, Some(prev)) => Arc::clone(prev),
             _ => Arc::new(keys),
         };
@@ -268,6 +280,12 @@ impl Issuer {
             algorithms,
             keys: ArcSwap::new(keys),
             jwks_url: spec.jwks_url.map(str::to_string),
+            discovery: spec.discovery.then(|| {
+                format!(
+                    "{}/.well-known/openid-configuration",
+                    spec.issuer.trim_end_matches('/')
+                )
+            }),
             last_fetch_ms: AtomicU64::new(0),
             last_miss_ms: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -360,7 +378,7 @@ impl Issuer {
 
     /// The JWKS URL, when the keys are fetched.
     pub fn jwks_url(&self) -> Option<&str> {
-        self.jwks_url.as_deref()
+        self.jwks_url.as_deref().or(self.discovery.as_deref())
     }
 
     fn now_ms(&self) -> u64 {
@@ -370,7 +388,7 @@ impl Issuer {
     /// Whether a fetch is due: never tried, or the last try is older than `every`.
     pub fn due(&self, every: Duration) -> bool {
         let last = self.last_fetch_ms.load(Ordering::Relaxed);
-        self.jwks_url.is_some()
+        self.jwks_url().is_some()
             && (last == 0 || self.now_ms().saturating_sub(last) >= every.as_millis() as u64)
     }
 
@@ -389,11 +407,29 @@ impl Issuer {
     /// Fetches the JWKS and swaps the keys in. A failure keeps the keys in force (stale keys
     /// serve while the issuer is down) and says why.
     pub async fn refresh(&self) -> Result<(), String> {
-        let Some(url) = &self.jwks_url else {
+        if self.jwks_url().is_none() {
             return Ok(());
-        };
+        }
         let _one = self.fetching.lock().await;
         self.last_fetch_ms.store(self.now_ms(), Ordering::Relaxed);
+        let url = match (&self.jwks_url, &self.discovery) {
+            (Some(u), _) => u.clone(),
+            (None, Some(d)) => {
+                let doc = tokio::time::timeout(FETCH_TIMEOUT, fetch(d))
+                    .await
+                    .map_err(|_| format!("{d}: no answer within {FETCH_TIMEOUT:?}"))??;
+                let doc: Value =
+                    serde_json::from_str(&doc).map_err(|e| format!("{d}: not JSON: {e}"))?;
+                let uri = doc
+                    .get("jwks_uri")
+                    .and_then(Value::as_str)
+                    .filter(|u| u.starts_with("https://") || u.starts_with("http://"))
+                    .ok_or_else(|| format!("{d}: no http(s) `jwks_uri`"))?;
+                uri.to_string()
+            }
+            (None, None) => return Ok(()),
+        };
+        let url = &url;
         let text = tokio::time::timeout(FETCH_TIMEOUT, fetch(url))
             .await
             .map_err(|_| format!("{url}: no answer within {FETCH_TIMEOUT:?}"))??;
@@ -430,7 +466,9 @@ async fn fetch(url: &str) -> Result<String, String> {
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let io = |e: Box<pingora::Error>| format!("{url}: {e}");
     let mut req = pingora::http::RequestHeader::build("GET", path.as_bytes(), None).map_err(io)?;
-    req.insert_header("host", host.as_str()).map_err(io)?;
+    // The authority as the URL writes it (with a non-default port).
+    let authority = uri.authority().map_or(host.as_str(), |a| a.as_str());
+    req.insert_header("host", authority).map_err(io)?;
     req.insert_header("accept", "application/json")
         .map_err(io)?;
     session
@@ -684,7 +722,7 @@ impl AuthStage {
         };
         let claims = match issuer.verify(token, header.alg, header.kid.as_deref()) {
             Ok(c) => Arc::new(c),
-            Err(e) if e == UNKNOWN_KEY && issuer.jwks_url.is_some() => {
+            Err(e) if e == UNKNOWN_KEY && issuer.jwks_url().is_some() => {
                 return Err(Ok(Arc::clone(issuer)))
             }
             Err(e) => return Err(invalid(e)),

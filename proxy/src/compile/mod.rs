@@ -344,11 +344,22 @@ fn issuers(
             algorithms: &algorithms,
             jwks_file: jwks.as_deref(),
             jwks_url: i.jwks_url.as_ref().map(|u| u.value.as_str()),
+            discovery: i.discovery,
             // Keys fetched by the running snapshot from the same URL serve on at once.
             previous_keys: cx.previous.and_then(|p| {
                 p.issuers
                     .get(name)
-                    .filter(|old| old.jwks_url() == i.jwks_url.as_ref().map(|u| u.value.as_str()))
+                    .filter(|old| {
+                        let now = match (&i.jwks_url, i.discovery) {
+                            (Some(u), _) => Some(u.value.clone()),
+                            (None, true) => Some(format!(
+                                "{}/.well-known/openid-configuration",
+                                i.issuer.trim_end_matches('/')
+                            )),
+                            (None, false) => None,
+                        };
+                        old.jwks_url() == now.as_deref()
+                    })
                     .map(|old| old.keys())
             }),
             secret: secret.as_deref(),

@@ -1140,6 +1140,10 @@ pub struct IssuerConfig {
     #[serde(default)]
     #[schemars(with = "Option<String>")]
     pub jwks_url: Option<Spanned<String>>,
+    /// Find the JWKS URL by OpenID Connect discovery (`jwks_uri` of
+    /// `{issuer}/.well-known/openid-configuration`), fetched like `jwks_url`.
+    #[serde(default)]
+    pub discovery: bool,
     /// Shared secret for HS256/384/512 (only when listed in `algorithms`); prefer
     /// `secret_env`.
     #[serde(default)]
