@@ -86,6 +86,7 @@ fn bench(c: &mut Criterion) {
             algorithms: &algs,
             jwks_file: Some(&jwks),
             jwks_url: None,
+            discovery: false,
             previous_keys: None,
             secret: None,
             audiences: &["api".to_string()],
