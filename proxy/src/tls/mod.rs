@@ -223,27 +223,28 @@ pub struct LoadedCert {
     not_after: i64,
 }
 
-/// Loads a certificate chain and its key. Errors name the file and say what is wrong.
-pub fn load_cert(cert: &Path, key: &Path, names: &[String]) -> Result<LoadedCert, String> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("{}: cannot read certificates: {e}", cert.display()))?
+/// Reads a PEM certificate chain (leaf first, at least one certificate). Errors name the
+/// file.
+pub fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{}: cannot read certificates: {e}", path.display()))?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: not a PEM certificate chain: {e}", cert.display()))?;
-    let Some(leaf) = chain.first() else {
-        return Err(format!("{}: no certificate in the file", cert.display()));
-    };
+        .map_err(|e| format!("{}: not a PEM certificate chain: {e}", path.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{}: no certificate in the file", path.display()));
+    }
+    Ok(chain)
+}
+
+/// Loads a certificate chain and its private key, checked to belong together (the
+/// listeners' certificates and the client certificates presented to upstreams). Errors
+/// name the file and say what is wrong.
+pub fn key_pair(cert: &Path, key: &Path) -> Result<(CertifiedKey, PrivateKeyDer<'static>), String> {
+    let chain = read_chain(cert)?;
     let der = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| format!("{}: no usable private key: {e}", key.display()))?;
     let signer = any_supported_type(&der)
         .map_err(|e| format!("{}: unsupported private key: {e}", key.display()))?;
-    let (_, x509) = x509_parser::parse_x509_certificate(leaf)
-        .map_err(|e| format!("{}: cannot parse the certificate: {e}", cert.display()))?;
-    let not_after = x509.validity().not_after.timestamp();
-    let names = if names.is_empty() {
-        san_names(&x509).map_err(|e| format!("{}: {e}", cert.display()))?
-    } else {
-        names.iter().map(|n| n.to_ascii_lowercase()).collect()
-    };
     let certified = CertifiedKey::new(chain, signer);
     certified.keys_match().map_err(|e| {
         format!(
@@ -252,6 +253,23 @@ pub fn load_cert(cert: &Path, key: &Path, names: &[String]) -> Result<LoadedCert
             cert.display()
         )
     })?;
+    Ok((certified, der))
+}
+
+/// Loads a certificate chain and its key. Errors name the file and say what is wrong.
+pub fn load_cert(cert: &Path, key: &Path, names: &[String]) -> Result<LoadedCert, String> {
+    let (certified, _) = key_pair(cert, key)?;
+    let leaf = certified
+        .end_entity_cert()
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    let (_, x509) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| format!("{}: cannot parse the certificate: {e}", cert.display()))?;
+    let not_after = x509.validity().not_after.timestamp();
+    let names = if names.is_empty() {
+        san_names(&x509).map_err(|e| format!("{}: {e}", cert.display()))?
+    } else {
+        names.iter().map(|n| n.to_ascii_lowercase()).collect()
+    };
     Ok(LoadedCert {
         key: Arc::new(certified),
         names,

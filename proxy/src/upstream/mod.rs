@@ -22,8 +22,6 @@ use pingora::lb::{Backend, LoadBalancer};
 use pingora::protocols::ALPN;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::utils::tls::{CertKey, WrappedX509};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::{HealthCheckKind, PassiveHealth, Upstream};
 
@@ -106,18 +104,14 @@ impl std::fmt::Debug for UpstreamTlsLoaded {
     }
 }
 
-/// Reads a PEM certificate chain; errors name the file.
-fn read_chain(path: &std::path::Path) -> Result<Vec<Vec<u8>>, String> {
-    let certs: Vec<Vec<u8>> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{}: cannot read certificates: {e}", path.display()))?
-        .map(|c| c.map(|c| c.to_vec()))
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: not a PEM certificate file: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{}: no certificate in the file", path.display()));
-    }
+/// A certificate chain as DER, each certificate checked to parse (pingora parses them
+/// again, and panics on a bad one). Errors name `path`.
+fn checked_der(
+    path: &std::path::Path,
+    chain: &[rustls::pki_types::CertificateDer<'_>],
+) -> Result<Vec<Vec<u8>>, String> {
+    let certs: Vec<Vec<u8>> = chain.iter().map(|c| c.to_vec()).collect();
     for c in &certs {
-        // pingora parses them again (and panics on a bad one): check here.
         x509_parser::parse_x509_certificate(c)
             .map_err(|e| format!("{}: cannot parse a certificate: {e}", path.display()))?;
     }
@@ -137,28 +131,11 @@ impl UpstreamTlsLoaded {
     ) -> Result<UpstreamTlsLoaded, String> {
         let mut material = TlsMaterial::default();
         if let Some(ca) = ca {
-            material.ca = read_chain(ca)?;
+            material.ca = checked_der(ca, &crate::tls::read_chain(ca)?)?;
         }
         if let Some((cert, key)) = client {
-            let chain = read_chain(cert)?;
-            let der = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| format!("{}: no usable private key: {e}", key.display()))?;
-            let signer = rustls::crypto::ring::sign::any_supported_type(&der)
-                .map_err(|e| format!("{}: unsupported private key: {e}", key.display()))?;
-            let certified = rustls::sign::CertifiedKey::new(
-                chain
-                    .iter()
-                    .map(|c| CertificateDer::from(c.clone()))
-                    .collect(),
-                signer,
-            );
-            certified.keys_match().map_err(|e| {
-                format!(
-                    "{} does not belong to {}: {e}",
-                    key.display(),
-                    cert.display()
-                )
-            })?;
+            let (certified, der) = crate::tls::key_pair(cert, key)?;
+            let chain = checked_der(cert, &certified.cert)?;
             material.client = Some((chain, der.secret_der().to_vec()));
         }
         let ca_certs = (!material.ca.is_empty()).then(|| {
