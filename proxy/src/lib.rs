@@ -16,11 +16,13 @@
 //! `snapshot` ← `compile` ← `server`.
 
 pub mod auth;
+pub mod authz;
 pub mod compile;
 pub mod config;
 pub mod decisions;
 pub mod files;
 pub mod identity;
+pub mod mcp;
 pub mod metrics;
 pub mod pipeline;
 pub mod ratelimit;

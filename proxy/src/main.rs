@@ -78,6 +78,49 @@ enum Command {
         #[arg(long, default_value = "")]
         host: String,
     },
+    /// Mint a signed test token (JWT) with a private key, or print the key's JWKS: the issuer
+    /// of local trials (examples/fitness).
+    Token {
+        /// PEM private key (EC P-256 for ES256, Ed25519 for EdDSA, RSA for RS*/PS*).
+        #[arg(long)]
+        key: PathBuf,
+        /// Signature algorithm.
+        #[arg(long, default_value = "ES256")]
+        alg: String,
+        /// `kid` header (and the JWKS key id).
+        #[arg(long)]
+        kid: Option<String>,
+        /// Print the JWKS of the key instead of a token.
+        #[arg(long)]
+        jwks: bool,
+        /// `iss`.
+        #[arg(long, default_value = "")]
+        iss: String,
+        /// `sub`.
+        #[arg(long, default_value = "")]
+        sub: String,
+        /// `aud` (repeatable).
+        #[arg(long)]
+        aud: Vec<String>,
+        /// `scope`, space-separated.
+        #[arg(long)]
+        scope: Option<String>,
+        /// Groups (repeatable), in the claim named by --groups-claim.
+        #[arg(long)]
+        group: Vec<String>,
+        /// The claim holding the groups.
+        #[arg(long, default_value = "cognito:groups")]
+        groups_claim: String,
+        /// More claims, NAME=VALUE (VALUE as JSON when it parses, else a string); repeatable.
+        #[arg(long)]
+        claim: Vec<String>,
+        /// `token_use` (Cognito: access or id).
+        #[arg(long)]
+        token_use: Option<String>,
+        /// Lifetime (`15m`, `1h`).
+        #[arg(long, default_value = "1h")]
+        ttl: humantime::Duration,
+    },
     /// MaxMind database tooling.
     Geoip {
         #[command(subcommand)]
@@ -347,6 +390,44 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Geoip { command } => geoip(command),
+        Command::Token {
+            key,
+            alg,
+            kid,
+            jwks,
+            iss,
+            sub,
+            aud,
+            scope,
+            group,
+            groups_claim,
+            claim,
+            token_use,
+            ttl,
+        } => {
+            let spec = palisade::auth::mint::MintSpec {
+                issuer: iss,
+                subject: sub,
+                audiences: aud,
+                scope,
+                groups: group,
+                groups_claim,
+                claims: claim,
+                ttl: ttl.into(),
+                kid,
+                token_use,
+            };
+            match mint_token(&key, &alg, jwks, &spec) {
+                Ok(out) => {
+                    println!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("palisade token: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Schema { ruleset } => {
             if ruleset {
                 print!("{}", palisade::rules::ruleset_json_schema());
@@ -433,4 +514,24 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn mint_token(
+    key: &std::path::Path,
+    alg: &str,
+    jwks: bool,
+    spec: &palisade::auth::mint::MintSpec,
+) -> Result<String, String> {
+    use palisade::auth::mint;
+    let alg = palisade::auth::parse_alg(alg).ok_or_else(|| format!("unknown algorithm {alg:?}"))?;
+    let pem = std::fs::read(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let key = mint::load_key(&pem, alg)?;
+    if jwks {
+        let set = mint::jwks(&key, alg, spec.kid.as_deref())?;
+        return serde_json::to_string_pretty(&set).map_err(|e| e.to_string());
+    }
+    if spec.issuer.is_empty() || spec.subject.is_empty() {
+        return Err("--iss and --sub are required to mint a token".into());
+    }
+    mint::mint(spec, &key, alg)
 }

@@ -39,6 +39,8 @@ pub struct CompiledRoute {
     pub rulesets: Vec<AttachedRuleSet>,
     /// The route's request validation (`palisade explain`, `palisade check`).
     pub validation: Option<Arc<RouteValidation>>,
+    /// The route's MCP settings (JSON-RPC bodies, `tools/list` filtering, metadata).
+    pub mcp: Option<Arc<crate::mcp::McpRoute>>,
 }
 
 impl CompiledRoute {
@@ -49,6 +51,7 @@ impl CompiledRoute {
         metrics: RouteMetrics,
         rulesets: Vec<AttachedRuleSet>,
         validation: Option<Arc<RouteValidation>>,
+        mcp: Option<Arc<crate::mcp::McpRoute>>,
     ) -> CompiledRoute {
         CompiledRoute {
             name: route.name.clone(),
@@ -60,6 +63,7 @@ impl CompiledRoute {
             metrics,
             rulesets,
             validation,
+            mcp,
         }
     }
 
@@ -162,6 +166,21 @@ impl std::ops::Deref for RouteTable {
 }
 
 impl Snapshot {
+    /// The protected-resource metadata (RFC 9728) served at `path`: the document of the MCP
+    /// route whose resource it names, or at the bare well-known path the only one.
+    pub fn protected_resource_metadata(&self, path: &str) -> Option<&[u8]> {
+        let mut all = self
+            .routes
+            .iter()
+            .filter_map(|r| r.mcp.as_ref()?.metadata.as_ref());
+        if let Some(m) = all.clone().find(|m| m.path == path) {
+            return Some(&m.document);
+        }
+        let only = all.next().filter(|_| all.next().is_none())?;
+        (path.trim_end_matches('/') == "/.well-known/oauth-protected-resource")
+            .then_some(&only.document[..])
+    }
+
     /// Finds the route for a host (lower-case, without port) and path.
     pub fn route_for(&self, host: &str, path: &str) -> Option<usize> {
         let t = &self.routes;

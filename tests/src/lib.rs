@@ -121,6 +121,20 @@ pub struct SeenRequest {
 }
 
 impl SeenRequest {
+    /// A request as a server received it.
+    pub fn new(parts: &http::request::Parts, body: Bytes) -> SeenRequest {
+        SeenRequest {
+            method: parts.method.to_string(),
+            uri: parts.uri.to_string(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
+                .collect(),
+            body,
+        }
+    }
+
     /// First value of a header.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
@@ -193,21 +207,9 @@ impl Backend {
                                 .unwrap_or_default();
                             let b = behavior.lock().unwrap().clone();
                             let path = parts.uri.path().to_string();
-                            seen.lock().unwrap().push(SeenRequest {
-                                method: parts.method.to_string(),
-                                uri: parts.uri.to_string(),
-                                headers: parts
-                                    .headers
-                                    .iter()
-                                    .map(|(k, v)| {
-                                        (
-                                            k.to_string(),
-                                            String::from_utf8_lossy(v.as_bytes()).into(),
-                                        )
-                                    })
-                                    .collect(),
-                                body: body.clone(),
-                            });
+                            seen.lock()
+                                .unwrap()
+                                .push(SeenRequest::new(&parts, body.clone()));
                             if !b.delay.is_zero() {
                                 tokio::time::sleep(b.delay).await;
                             }

@@ -23,6 +23,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub mod mint;
+
 use arc_swap::ArcSwap;
 
 use base64::Engine as _;
@@ -162,7 +164,8 @@ pub struct IssuerError {
     pub jwks: bool,
 }
 
-fn parse_alg(name: &str) -> Option<Algorithm> {
+/// An algorithm by its JOSE name (`RS256`, `ES256`, `EdDSA`, …).
+pub fn parse_alg(name: &str) -> Option<Algorithm> {
     Some(match name {
         "HS256" => Algorithm::HS256,
         "HS384" => Algorithm::HS384,
@@ -633,6 +636,9 @@ pub struct AuthStage {
     /// Required scopes by method (`*` applies to every method).
     scopes: Vec<(String, Vec<String>)>,
     realm: String,
+    /// An MCP route's resource identifier (RFC 8707: tokens must name it in `aud`) and the
+    /// URL of its metadata (RFC 9728: named in every challenge).
+    resource: Option<(String, String)>,
 }
 
 impl AuthStage {
@@ -648,6 +654,20 @@ impl AuthStage {
             token,
             scopes,
             realm,
+            resource: None,
+        }
+    }
+
+    /// Binds the route to a protected resource: its tokens must carry `resource` in `aud`,
+    /// and challenges point clients to `metadata_url`.
+    pub fn with_resource(mut self, resource: String, metadata_url: String) -> AuthStage {
+        self.resource = Some((resource, metadata_url));
+        self
+    }
+
+    fn resource_metadata(&self, value: &mut String) {
+        if let Some((_, url)) = &self.resource {
+            value.push_str(&format!(", resource_metadata=\"{url}\""));
         }
     }
 
@@ -658,6 +678,7 @@ impl AuthStage {
         error: Option<(&str, String)>,
     ) -> Decision {
         let mut value = format!("Bearer realm=\"{}\"", self.realm);
+        self.resource_metadata(&mut value);
         if let Some((code, description)) = error {
             value.push_str(&format!(", error=\"{code}\""));
             let clean: String = description
@@ -733,6 +754,23 @@ impl AuthStage {
 
     /// The scope check of verified claims.
     fn scoped(&self, claims: Arc<Map<String, Value>>, method: &str) -> Checked {
+        if let Some((resource, _)) = &self.resource {
+            let bound = match claims.get("aud") {
+                Some(Value::String(a)) => a == resource,
+                Some(Value::Array(a)) => a.iter().any(|x| x.as_str() == Some(resource)),
+                _ => false,
+            };
+            if !bound {
+                return Err(Err(self.challenge(
+                    401,
+                    "invalid_token",
+                    Some((
+                        "invalid_token",
+                        "the token's audience is not this resource".into(),
+                    )),
+                )));
+            }
+        }
         let needed = self
             .scopes
             .iter()
@@ -747,6 +785,7 @@ impl AuthStage {
                 self.realm,
                 all.join(" ")
             );
+            self.resource_metadata(&mut value);
             value.retain(|c| !c.is_control());
             let mut b = Block::new(403, "insufficient_scope");
             b.headers.push(("www-authenticate", value));
@@ -766,7 +805,7 @@ impl AuthStage {
 }
 
 /// The scopes a token grants: `scope` (space-separated) and `scp` (string or array).
-fn scopes_of(claims: &Map<String, Value>) -> Vec<&str> {
+pub fn scopes_of(claims: &Map<String, Value>) -> Vec<&str> {
     let mut out: Vec<&str> = Vec::new();
     for key in ["scope", "scp"] {
         match claims.get(key) {

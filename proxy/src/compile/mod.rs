@@ -156,6 +156,7 @@ pub fn compile_with(
     let upstreams = upstreams(&config, cx, &mut out);
     let tls = tls_stores(&config, &mut out);
     let issuers = issuers(&config, cx, &mut out);
+    let authorizer = authorizer(&config, &mut out);
 
     // Schema documents are read once per load, whichever routes refer to them.
     let store = DocumentStore::new();
@@ -191,15 +192,33 @@ pub fn compile_with(
         ) {
             stages.push(Box::new(g));
         }
+        let metadata = p.mcp.as_ref().and_then(|m| {
+            let resource = m.resource.as_ref()?;
+            let servers: Vec<String> = if m.authorization_servers.is_empty() {
+                route_issuers(&config, p.auth.as_ref())
+            } else {
+                m.authorization_servers.clone()
+            };
+            Some(crate::mcp::ResourceMetadata::new(
+                resource,
+                &servers,
+                &m.scopes_supported,
+            ))
+        });
         if let Some(a) = &p.auth {
-            if let Some(stage) = auth_stage(&config, &r.name, a, &issuers, &mut out) {
+            if let Some(mut stage) = auth_stage(&config, &r.name, a, &issuers, &mut out) {
+                if let Some(md) = &metadata {
+                    stage = stage.with_resource(md.resource.clone(), md.url.clone());
+                }
                 stages.push(Box::new(stage));
             }
         }
         // With a decision log, stages record what matched and where.
         let evidence = config.decision_log.is_some();
-        if let Some(rl) = RateLimitStage::for_route(&r.name, &rate_limits, cx.metrics) {
-            stages.push(Box::new(rl.with_evidence(evidence)));
+        for body in [false, true] {
+            if let Some(rl) = RateLimitStage::for_route(&r.name, &rate_limits, cx.metrics, body) {
+                stages.push(Box::new(rl.with_evidence(evidence)));
+            }
         }
         let attached = attach_rulesets(r, &rule_sets, &mut out);
         if let Some(rules) = RulesStage::new(attached.clone()) {
@@ -220,6 +239,30 @@ pub fn compile_with(
                 cx.metrics.validation_failures.clone(),
             )));
         }
+        let route_authz = match (&p.authorize, &authorizer) {
+            (Some(a), Some(authorizer)) => {
+                route_authz(r, a, authorizer, validation.as_deref(), &mut out).map(Arc::new)
+            }
+            _ => None,
+        };
+        if let Some(ra) = &route_authz {
+            if p.mcp.is_none() {
+                stages.push(Box::new(crate::authz::AuthorizeStage::new(Arc::clone(ra))));
+            }
+        }
+        let mcp = p.mcp.as_ref().map(|m| {
+            let route = Arc::new(mcp_route(
+                &config,
+                r,
+                m,
+                route_authz.clone(),
+                metadata.clone(),
+                &store,
+                &mut out,
+            ));
+            stages.push(Box::new(crate::mcp::McpStage::new(Arc::clone(&route))));
+            route
+        });
         let pipeline = Pipeline::new(
             stages,
             BodyPolicy {
@@ -233,6 +276,7 @@ pub fn compile_with(
             cx.metrics.route(&r.name),
             attached,
             validation,
+            mcp,
         ));
     }
     for f in store.files() {
@@ -444,6 +488,241 @@ fn auth_stage(
     }
     let realm = auth.realm.clone().unwrap_or_else(|| "palisade".into());
     Some(crate::auth::AuthStage::new(chosen, token, scopes, realm))
+}
+
+/// The `iss` of the issuers a route accepts (the authorization servers of its metadata).
+fn route_issuers(
+    config: &Config,
+    auth: Option<&crate::config::file::RouteAuthConfig>,
+) -> Vec<String> {
+    let Some(all) = config.auth.as_ref() else {
+        return Vec::new();
+    };
+    all.issuers
+        .iter()
+        .filter(|(name, _)| auth.is_none_or(|a| a.issuers.is_empty() || a.issuers.contains(name)))
+        .map(|(_, i)| i.issuer.clone())
+        .collect()
+}
+
+/// An MCP route: its tool schemas (inline or file references, as in `validate`), Cedar and
+/// protected-resource metadata.
+fn mcp_route(
+    config: &Config,
+    r: &crate::config::Route,
+    m: &crate::config::file::McpConfig,
+    authz: Option<Arc<crate::authz::RouteAuthz>>,
+    metadata: Option<crate::mcp::ResourceMetadata>,
+    store: &DocumentStore,
+    out: &mut Out,
+) -> crate::mcp::McpRoute {
+    let base_uri =
+        crate::schema::file_uri(&crate::schema::absolute(&config.base_dir).join("palisade-config"));
+    let mut configured = std::collections::HashMap::new();
+    for (tool, schema) in &m.tools {
+        let value = match &schema.value {
+            serde_json::Value::String(reference) => serde_json::json!({ "$ref": reference }),
+            v => v.clone(),
+        };
+        match store.build(&value, &base_uri, None) {
+            Ok(v) => {
+                configured.insert(tool.clone(), v);
+            }
+            Err(e) => out.at(
+                &schema.referenced,
+                format!("route {:?}: mcp.tools.{tool}: {e}", r.name),
+            ),
+        }
+    }
+    crate::mcp::McpRoute::new(
+        &r.name,
+        m.max_batch.unwrap_or(20),
+        m.forward_token,
+        m.filter_tools_list.unwrap_or(authz.is_some()),
+        m.advertised_schemas.unwrap_or(true),
+        configured,
+        authz,
+        metadata,
+    )
+}
+
+/// The Cedar policies and schema of `authorization`; problems in a policy or schema file are
+/// reported at their line in that file.
+fn authorizer(config: &Config, out: &mut Out) -> Option<Arc<crate::authz::Authorizer>> {
+    let a = config.authorization.as_ref()?;
+    let policy_files: Vec<std::path::PathBuf> = a
+        .policies
+        .iter()
+        .map(|p| {
+            let path = config.resolve(&p.value);
+            out.source(&path, "authorization");
+            path
+        })
+        .collect();
+    let schema_file = a.schema.as_ref().map(|s| {
+        let path = config.resolve(&s.value);
+        out.source(&path, "authorization");
+        path
+    });
+    let spec = crate::authz::AuthorizerSpec {
+        policy_files,
+        schema_file,
+        principal_type: &a.principal.entity_type.value,
+        principal_id: a.principal.id.as_deref(),
+        groups: a
+            .principal
+            .groups
+            .as_ref()
+            .map(|g| (g.claim.as_str(), g.entity_type.as_str())),
+        attributes: &a.principal.attributes,
+        action_type: a.action_type.as_deref(),
+    };
+    match crate::authz::Authorizer::load(&spec) {
+        Ok(z) => Some(Arc::new(z)),
+        Err(errors) => {
+            for e in errors {
+                match e.file {
+                    Some(f) => out.problems.push(Problem {
+                        file: f.display().to_string().into(),
+                        line: e.line,
+                        column: e.column,
+                        message: e.message,
+                    }),
+                    None => out.at(&a.principal.entity_type.referenced, e.message),
+                }
+            }
+            None
+        }
+    }
+}
+
+/// A route's `policy.authorize`: its operations (hand-written, then those of its OpenAPI
+/// document, whose action is the `operationId`), default resource and context.
+fn route_authz(
+    r: &crate::config::Route,
+    a: &crate::config::file::RouteAuthorizeConfig,
+    authorizer: &Arc<crate::authz::Authorizer>,
+    validation: Option<&RouteValidation>,
+    out: &mut Out,
+) -> Option<crate::authz::RouteAuthz> {
+    use crate::authz::{AuthzOperation, ResourceSpec};
+    let route = &r.name;
+    let mut ok = true;
+    let mut ops = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for o in &a.operations {
+        let methods: Vec<http::Method> = o
+            .methods
+            .as_ref()
+            .map(|m| m.iter().map(|m| m.0.clone()).collect())
+            .unwrap_or_default();
+        for m in &methods {
+            seen.insert((m.clone(), o.path.value.clone()));
+        }
+        match AuthzOperation::new(
+            &o.path.value,
+            methods,
+            o.action.clone(),
+            o.resource.as_ref(),
+            authorizer,
+        ) {
+            Ok(op) => ops.push(op),
+            Err(e) => {
+                ok = false;
+                out.at(
+                    &o.path.referenced,
+                    format!("route {route:?}: policy.authorize: {e}"),
+                );
+            }
+        }
+    }
+    for imp in validation
+        .map(|v| v.imported.as_slice())
+        .unwrap_or_default()
+    {
+        if seen.contains(&(imp.method.clone(), imp.path.clone())) {
+            continue;
+        }
+        match AuthzOperation::new(
+            &imp.path,
+            vec![imp.method.clone()],
+            imp.operation_id.clone(),
+            None,
+            authorizer,
+        ) {
+            Ok(op) => ops.push(op),
+            Err(e) => {
+                ok = false;
+                out.at(
+                    &r.at,
+                    format!(
+                        "route {route:?}: policy.authorize (OpenAPI operation {} {}): {e}",
+                        imp.method, imp.path
+                    ),
+                );
+            }
+        }
+    }
+    let default_resource = match &a.resource {
+        Some(res) => ResourceSpec::compile(res, Some(&[]), authorizer),
+        None => {
+            let ty = authorizer.qualified("Route");
+            let needed = r.policy.mcp.is_some() || ops.iter().any(|o| !o.has_resource());
+            if !needed || authorizer.type_declared(&ty) {
+                ResourceSpec::fixed(&ty, route)
+            } else {
+                Err(format!(
+                    "the default resource type {ty:?} is not in the Cedar schema: declare it \
+                     or set `resource: {{type: …}}`"
+                ))
+            }
+        }
+    };
+    let default_resource = match default_resource {
+        Ok(d) => d,
+        Err(e) => {
+            out.at(
+                &r.at,
+                format!("route {route:?}: policy.authorize.resource: {e}"),
+            );
+            return None;
+        }
+    };
+    for ptr in a.context.body.values() {
+        if !(ptr.is_empty() || ptr.starts_with('/')) {
+            ok = false;
+            out.at(
+                &r.at,
+                format!(
+                    "route {route:?}: policy.authorize.context.body: {ptr:?} is not a JSON \
+                     pointer (write `/member/0/name`)"
+                ),
+            );
+        }
+    }
+    if ops.is_empty() && r.policy.mcp.is_none() {
+        out.at(
+            &r.at,
+            format!(
+                "route {route:?}: policy.authorize has no operations (write `operations:` or \
+                 validate against an OpenAPI document)"
+            ),
+        );
+        return None;
+    }
+    ok.then(|| {
+        crate::authz::RouteAuthz::new(
+            Arc::clone(authorizer),
+            ops,
+            default_resource,
+            a.context.query.clone(),
+            a.context
+                .body
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )
+    })
 }
 
 fn ip_sets(config: &Config, out: &mut Out) -> BTreeMap<String, Arc<IpSet>> {

@@ -12,8 +12,8 @@ use serde_saphyr::{Location, Spanned};
 
 use super::file::{
     AsnPolicyConfig, BodyConfig, ClientIpConfig, FileConfig, GeoIpConfig, GeoPolicyConfig,
-    HealthCheckKind, IpPolicyConfig, IpSetConfig, OversizePolicy, RateLimitConfig,
-    RateLimitStoreConfig, RedisConfig, UpstreamConfig,
+    HealthCheckKind, IpPolicyConfig, IpSetConfig, McpConfig, McpSetting, OversizePolicy,
+    RateLimitConfig, RateLimitStoreConfig, RedisConfig, UpstreamConfig,
 };
 use super::{
     Config, HealthCheck, HostMatch, Listener, Overrides, PassiveHealth, Problem, Problems, Route,
@@ -300,6 +300,50 @@ pub fn check_all(
                 1
             }),
         };
+        let mcp = match p.mcp {
+            None | Some(McpSetting::Enabled(false)) => None,
+            Some(McpSetting::Enabled(true)) => Some(McpConfig::default()),
+            Some(McpSetting::Config(c)) => Some(c),
+        };
+        if (p.authorize.is_some() || mcp.is_some()) && p.auth.is_none() {
+            let what = if mcp.is_some() {
+                "an MCP route (`mcp`)"
+            } else {
+                "`policy.authorize`"
+            };
+            issues.at(
+                &at,
+                format!("route {name:?}: {what} needs `policy.auth` (a verified token)"),
+            );
+        }
+        if p.authorize.is_some() && file.authorization.is_none() {
+            issues.at(
+                &at,
+                format!(
+                    "route {name:?}: `policy.authorize` needs `authorization` (Cedar policies) \
+                     at the top of the config"
+                ),
+            );
+        }
+        if let Some(m) = &mcp {
+            if let Some(r) = &m.resource {
+                if !(r.starts_with("https://") || r.starts_with("http://")) || r.contains('#') {
+                    issues.at(
+                        &at,
+                        format!(
+                            "route {name:?}: mcp.resource {r:?} must be an absolute http(s) URL \
+                             without a fragment (RFC 8707)"
+                        ),
+                    );
+                }
+            }
+            if m.max_batch == Some(0) {
+                issues.at(
+                    &at,
+                    format!("route {name:?}: mcp.max_batch must be at least 1"),
+                );
+            }
+        }
         routes.push(Route {
             name,
             at,
@@ -328,6 +372,8 @@ pub fn check_all(
                 exclusions: p.exclusions,
                 validate: p.validate,
                 auth: p.auth,
+                authorize: p.authorize,
+                mcp,
             },
         });
     }
@@ -385,6 +431,7 @@ pub fn check_all(
         client_ip: file.client_ip,
         geoip: file.geoip,
         auth: file.auth,
+        authorization: file.authorization,
         rate_limits: file.rate_limits,
         redis: file.redis,
         rulesets: file.rulesets,

@@ -62,6 +62,9 @@ pub struct FileConfig {
     /// Token issuers that routes accept bearer tokens (JWT) from (`policy.auth`).
     #[serde(default)]
     pub auth: Option<AuthConfig>,
+    /// Cedar policies for routes with `policy.authorize` and MCP routes.
+    #[serde(default)]
+    pub authorization: Option<AuthorizationConfig>,
     /// Rate-limit rules, evaluated in order after the ip and geo stages.
     #[serde(default)]
     pub rate_limits: Vec<RateLimitConfig>,
@@ -570,6 +573,12 @@ pub struct PolicyConfig {
     /// Require a valid bearer token (JWT) from one of `auth.issuers`, with scopes per method.
     #[serde(default)]
     pub auth: Option<RouteAuthConfig>,
+    /// Cedar authorization of each request against `authorization.policies` (needs `auth`).
+    #[serde(default)]
+    pub authorize: Option<RouteAuthorizeConfig>,
+    /// The route serves an MCP server (Streamable HTTP): `true` or settings.
+    #[serde(default)]
+    pub mcp: Option<McpSetting>,
 }
 
 /// Request validation for a route: operations written here, imported from OpenAPI, or both.
@@ -1188,4 +1197,187 @@ pub struct RouteAuthConfig {
     /// headers sent by the client are removed first.
     #[serde(default)]
     pub forward_claims: BTreeMap<String, String>,
+}
+
+/// Cedar authorization (`authorization`): the policies routes with `policy.authorize` (and
+/// MCP routes) are checked against, and how the principal is made from the verified token.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizationConfig {
+    /// Cedar policy files (`.cedar`), relative to this file. A policy's id is its `@id("…")`
+    /// annotation, else `FILE:policyN`.
+    #[schemars(with = "Vec<String>")]
+    pub policies: Vec<Spanned<String>>,
+    /// A Cedar schema (`.cedarschema`, or its JSON form `.json`). With one, the policies are
+    /// validated in strict mode at load and every request and entity is checked against it.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub schema: Option<Spanned<String>>,
+    /// The principal made from the token's claims.
+    pub principal: PrincipalConfig,
+    /// Entity type of actions (default: the principal type's namespace + `::Action`).
+    #[serde(default)]
+    pub action_type: Option<String>,
+}
+
+/// How the Cedar principal is made from the verified token.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PrincipalConfig {
+    /// Entity type, e.g. `App::User`.
+    #[serde(rename = "type")]
+    #[schemars(with = "String")]
+    pub entity_type: Spanned<String>,
+    /// Entity id, a template over claims (default `{sub}`; e.g. `{iss}|{sub}`).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Parent entities (groups) from a claim holding a list or space-separated names.
+    #[serde(default)]
+    pub groups: Option<GroupsConfig>,
+    /// Principal attributes taken from claims: `{attribute: claim}`. Strings, integers,
+    /// booleans, lists and objects become Cedar values; a missing claim omits the attribute.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// Groups of the principal, from a claim.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GroupsConfig {
+    /// Claim holding the group names (e.g. `cognito:groups`).
+    pub claim: String,
+    /// Entity type of the groups (e.g. `App::Group`).
+    #[serde(rename = "type")]
+    pub entity_type: String,
+}
+
+/// A route's Cedar authorization: which action and resource each request is.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouteAuthorizeConfig {
+    /// Operations by path template. A request's action is the operation's `action`, else
+    /// `METHOD /path/{template}` (or the OpenAPI `operationId` when the route validates
+    /// against an OpenAPI document). Requests matching no operation are refused (403).
+    #[serde(default)]
+    pub operations: Vec<AuthorizeOperationConfig>,
+    /// The resource of operations that name none (default: type `<namespace>::Route`, id the
+    /// route's name).
+    #[serde(default)]
+    pub resource: Option<ResourceConfig>,
+    /// Request values put in the Cedar context besides `scopes` (always there: the token's
+    /// scopes).
+    #[serde(default)]
+    pub context: AuthorizeContextConfig,
+}
+
+/// One operation of `policy.authorize`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizeOperationConfig {
+    /// Full path template (`/users/{user}/activities/{id}`).
+    #[schemars(with = "String")]
+    pub path: Spanned<String>,
+    /// Methods (default: any).
+    #[serde(default)]
+    pub methods: Option<Vec<Method>>,
+    /// Action id (default `METHOD /path/{template}`).
+    #[serde(default)]
+    pub action: Option<String>,
+    /// The resource, made from the path parameters.
+    #[serde(default)]
+    pub resource: Option<ResourceConfig>,
+}
+
+/// A Cedar resource made from a request's path parameters.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceConfig {
+    /// Entity type (`App::Activity`).
+    #[serde(rename = "type")]
+    pub entity_type: String,
+    /// Entity id, a template over path parameters (`{id}`); default: the request path.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Attributes: a template over path parameters (a string), or `{type, id}` for an entity
+    /// reference (`owner: {type: App::User, id: "{user}"}`).
+    #[serde(default)]
+    pub attributes: BTreeMap<String, ResourceAttributeConfig>,
+}
+
+/// A resource attribute.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum ResourceAttributeConfig {
+    /// A string from a template over path parameters.
+    Text(String),
+    /// An entity reference.
+    Entity {
+        /// Entity type.
+        #[serde(rename = "type")]
+        entity_type: String,
+        /// Entity id template.
+        id: String,
+    },
+}
+
+/// Request values in the Cedar context.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizeContextConfig {
+    /// Query parameters, as strings, in `context.query` (absent ones omitted).
+    #[serde(default)]
+    pub query: Vec<String>,
+    /// JSON body members by JSON pointer, in `context.body`: `{amount: /amount}`.
+    #[serde(default)]
+    pub body: BTreeMap<String, String>,
+}
+
+/// `policy.mcp`: `true`, or the MCP settings.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum McpSetting {
+    /// `mcp: true` (defaults) or `false`.
+    Enabled(bool),
+    /// Settings.
+    Config(McpConfig),
+}
+
+/// A route in front of an MCP server (Streamable HTTP transport): JSON-RPC bodies are parsed
+/// and each message is checked (tool names and arguments for rules, rate limits, Cedar and
+/// schemas); the route acts as an OAuth protected resource (RFC 9728).
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct McpConfig {
+    /// The MCP server's canonical URL (`https://mcp.example.com/mcp`), its resource
+    /// identifier (RFC 8707): tokens must name it in `aud`, and its metadata is served at
+    /// `/.well-known/oauth-protected-resource/mcp` (RFC 9728) and named in 401 answers.
+    #[serde(default)]
+    pub resource: Option<String>,
+    /// Authorization servers listed in the metadata (default: the `iss` of the route's
+    /// issuers).
+    #[serde(default)]
+    pub authorization_servers: Vec<String>,
+    /// `scopes_supported` in the metadata.
+    #[serde(default)]
+    pub scopes_supported: Vec<String>,
+    /// JSON Schemas of tool arguments by tool name (inline, or a file reference as in
+    /// `validate`).
+    #[serde(default)]
+    #[schemars(with = "BTreeMap<String, serde_json::Value>")]
+    pub tools: BTreeMap<String, Spanned<serde_json::Value>>,
+    /// Validate arguments of tools without a schema here against the `inputSchema` the
+    /// server advertised in its last `tools/list` answer (default true).
+    #[serde(default)]
+    pub advertised_schemas: Option<bool>,
+    /// Remove from `tools/list` answers the tools Cedar would refuse to the caller (default
+    /// true when the route has `authorize`).
+    #[serde(default)]
+    pub filter_tools_list: Option<bool>,
+    /// Send the client's bearer token to the MCP server (default false: the server never
+    /// sees it, as the MCP authorization spec asks of a gateway).
+    #[serde(default)]
+    pub forward_token: bool,
+    /// Most messages in a JSON-RPC batch (default 20; 400 above).
+    #[serde(default)]
+    pub max_batch: Option<usize>,
 }

@@ -80,6 +80,8 @@ pub struct Config {
     pub geoip: Option<file::GeoIpConfig>,
     /// Token issuers.
     pub auth: Option<file::AuthConfig>,
+    /// Cedar policies.
+    pub authorization: Option<file::AuthorizationConfig>,
     /// Rate-limit rules, in order.
     pub rate_limits: Vec<file::RateLimitConfig>,
     /// Redis for `store: redis` rules.
@@ -402,6 +404,10 @@ pub struct RoutePolicy {
     pub validate: Option<file::ValidateConfig>,
     /// Bearer-token requirement.
     pub auth: Option<file::RouteAuthConfig>,
+    /// Cedar authorization.
+    pub authorize: Option<file::RouteAuthorizeConfig>,
+    /// MCP server settings (the route's bodies are JSON-RPC).
+    pub mcp: Option<file::McpConfig>,
 }
 
 /// Overrides given on the command line; they win over the file.

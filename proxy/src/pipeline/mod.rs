@@ -52,10 +52,16 @@ pub enum StageKind {
     /// The body pre-read: not a stage of its own but the point where the body is read, and
     /// the stage named when a body is refused as too large.
     Body,
+    /// JSON-RPC messages of MCP routes: tool arguments and Cedar per message.
+    Mcp,
+    /// Rate limits whose keys need the body (`mcp.tool`, `mcp.method`).
+    McpRateLimit,
     /// Rule sets (WAF rules).
     Rules,
     /// JSON-schema request validation.
     Validate,
+    /// Cedar authorization (`policy.authorize`).
+    Authorize,
 }
 
 impl StageKind {
@@ -68,21 +74,27 @@ impl StageKind {
             StageKind::Auth => "auth",
             StageKind::RateLimit => "ratelimit",
             StageKind::Body => "body",
+            StageKind::Mcp => "mcp",
+            StageKind::McpRateLimit => "mcp_ratelimit",
             StageKind::Rules => "rules",
             StageKind::Validate => "validate",
+            StageKind::Authorize => "authorize",
         }
     }
 
     /// Every kind, in pipeline order.
-    pub const ALL: [StageKind; 8] = [
+    pub const ALL: [StageKind; 11] = [
         StageKind::Access,
         StageKind::Ip,
         StageKind::Geo,
         StageKind::Auth,
         StageKind::RateLimit,
         StageKind::Body,
+        StageKind::Mcp,
+        StageKind::McpRateLimit,
         StageKind::Rules,
         StageKind::Validate,
+        StageKind::Authorize,
     ];
 }
 
@@ -144,6 +156,9 @@ pub struct BlockDetails {
     pub fields: serde_json::Map<String, serde_json::Value>,
     /// Whether the client sees them (otherwise they are only logged).
     pub expose: bool,
+    /// The whole response body instead of Palisade's JSON error (the JSON-RPC error of an
+    /// MCP route).
+    pub body: Option<serde_json::Value>,
 }
 
 /// What a stage decided about a request.

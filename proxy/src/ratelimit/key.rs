@@ -40,6 +40,10 @@ pub enum KeyPart {
     ClientSubject,
     /// A claim of the verified bearer token (`claim:sub`, `claim:client_id`).
     Claim(String),
+    /// The tool of an MCP `tools/call` message: one key per call of a batch.
+    McpTool,
+    /// The method of an MCP message: one key per message of a batch.
+    McpMethod,
 }
 
 /// Why a key spec is invalid.
@@ -117,9 +121,17 @@ impl KeyPart {
             "tls.ja3" => Ok(KeyPart::Ja3),
             "tls.ja4" => Ok(KeyPart::Ja4),
             "tls.client_subject" => Ok(KeyPart::ClientSubject),
+            "mcp.tool" => Ok(KeyPart::McpTool),
+            "mcp.method" => Ok(KeyPart::McpMethod),
             _ => Err(err("use ip, ip/N, ip/N/M, header:NAME, cookie:NAME, query:NAME, route, method, country, asn, \
-                          tls.ja3, tls.ja4 or tls.client_subject")),
+                          tls.ja3, tls.ja4, tls.client_subject, mcp.tool or mcp.method")),
         }
+    }
+
+    /// Whether this part needs the request body (the MCP parts): such rules run after the
+    /// body is read.
+    pub fn needs_body(&self) -> bool {
+        matches!(self, KeyPart::McpTool | KeyPart::McpMethod)
     }
 
     /// Whether this part needs the client's geo data.
@@ -151,12 +163,36 @@ fn mask(ip: IpAddr, v4_prefix: u8, v6_prefix: u8) -> IpAddr {
     }
 }
 
+/// How many keys `parts` make for `req`: one per `tools/call` message with `mcp.tool`, one
+/// per request message with `mcp.method` (so a batch counts each message), else one.
+pub fn key_count(parts: &[KeyPart], req: &Request<'_>) -> usize {
+    let messages = || match req.mcp() {
+        Some(Ok(m)) => Some(m),
+        _ => None,
+    };
+    if parts.contains(&KeyPart::McpTool) {
+        messages().map_or(0, |m| m.tools().count())
+    } else if parts.contains(&KeyPart::McpMethod) {
+        messages().map_or(0, |m| m.methods().count())
+    } else {
+        1
+    }
+}
+
 /// Writes the key of `req` into `out` (cleared first). Returns `false` when a header, cookie
 /// or query part is missing: like AWS WAF, such a request is not counted by the rule.
 ///
 /// Headers, cookies and query arguments are read from the one request model, decoded as the
 /// rules and validation see them (`?user=%61lice` and `?user=alice` share a bucket).
-pub fn build_key(parts: &[KeyPart], route: &str, req: &Request<'_>, out: &mut String) -> bool {
+///
+/// `index` chooses the message for the MCP parts (see [`key_count`]).
+pub fn build_key(
+    parts: &[KeyPart],
+    route: &str,
+    req: &Request<'_>,
+    index: usize,
+    out: &mut String,
+) -> bool {
     out.clear();
     for (i, p) in parts.iter().enumerate() {
         if i > 0 {
@@ -227,6 +263,20 @@ pub fn build_key(parts: &[KeyPart], route: &str, req: &Request<'_>, out: &mut St
                 }
                 None => return false,
             },
+            KeyPart::McpTool | KeyPart::McpMethod => {
+                let v = match req.mcp() {
+                    Some(Ok(m)) if *p == KeyPart::McpTool => m.tools().nth(index),
+                    Some(Ok(m)) => m.methods().nth(index),
+                    _ => None,
+                };
+                match v {
+                    Some(v) => {
+                        out.push_str(v);
+                        Ok(())
+                    }
+                    None => return false,
+                }
+            }
             KeyPart::Asn => match req.asn {
                 Some(a) => write!(out, "{a}"),
                 None => {
@@ -274,6 +324,7 @@ mod tests {
             &parts_k,
             "login",
             &view(&parts, &Default::default(), "192.0.2.77"),
+            0,
             &mut out
         ));
         assert_eq!(out, "192.0.2.0|k1|s9|bob|login|GET");
@@ -282,6 +333,7 @@ mod tests {
             &v6,
             "r",
             &view(&parts, &Default::default(), "2001:db8:1:2:3::9"),
+            0,
             &mut out
         ));
         assert_eq!(out, "2001:db8:1:2::");
@@ -290,6 +342,7 @@ mod tests {
             &missing,
             "r",
             &view(&parts, &Default::default(), "192.0.2.1"),
+            0,
             &mut out
         ));
         assert!(KeyPart::parse("ip/33").is_err());

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use crate::metrics::Metrics;
 use crate::pipeline::{Block, Decision, Eval, Needs, Notes, Stage, StageKind};
 use crate::request::Request;
-use key::build_key;
+use key::{build_key, key_count, KeyPart};
 use local::{LocalLimiter, Outcome};
 use redis::RedisStore;
 use rule::{RateLimitAction, RateLimitRule, RateLimitStore, RedisOnError};
@@ -130,6 +130,9 @@ fn ceil_secs(d: Duration) -> u64 {
 
 /// The rate-limit rules that apply to one route, in config order.
 pub struct RateLimitStage {
+    /// [`StageKind::RateLimit`], or [`StageKind::McpRateLimit`] for rules whose keys need
+    /// the body.
+    kind: StageKind,
     route: String,
     rules: Vec<Arc<CompiledRateLimit>>,
     metrics: Arc<Metrics>,
@@ -232,19 +235,27 @@ fn unavailable(r: &CompiledRateLimit) -> Decision {
 }
 
 impl RateLimitStage {
-    /// The stage for `route`, or `None` when no rule applies to it.
+    /// The stage for `route`, or `None` when no rule applies to it: the rules whose keys
+    /// need the body (`mcp.tool`, `mcp.method`) when `body` is set, the others otherwise.
     pub fn for_route(
         route: &str,
         all: &[Arc<CompiledRateLimit>],
         metrics: &Arc<Metrics>,
+        body: bool,
     ) -> Option<RateLimitStage> {
         let rules: Vec<_> = all
             .iter()
             .filter(|r| r.rule.applies_to_route(route))
+            .filter(|r| r.rule.key.iter().any(KeyPart::needs_body) == body)
             .cloned()
             .collect();
         let any_redis = rules.iter().any(|r| r.redis.is_some());
         (!rules.is_empty()).then(|| RateLimitStage {
+            kind: if body {
+                StageKind::McpRateLimit
+            } else {
+                StageKind::RateLimit
+            },
             route: route.to_string(),
             rules,
             metrics: Arc::clone(metrics),
@@ -262,12 +273,12 @@ impl RateLimitStage {
 
 impl Stage for RateLimitStage {
     fn kind(&self) -> StageKind {
-        StageKind::RateLimit
+        self.kind
     }
 
     fn needs(&self) -> Needs {
         Needs {
-            body: false,
+            body: self.kind == StageKind::McpRateLimit,
             geo: self
                 .rules
                 .iter()
@@ -284,12 +295,17 @@ impl Stage for RateLimitStage {
                 ..Tally::default()
             };
             for r in &self.rules {
-                if !r.applies(req) || !build_key(&r.rule.key, &self.route, req, &mut key) {
+                if !r.applies(req) {
                     continue;
                 }
-                if let Some(d) = tally.apply(r, r.local.check(&key), &key) {
-                    notes.matches.extend(tally.matches);
-                    return Eval::Done(d);
+                for i in 0..key_count(&r.rule.key, req) {
+                    if !build_key(&r.rule.key, &self.route, req, i, &mut key) {
+                        continue;
+                    }
+                    if let Some(d) = tally.apply(r, r.local.check(&key), &key) {
+                        notes.matches.extend(tally.matches);
+                        return Eval::Done(d);
+                    }
                 }
             }
             return Eval::Done(tally.finish(notes));
@@ -297,10 +313,12 @@ impl Stage for RateLimitStage {
         // Some rule asks Redis: build every key now (the request model is not shared across
         // the wait), then check them in order.
         let mut keys: Vec<(&'s CompiledRateLimit, String)> = Vec::with_capacity(self.rules.len());
-        for r in &self.rules {
-            let mut key = String::new();
-            if r.applies(req) && build_key(&r.rule.key, &self.route, req, &mut key) {
-                keys.push((r, key));
+        for r in self.rules.iter().filter(|r| r.applies(req)) {
+            for i in 0..key_count(&r.rule.key, req) {
+                let mut key = String::new();
+                if build_key(&r.rule.key, &self.route, req, i, &mut key) {
+                    keys.push((r, key));
+                }
             }
         }
         let evidence = self.evidence;

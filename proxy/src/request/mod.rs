@@ -12,6 +12,7 @@ pub mod canon;
 mod decode;
 pub mod grammar;
 pub mod json;
+pub mod jsonrpc;
 mod multipart;
 
 use std::net::IpAddr;
@@ -37,6 +38,8 @@ pub struct RequestCache {
     xml: OnceLock<(Vec<String>, bool)>,
     /// Verified token claims (set by the auth stage).
     claims: OnceLock<std::sync::Arc<serde_json::Map<String, serde_json::Value>>>,
+    /// JSON-RPC messages of the body (`None`: not JSON).
+    mcp: OnceLock<Option<Result<jsonrpc::Messages, jsonrpc::Invalid>>>,
 }
 
 /// Why a body is not valid JSON, with where (for the 400 `invalid_json` answer).
@@ -321,6 +324,20 @@ impl<'a> Request<'a> {
                 message: e.to_string(),
             })
         })
+    }
+
+    /// The JSON-RPC messages of the body (MCP routes), read once; `None` when the body is
+    /// not JSON (or was not read).
+    pub fn mcp(&self) -> Option<&Result<jsonrpc::Messages, jsonrpc::Invalid>> {
+        self.cache()
+            .mcp
+            .get_or_init(|| {
+                if !self.body_read || self.body.is_empty() {
+                    return None;
+                }
+                self.json_document().as_ref().ok().map(jsonrpc::parse)
+            })
+            .as_ref()
     }
 
     /// JSON members of a JSON body (every level, every occurrence of a repeated key), and

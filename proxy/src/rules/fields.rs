@@ -115,6 +115,10 @@ pub enum Field {
     TlsClientSans,
     /// A claim of the verified bearer token (routes with `policy.auth`).
     Claim(String),
+    /// Methods of the JSON-RPC messages of the body (MCP routes: `tools/call`, …).
+    McpMethod,
+    /// Tool names of the body's `tools/call` messages (MCP routes).
+    McpTool,
 }
 
 pub use crate::request::grammar::STANDARD_HEADERS;
@@ -172,12 +176,14 @@ impl Field {
             "tls.sni" => Field::TlsSni,
             "tls.client_subject" => Field::TlsClientSubject,
             "tls.client_sans" => Field::TlsClientSans,
+            "mcp.method" => Field::McpMethod,
+            "mcp.tool" => Field::McpTool,
             _ => return Err(format!(
                 "unknown field {s:?}; fields are method, path, path.raw, uri, query_string, query.names, query.values, query:NAME, \
                  header:NAME, headers.names, headers.values, cookie:NAME, cookies.names, cookies.values, body, \
                  form.names, form.values, form:NAME, files.names, files.contents, json.keys, json.values, json:/POINTER, \
                  args.names, args.values, headers.custom, body.unparsed, xml.values, body_size, client_ip, country, \
-                 asn, labels, tls.ja3, tls.ja4, tls.sni, tls.client_subject, tls.client_sans"
+                 asn, labels, tls.ja3, tls.ja4, tls.sni, tls.client_subject, tls.client_sans, mcp.method, mcp.tool"
             )),
         })
     }
@@ -242,6 +248,8 @@ impl Field {
             Field::TlsClientSubject => "tls.client_subject",
             Field::TlsClientSans => "tls.client_sans",
             Field::Claim(c) => return format!("claim:{c}"),
+            Field::McpMethod => "mcp.method",
+            Field::McpTool => "mcp.tool",
         };
         s.to_string()
     }
@@ -264,6 +272,8 @@ impl Field {
                 | Field::BodyUnparsed
                 | Field::XmlValues
                 | Field::BodySize
+                | Field::McpMethod
+                | Field::McpTool
         )
     }
 
@@ -550,6 +560,24 @@ impl FieldValues for RuleInput<'_> {
                 })
                 .into_iter()
                 .collect(),
+            Field::McpMethod | Field::McpTool => match self.mcp() {
+                Some(Ok(m)) => {
+                    let names: Vec<&str> = if *field == Field::McpTool {
+                        m.tools().collect()
+                    } else {
+                        m.methods().collect()
+                    };
+                    names
+                        .into_iter()
+                        .map(|t| Value {
+                            origin: Origin::Other,
+                            name: None,
+                            text: Cow::Borrowed(t),
+                        })
+                        .collect()
+                }
+                _ => Vec::new(),
+            },
             Field::Labels => labels
                 .iter()
                 .map(|l| Value {

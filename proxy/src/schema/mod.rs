@@ -104,8 +104,21 @@ pub struct RouteValidation {
     max_body: Option<usize>,
     unknown_block: bool,
     table: OperationTable,
+    /// The operations imported from OpenAPI (for Cedar actions named by `operationId`).
+    pub imported: Vec<ImportedOperation>,
     /// Schema and OpenAPI files the configuration had loaded once this route was compiled.
     pub files: Vec<PathBuf>,
+}
+
+/// An operation of an OpenAPI document: its method, full path template and `operationId`.
+#[derive(Debug, Clone)]
+pub struct ImportedOperation {
+    /// Method.
+    pub method: http::Method,
+    /// Full path template.
+    pub path: String,
+    /// `operationId`.
+    pub operation_id: Option<String>,
 }
 
 /// Where a route's `validate:` section is written, for locating its problems.
@@ -206,6 +219,7 @@ fn operation_spec(op: &OperationConfig) -> OperationSpec {
         body,
         draft: None,
         max_body: op.max_body.map(|s| s.0 as usize),
+        operation_id: None,
     }
 }
 
@@ -236,13 +250,21 @@ pub fn compile(
         })
         .collect();
     let imported_from = specs.len();
+    let mut imported = Vec::new();
     let mut errors = Vec::new();
     if let Some(doc) = &cfg.openapi {
         let path = absolute(&base_dir.join(&doc.value));
         match openapi::import(store, &path, cfg.base_path.as_deref()) {
-            Ok(imported) => {
-                locations.extend(imported.operations.iter().map(|_| Some(doc.referenced)));
-                specs.extend(imported.operations);
+            Ok(doc_ops) => {
+                locations.extend(doc_ops.operations.iter().map(|_| Some(doc.referenced)));
+                imported.extend(doc_ops.operations.iter().filter_map(|o| {
+                    Some(ImportedOperation {
+                        method: o.methods.first()?.clone(),
+                        path: o.path.clone()?,
+                        operation_id: o.operation_id.clone(),
+                    })
+                }));
+                specs.extend(doc_ops.operations);
             }
             Err(es) => errors.extend(es.into_iter().map(|message| {
                 at.problem(Some(doc.referenced), format!("validate.openapi: {message}"))
@@ -281,6 +303,7 @@ pub fn compile(
         max_body: cfg.max_body.map(|s| s.0 as usize),
         unknown_block: cfg.unknown_operation.unwrap_or(unknown_default) == UnknownOperation::Block,
         table,
+        imported,
         files: store.files(),
     })
 }
@@ -369,6 +392,7 @@ impl ValidateStage {
                 details: Some(Arc::new(BlockDetails {
                     fields,
                     expose: self.validation.expose_details,
+                    body: None,
                 })),
             }),
         }

@@ -351,6 +351,10 @@ pub fn import(
                     body,
                     draft: Some(draft),
                     max_body: None,
+                    operation_id: op
+                        .get("operationId")
+                        .and_then(Value::as_str)
+                        .map(str::to_string),
                 });
             match result {
                 Ok(spec) => operations.push(spec),

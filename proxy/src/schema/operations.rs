@@ -67,6 +67,8 @@ pub struct OperationSpec {
     pub draft: Option<Draft>,
     /// Body size limit of this operation, bytes.
     pub max_body: Option<usize>,
+    /// The OpenAPI `operationId`.
+    pub operation_id: Option<String>,
 }
 
 /// One segment of a path template.
@@ -200,6 +202,40 @@ impl Template {
             Segment::Mixed(_, names) => names.iter().map(String::as_str).collect(),
             Segment::Literal(_) => vec![],
         })
+    }
+}
+
+/// A path template (`/users/{user}/activities/{id}`) for other modules (Cedar operations):
+/// the same matcher request validation uses.
+#[derive(Debug)]
+pub struct PathTemplate(Template);
+
+impl PathTemplate {
+    /// Parses a template; the error says what is wrong.
+    pub fn parse(path: &str) -> Result<PathTemplate, String> {
+        parse_template(path).map(PathTemplate)
+    }
+
+    /// The captured parameters when `path` (raw, percent-encoded) matches; one trailing
+    /// slash is not significant.
+    pub fn matches<'t, 'p>(&'t self, path: &'p str) -> Option<Vec<(&'t str, Cow<'p, str>)>> {
+        let trimmed = if path.len() > 1 {
+            path.strip_suffix('/').unwrap_or(path)
+        } else {
+            path
+        };
+        let segs: Vec<&str> = trimmed.split('/').skip(1).collect();
+        self.0.matches(&segs)
+    }
+
+    /// Specificity: compare descending to try the most specific template first.
+    pub fn rank(&self) -> Vec<u8> {
+        self.0.segments.iter().map(Segment::rank).collect()
+    }
+
+    /// Names of its parameters.
+    pub fn params(&self) -> Vec<&str> {
+        self.0.param_names().collect()
     }
 }
 
@@ -632,6 +668,7 @@ mod tests {
             body: None,
             draft: None,
             max_body: None,
+            operation_id: None,
         }
     }
 

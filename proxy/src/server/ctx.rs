@@ -180,6 +180,10 @@ pub struct RequestCtx {
     pub inspection: Option<std::time::Duration>,
     /// When the current upstream server was chosen (connect and response latency).
     pub upstream_started: Option<Instant>,
+    /// An MCP request with a `tools/list` message: its answer is filtered.
+    pub mcp_tools_list: bool,
+    /// The filter of that answer, once its head said it is JSON or an event stream.
+    pub tools_filter: Option<crate::mcp::ToolsListFilter>,
 }
 
 impl RequestCtx {
@@ -217,6 +221,8 @@ impl RequestCtx {
             continued: false,
             inspection: None,
             upstream_started: None,
+            mcp_tools_list: false,
+            tools_filter: None,
         }
     }
 }

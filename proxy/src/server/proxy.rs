@@ -107,6 +107,17 @@ pub async fn respond_json_error(
         }
     }
     let body = serde_json::Value::Object(body).to_string();
+    respond_json(session, request_id, status, extra_headers, body).await
+}
+
+/// Writes a JSON answer of Palisade's own and ends the response.
+pub async fn respond_json(
+    session: &mut Session,
+    request_id: &str,
+    status: u16,
+    extra_headers: &[(&'static str, String)],
+    body: String,
+) -> Result<()> {
     let mut resp = ResponseHeader::build(status, Some(4 + extra_headers.len()))?;
     resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
@@ -133,20 +144,41 @@ impl PalisadeProxy {
         block: Block,
     ) -> Result<bool> {
         let id = ctx.request_id.to_string();
-        let shown = block
-            .details
-            .as_deref()
-            .filter(|d| d.expose)
-            .map(|d| &d.fields);
-        respond_json_error(
-            session,
-            &id,
-            block.status,
-            &block.reason,
-            &block.headers,
-            shown,
-        )
-        .await?;
+        if let Some(body) = block.details.as_deref().and_then(|d| d.body.as_ref()) {
+            // An MCP route's JSON-RPC error, with the request id where clients show data.
+            let mut body = body.clone();
+            let objects = match &mut body {
+                serde_json::Value::Array(a) => a.iter_mut().collect::<Vec<_>>(),
+                one => vec![one],
+            };
+            for e in objects {
+                if let Some(err) = e.get_mut("error").and_then(|x| x.as_object_mut()) {
+                    let data = err.entry("data").or_insert(serde_json::Value::Null);
+                    if data.is_null() {
+                        *data = serde_json::Value::Object(serde_json::Map::new());
+                    }
+                    if let Some(d) = data.as_object_mut() {
+                        d.insert("request_id".into(), id.clone().into());
+                    }
+                }
+            }
+            respond_json(session, &id, block.status, &block.headers, body.to_string()).await?;
+        } else {
+            let shown = block
+                .details
+                .as_deref()
+                .filter(|d| d.expose)
+                .map(|d| &d.fields);
+            respond_json_error(
+                session,
+                &id,
+                block.status,
+                &block.reason,
+                &block.headers,
+                shown,
+            )
+            .await?;
+        }
         ctx.outcome = Outcome::Blocked {
             stage,
             status: block.status,
@@ -359,6 +391,7 @@ impl PalisadeProxy {
                 let message: String = e.message.chars().take(200).collect();
                 fields.insert("message".into(), message.into());
                 b.details = Some(Arc::new(crate::pipeline::BlockDetails {
+                    body: None,
                     fields,
                     expose: true,
                 }));
@@ -508,6 +541,24 @@ impl ProxyHttp for PalisadeProxy {
         if let Err(r) = self.canonical_head(session, ctx) {
             return self.refuse(session, ctx, r).await;
         }
+        if ctx
+            .cache
+            .path()
+            .starts_with("/.well-known/oauth-protected-resource")
+        {
+            if let Some(doc) = snapshot.protected_resource_metadata(ctx.cache.path()) {
+                let id = ctx.request_id.to_string();
+                let body = String::from_utf8_lossy(doc).into_owned();
+                // Browser-based MCP clients read it cross-origin.
+                let headers = [
+                    ("access-control-allow-origin", "*".to_string()),
+                    ("cache-control", "max-age=300".to_string()),
+                ];
+                respond_json(session, &id, 200, &headers, body).await?;
+                ctx.outcome = Outcome::NoRoute;
+                return Ok(true);
+            }
+        }
         let Some(ri) = snapshot.route_for(&ctx.authority.host, ctx.cache.path()) else {
             ctx.outcome = Outcome::NoRoute;
             let id = ctx.request_id.to_string();
@@ -586,7 +637,17 @@ impl ProxyHttp for PalisadeProxy {
             ctx.inspection = Some(ctx.start.elapsed());
             return match verdict {
                 Verdict::Block(stage, b) => self.block(session, ctx, stage, b).await,
-                Verdict::Forward | Verdict::Allow => Ok(false),
+                Verdict::Forward | Verdict::Allow => {
+                    if let Some(m) = &route.mcp {
+                        if m.filter_tools_list || m.advertised {
+                            let req = Request::of_head(session.req_header(), &ctx.cache)
+                                .with_body(ctx.body.as_deref(), true);
+                            ctx.mcp_tools_list = matches!(req.mcp(), Some(Ok(msgs))
+                                if msgs.methods().any(|x| x == "tools/list"));
+                        }
+                    }
+                    Ok(false)
+                }
             };
         }
     }
@@ -686,6 +747,25 @@ impl ProxyHttp for PalisadeProxy {
             .and_then(|i| ctx.snapshot.config.routes.get(i))
             .and_then(|r| r.policy.auth.as_ref())
         {
+            // An MCP server never sees the client's token unless the route says so.
+            let keep_token = ctx
+                .route
+                .and_then(|i| ctx.snapshot.routes.get(i))
+                .and_then(|r| r.mcp.as_ref())
+                .is_none_or(|m| m.forward_token);
+            if !keep_token {
+                match crate::auth::TokenSource::parse(
+                    auth.token.as_deref().unwrap_or("authorization"),
+                ) {
+                    Ok(crate::auth::TokenSource::Header(h)) => {
+                        upstream_request.remove_header(h.as_str());
+                    }
+                    Ok(crate::auth::TokenSource::Cookie(_)) => {}
+                    _ => {
+                        upstream_request.remove_header(&http::header::AUTHORIZATION);
+                    }
+                }
+            }
             let view = Request::of_head(session.req_header(), &ctx.cache);
             for (claim, header) in &auth.forward_claims {
                 upstream_request.remove_header(header.as_str());
@@ -761,7 +841,7 @@ impl ProxyHttp for PalisadeProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -769,7 +849,59 @@ impl ProxyHttp for PalisadeProxy {
         for (name, value) in ctx.notes.response_headers.drain(..) {
             upstream_response.insert_header(name, value)?;
         }
+        if ctx.mcp_tools_list && upstream_response.status.is_success() {
+            let media = upstream_response
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_ascii_lowercase();
+            let sse = media.starts_with("text/event-stream");
+            let encoded = upstream_response
+                .headers
+                .get(http::header::CONTENT_ENCODING)
+                .is_some_and(|v| v.as_bytes() != b"identity");
+            if (sse || media.starts_with("application/json")) && !encoded {
+                ctx.tools_filter = Some(crate::mcp::ToolsListFilter {
+                    sse,
+                    ..Default::default()
+                });
+                // The filtered body's length is not known yet.
+                upstream_response.remove_header(&http::header::CONTENT_LENGTH);
+                if !session.is_http2() {
+                    upstream_response.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+                }
+            }
+        }
         Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        let Some(filter) = ctx.tools_filter.as_mut() else {
+            return Ok(None);
+        };
+        let Some(mcp) = ctx
+            .route
+            .and_then(|i| ctx.snapshot.routes.get(i))
+            .and_then(|r| r.mcp.as_ref())
+        else {
+            return Ok(None);
+        };
+        let req =
+            Request::of_head(session.req_header(), &ctx.cache).with_body(ctx.body.as_deref(), true);
+        let empty = serde_json::Map::new();
+        let claims = req.claims().unwrap_or(&empty);
+        let keep = |tool: &str| mcp.may_call(tool, claims, &req);
+        let chunk = body.as_deref().unwrap_or(&[]);
+        let out = filter.push(mcp, chunk, end_of_stream, &keep);
+        *body = (!out.is_empty() || end_of_stream).then(|| Bytes::from(out));
+        Ok(None)
     }
 
     fn fail_to_connect(

@@ -1,0 +1,1052 @@
+//! Cedar authorization at the edge (`authorization` + `policy.authorize`): each request of a
+//! route becomes a Cedar request — principal from the verified token, action from the method
+//! and operation, resource from the path parameters, context from the token's scopes and
+//! chosen query and body values — decided by the `cedar-policy` crate in process, as Amazon
+//! Verified Permissions would decide it.
+//!
+//! What is decided here, around Cedar:
+//! - errors fail closed: a request or entity that does not fit the schema, or a policy whose
+//!   evaluation errors, is a refusal (Cedar itself skips an erroring policy, so a `forbid`
+//!   that errors would otherwise let a `permit` through);
+//! - request values become Cedar values by construction ([`to_cedar`]), never through Cedar's
+//!   JSON entity syntax, so a body member such as `{"__entity": …}` cannot forge an entity
+//!   reference;
+//! - policy ids are the `@id("…")` annotation, else `FILE:policyN`: the decision log names
+//!   the policies that determined a decision.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use cedar_policy::{
+    Context, Decision as CedarDecision, Entities, Entity, EntityId, EntityTypeName, EntityUid,
+    PolicyId, PolicySet, RestrictedExpression, Schema, ValidationMode, Validator,
+};
+use http::Method;
+use serde_json::{Map, Value};
+
+use crate::pipeline::{Block, BlockDetails, Decision, Eval, Needs, Notes, Stage, StageKind};
+use crate::request::Request;
+use crate::schema::operations::PathTemplate;
+
+/// A template over named values: `{iss}|{sub}`, `{id}`.
+#[derive(Debug, Clone)]
+pub struct Template {
+    pieces: Vec<Piece>,
+}
+
+#[derive(Debug, Clone)]
+enum Piece {
+    Text(String),
+    Var(String),
+}
+
+impl Template {
+    /// Parses `text{name}text`; `{{` is not special (ids rarely hold braces).
+    pub fn parse(text: &str) -> Result<Template, String> {
+        let mut pieces = Vec::new();
+        let mut rest = text;
+        while let Some(start) = rest.find('{') {
+            let end = rest[start..]
+                .find('}')
+                .map(|e| start + e)
+                .ok_or_else(|| format!("template {text:?}: unclosed `{{`"))?;
+            if start > 0 {
+                pieces.push(Piece::Text(rest[..start].to_string()));
+            }
+            let name = &rest[start + 1..end];
+            if name.is_empty() {
+                return Err(format!("template {text:?}: empty `{{}}`"));
+            }
+            pieces.push(Piece::Var(name.to_string()));
+            rest = &rest[end + 1..];
+        }
+        if !rest.is_empty() {
+            pieces.push(Piece::Text(rest.to_string()));
+        }
+        Ok(Template { pieces })
+    }
+
+    /// The names it uses.
+    pub fn vars(&self) -> impl Iterator<Item = &str> {
+        self.pieces.iter().filter_map(|p| match p {
+            Piece::Var(v) => Some(v.as_str()),
+            Piece::Text(_) => None,
+        })
+    }
+
+    /// The text with each name replaced; `None` when a value is missing.
+    pub fn render<'v>(&self, get: impl Fn(&str) -> Option<Cow<'v, str>>) -> Option<String> {
+        let mut out = String::new();
+        for p in &self.pieces {
+            match p {
+                Piece::Text(t) => out.push_str(t),
+                Piece::Var(v) => out.push_str(&get(v)?),
+            }
+        }
+        Some(out)
+    }
+}
+
+/// A JSON value as a Cedar value: strings, integers, booleans, arrays (sets) and objects
+/// (records). Numbers that are not 64-bit integers become their text; `null` is no value.
+/// Built by hand, not with Cedar's JSON parser, which reads `{"__entity": …}` and
+/// `{"__extn": …}` specially: request data must never name an entity.
+pub fn to_cedar(v: &Value) -> Option<RestrictedExpression> {
+    to_cedar_at(v, 0)
+}
+
+const MAX_DEPTH: usize = 32;
+
+fn to_cedar_at(v: &Value, depth: usize) -> Option<RestrictedExpression> {
+    if depth > MAX_DEPTH {
+        return None;
+    }
+    Some(match v {
+        Value::Null => return None,
+        Value::Bool(b) => RestrictedExpression::new_bool(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => RestrictedExpression::new_long(i),
+            None => RestrictedExpression::new_string(n.to_string()),
+        },
+        Value::String(s) => RestrictedExpression::new_string(s.clone()),
+        Value::Array(a) => {
+            RestrictedExpression::new_set(a.iter().filter_map(|x| to_cedar_at(x, depth + 1)))
+        }
+        Value::Object(o) => RestrictedExpression::new_record(
+            o.iter()
+                .filter_map(|(k, x)| Some((k.clone(), to_cedar_at(x, depth + 1)?))),
+        )
+        .ok()?,
+    })
+}
+
+/// A problem loading the policies or the schema: in one of their files (with a position when
+/// Cedar gives one) or in the config (`file: None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadError {
+    /// The policy or schema file.
+    pub file: Option<PathBuf>,
+    /// 1-based line (0: unknown).
+    pub line: u64,
+    /// 1-based column (0: unknown).
+    pub column: u64,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl LoadError {
+    fn config(message: String) -> LoadError {
+        LoadError {
+            file: None,
+            line: 0,
+            column: 0,
+            message,
+        }
+    }
+
+    /// An error of `file` at the first labelled position of a Cedar diagnostic.
+    fn diagnostic(file: &Path, text: &str, d: &dyn miette::Diagnostic, message: String) -> Self {
+        let offset = d.labels().and_then(|mut l| l.next()).map(|l| l.offset());
+        let (line, column) = offset.map_or((0, 0), |o| line_col(text, o));
+        LoadError {
+            file: Some(file.to_path_buf()),
+            line,
+            column,
+            message,
+        }
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (u64, u64) {
+    let before = &text.as_bytes()[..offset.min(text.len())];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let col = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+    (line as u64, col as u64)
+}
+
+/// Everything Cedar's messages say, causes included, on one line.
+fn full_message(e: &dyn std::error::Error, d: Option<&dyn miette::Diagnostic>) -> String {
+    let mut m = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        m.push_str(": ");
+        m.push_str(&s.to_string());
+        src = s.source();
+    }
+    if let Some(help) = d.and_then(miette::Diagnostic::help) {
+        m.push_str(" (");
+        m.push_str(&help.to_string());
+        m.push(')');
+    }
+    m
+}
+
+/// What an [`Authorizer`] is built from (paths resolved).
+pub struct AuthorizerSpec<'a> {
+    /// Policy files.
+    pub policy_files: Vec<PathBuf>,
+    /// Schema file.
+    pub schema_file: Option<PathBuf>,
+    /// Principal entity type.
+    pub principal_type: &'a str,
+    /// Principal id template (default `{sub}`).
+    pub principal_id: Option<&'a str>,
+    /// Group claim and entity type.
+    pub groups: Option<(&'a str, &'a str)>,
+    /// Attribute ← claim.
+    pub attributes: &'a BTreeMap<String, String>,
+    /// Action entity type.
+    pub action_type: Option<&'a str>,
+}
+
+/// The compiled policies, schema and principal mapping (top-level `authorization`).
+pub struct Authorizer {
+    policies: PolicySet,
+    schema: Option<Schema>,
+    engine: cedar_policy::Authorizer,
+    principal_type: EntityTypeName,
+    principal_id: Template,
+    groups: Option<(String, EntityTypeName)>,
+    attributes: Vec<(String, String)>,
+    action_type: EntityTypeName,
+    /// The namespace of the principal type (`App`), for default type names.
+    namespace: String,
+    /// Action ids the schema declares (`None`: no schema).
+    declared_actions: Option<HashSet<String>>,
+    declared_types: Option<HashSet<String>>,
+}
+
+impl std::fmt::Debug for Authorizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authorizer")
+            .field("policies", &self.policies.policies().count())
+            .field("schema", &self.schema.is_some())
+            .field("principal_type", &self.principal_type.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+fn type_name(s: &str, what: &str) -> Result<EntityTypeName, LoadError> {
+    EntityTypeName::from_str(s.trim()).map_err(|e| {
+        LoadError::config(format!(
+            "authorization: {what} {s:?} is not a Cedar entity type name: {}",
+            full_message(&e, Some(&e))
+        ))
+    })
+}
+
+fn read(path: &Path) -> Result<String, LoadError> {
+    std::fs::read_to_string(path).map_err(|e| LoadError {
+        file: Some(path.to_path_buf()),
+        line: 0,
+        column: 0,
+        message: format!("cannot read: {e}"),
+    })
+}
+
+impl Authorizer {
+    /// Loads and checks the policies (and the schema: strict validation).
+    pub fn load(spec: &AuthorizerSpec<'_>) -> Result<Authorizer, Vec<LoadError>> {
+        let mut errors = Vec::new();
+        let principal_type = type_name(spec.principal_type, "principal.type");
+        let groups = spec
+            .groups
+            .map(|(claim, ty)| {
+                type_name(ty, "principal.groups.type").map(|t| (claim.to_string(), t))
+            })
+            .transpose();
+        let namespace = spec
+            .principal_type
+            .rsplit_once("::")
+            .map(|(ns, _)| ns.to_string())
+            .unwrap_or_default();
+        let default_action = if namespace.is_empty() {
+            "Action".to_string()
+        } else {
+            format!("{namespace}::Action")
+        };
+        let action_type = type_name(spec.action_type.unwrap_or(&default_action), "action_type");
+        let principal_id = Template::parse(spec.principal_id.unwrap_or("{sub}"))
+            .map_err(|e| LoadError::config(format!("authorization: principal.id: {e}")));
+        let (principal_type, groups, action_type, principal_id) =
+            match (principal_type, groups, action_type, principal_id) {
+                (Ok(p), Ok(g), Ok(a), Ok(i)) => (Some(p), g, Some(a), Some(i)),
+                (p, g, a, i) => {
+                    errors.extend(p.err());
+                    errors.extend(g.err());
+                    errors.extend(a.err());
+                    errors.extend(i.err());
+                    (None, None, None, None)
+                }
+            };
+        let schema = match &spec.schema_file {
+            None => None,
+            Some(path) => match read(path) {
+                Err(e) => {
+                    errors.push(e);
+                    None
+                }
+                Ok(text) => {
+                    let parsed = if path.extension().is_some_and(|e| e == "json") {
+                        Schema::from_json_str(&text).map_err(|e| {
+                            LoadError::diagnostic(path, &text, &e, full_message(&e, Some(&e)))
+                        })
+                    } else {
+                        Schema::from_cedarschema_str(&text)
+                            .map(|(s, _warnings)| s)
+                            .map_err(|e| {
+                                LoadError::diagnostic(path, &text, &e, full_message(&e, Some(&e)))
+                            })
+                    };
+                    match parsed {
+                        Ok(s) => Some(s),
+                        Err(e) => {
+                            errors.push(e);
+                            None
+                        }
+                    }
+                }
+            },
+        };
+        let mut policies = PolicySet::new();
+        // Each file's text, to locate validation errors (policy id → file).
+        let mut origin: HashMap<PolicyId, (PathBuf, Arc<str>)> = HashMap::new();
+        if spec.policy_files.is_empty() {
+            errors.push(LoadError::config(
+                "authorization.policies: list at least one Cedar policy file".into(),
+            ));
+        }
+        for path in &spec.policy_files {
+            let text: Arc<str> = match read(path) {
+                Ok(t) => t.into(),
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            let set = match PolicySet::from_str(&text) {
+                Ok(s) => s,
+                Err(e) => {
+                    for one in e.iter() {
+                        errors.push(LoadError::diagnostic(
+                            path,
+                            &text,
+                            one,
+                            full_message(one, Some(one)),
+                        ));
+                    }
+                    continue;
+                }
+            };
+            if set.templates().next().is_some() {
+                errors.push(LoadError {
+                    file: Some(path.clone()),
+                    line: 0,
+                    column: 0,
+                    message: "policy templates (`?principal`, `?resource`) are not supported: \
+                              write static policies"
+                        .into(),
+                });
+                continue;
+            }
+            let file_name = path.file_name().map_or_else(
+                || path.display().to_string(),
+                |n| n.to_string_lossy().into(),
+            );
+            // Cedar numbers a file's policies policy0, policy1, … in source order.
+            let mut in_file: Vec<&cedar_policy::Policy> = set.policies().collect();
+            in_file.sort_by_key(|p| {
+                p.id()
+                    .to_string()
+                    .trim_start_matches("policy")
+                    .parse::<u64>()
+                    .unwrap_or(u64::MAX)
+            });
+            for p in in_file {
+                let id = match p.annotation("id") {
+                    Some(a) => a.to_string(),
+                    None => format!("{file_name}:{}", p.id()),
+                };
+                let id = PolicyId::new(id);
+                let renamed = p.new_id(id.clone());
+                if policies.add(renamed).is_err() {
+                    errors.push(LoadError {
+                        file: Some(path.clone()),
+                        line: 0,
+                        column: 0,
+                        message: format!("two policies have the id {:?}", id.to_string()),
+                    });
+                    continue;
+                }
+                origin.insert(id, (path.clone(), Arc::clone(&text)));
+            }
+        }
+        if let Some(s) = &schema {
+            let result = Validator::new(s.clone()).validate(&policies, ValidationMode::Strict);
+            for e in result.validation_errors() {
+                let message = format!(
+                    "policy {:?} does not fit the schema: {}",
+                    e.policy_id().to_string(),
+                    full_message(e, Some(e))
+                );
+                match origin.get(e.policy_id()) {
+                    Some((path, text)) => {
+                        errors.push(LoadError::diagnostic(path, text, e, message));
+                    }
+                    None => errors.push(LoadError::config(message)),
+                }
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let (Some(principal_type), Some(action_type), Some(principal_id)) =
+            (principal_type, action_type, principal_id)
+        else {
+            return Err(errors);
+        };
+        let declared_actions = schema.as_ref().map(|s| {
+            s.actions()
+                .map(|a| a.id().unescaped().to_string())
+                .collect()
+        });
+        let declared_types = schema
+            .as_ref()
+            .map(|s| s.entity_types().map(ToString::to_string).collect());
+        let me = Authorizer {
+            policies,
+            schema,
+            engine: cedar_policy::Authorizer::new(),
+            principal_type,
+            principal_id,
+            groups,
+            attributes: spec
+                .attributes
+                .iter()
+                .map(|(a, c)| (a.clone(), c.clone()))
+                .collect(),
+            action_type,
+            namespace,
+            declared_actions,
+            declared_types,
+        };
+        let mut type_errors = Vec::new();
+        me.check_type(
+            &me.principal_type.to_string(),
+            "principal.type",
+            &mut type_errors,
+        );
+        if let Some((_, g)) = &me.groups {
+            me.check_type(&g.to_string(), "principal.groups.type", &mut type_errors);
+        }
+        if !type_errors.is_empty() {
+            return Err(type_errors.into_iter().map(LoadError::config).collect());
+        }
+        Ok(me)
+    }
+
+    fn check_type(&self, ty: &str, what: &str, errors: &mut Vec<String>) {
+        if let Some(types) = &self.declared_types {
+            if !types.contains(ty) {
+                let mut known: Vec<&String> = types.iter().collect();
+                known.sort();
+                errors.push(format!(
+                    "authorization: {what} {ty:?} is not an entity type of the schema (it has: {})",
+                    known
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
+    }
+
+    /// Number of policies.
+    pub fn policy_count(&self) -> usize {
+        self.policies.policies().count()
+    }
+
+    /// The default entity type for `name` in the principal's namespace (`App::Route`).
+    pub fn qualified(&self, name: &str) -> String {
+        if self.namespace.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}::{name}", self.namespace)
+        }
+    }
+
+    /// Whether the schema (if any) declares this action id.
+    pub fn action_declared(&self, id: &str) -> bool {
+        self.declared_actions
+            .as_ref()
+            .is_none_or(|a| a.contains(id))
+    }
+
+    /// Whether the schema (if any) declares this entity type.
+    pub fn type_declared(&self, ty: &str) -> bool {
+        self.declared_types.as_ref().is_none_or(|t| t.contains(ty))
+    }
+
+    /// Decides one request. `resource` is the resource entity; `context` the record's
+    /// members besides `scopes`.
+    pub fn decide(
+        &self,
+        claims: &Map<String, Value>,
+        action: &str,
+        resource: &ResourceInstance,
+        mut context: Vec<(String, RestrictedExpression)>,
+    ) -> Verdict {
+        let claim = |name: &str| claim_text(claims, name);
+        let Some(pid) = self.principal_id.render(claim) else {
+            return Verdict::Error(format!(
+                "the token lacks a claim of the principal id template ({})",
+                self.principal_id.vars().collect::<Vec<_>>().join(", ")
+            ));
+        };
+        let principal =
+            EntityUid::from_type_name_and_id(self.principal_type.clone(), EntityId::new(pid));
+        let mut parents = HashSet::new();
+        if let Some((claim, ty)) = &self.groups {
+            for g in claim_list(claims, claim) {
+                parents.insert(EntityUid::from_type_name_and_id(
+                    ty.clone(),
+                    EntityId::new(g),
+                ));
+            }
+        }
+        let attrs: HashMap<String, RestrictedExpression> = self
+            .attributes
+            .iter()
+            .filter_map(|(a, c)| Some((a.clone(), to_cedar(claims.get(c)?)?)))
+            .collect();
+        let principal_entity = match Entity::new(principal.clone(), attrs, parents) {
+            Ok(e) => e,
+            Err(e) => return Verdict::Error(format!("principal: {}", full_message(&e, None))),
+        };
+        let resource_entity =
+            match Entity::new(resource.uid.clone(), resource.attrs.clone(), HashSet::new()) {
+                Ok(e) => e,
+                Err(e) => return Verdict::Error(format!("resource: {}", full_message(&e, None))),
+            };
+        let entities = if principal == resource.uid {
+            Entities::from_entities([principal_entity], self.schema.as_ref())
+        } else {
+            Entities::from_entities([principal_entity, resource_entity], self.schema.as_ref())
+        };
+        let entities = match entities {
+            Ok(e) => e,
+            Err(e) => return Verdict::Error(format!("entities: {}", full_message(&e, Some(&e)))),
+        };
+        context.push((
+            "scopes".into(),
+            RestrictedExpression::new_set(
+                crate::auth::scopes_of(claims)
+                    .into_iter()
+                    .map(|s| RestrictedExpression::new_string(s.to_string())),
+            ),
+        ));
+        let context = match Context::from_pairs(context) {
+            Ok(c) => c,
+            Err(e) => return Verdict::Error(format!("context: {}", full_message(&e, Some(&e)))),
+        };
+        let action =
+            EntityUid::from_type_name_and_id(self.action_type.clone(), EntityId::new(action));
+        let request = match cedar_policy::Request::new(
+            principal,
+            action,
+            resource.uid.clone(),
+            context,
+            self.schema.as_ref(),
+        ) {
+            Ok(r) => r,
+            Err(e) => return Verdict::Error(format!("request: {}", full_message(&e, Some(&e)))),
+        };
+        let response = self
+            .engine
+            .is_authorized(&request, &self.policies, &entities);
+        let diagnostics = response.diagnostics();
+        if let Some(e) = diagnostics.errors().next() {
+            return Verdict::Error(full_message(e, Some(e)));
+        }
+        let policies: Vec<String> = diagnostics.reason().map(ToString::to_string).collect();
+        match response.decision() {
+            CedarDecision::Allow => Verdict::Allow { policies },
+            CedarDecision::Deny => Verdict::Deny { policies },
+        }
+    }
+}
+
+/// A claim as text (strings as they are, numbers and booleans as written).
+fn claim_text<'c>(claims: &'c Map<String, Value>, name: &str) -> Option<Cow<'c, str>> {
+    match claims.get(name)? {
+        Value::String(s) => Some(Cow::Borrowed(s)),
+        Value::Number(n) => Some(Cow::Owned(n.to_string())),
+        Value::Bool(b) => Some(Cow::Owned(b.to_string())),
+        _ => None,
+    }
+}
+
+/// A claim holding a list: a JSON array of strings or a space-separated string.
+fn claim_list(claims: &Map<String, Value>, name: &str) -> Vec<String> {
+    match claims.get(name) {
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect(),
+        Some(Value::String(s)) => s.split_whitespace().map(str::to_string).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// What Cedar decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Permitted, by these policies.
+    Allow {
+        /// Determining policy ids.
+        policies: Vec<String>,
+    },
+    /// Refused: by these `forbid` policies, or (empty) because no `permit` applied.
+    Deny {
+        /// Determining policy ids.
+        policies: Vec<String>,
+    },
+    /// The request could not be decided (schema mismatch, evaluation error): refused.
+    Error(String),
+}
+
+/// A resource entity of one request.
+#[derive(Debug, Clone)]
+pub struct ResourceInstance {
+    uid: EntityUid,
+    attrs: HashMap<String, RestrictedExpression>,
+}
+
+/// How a resource is made from path parameters.
+#[derive(Debug)]
+pub struct ResourceSpec {
+    ty: EntityTypeName,
+    /// `None`: the request path.
+    id: Option<Template>,
+    attrs: Vec<(String, AttrSpec)>,
+}
+
+#[derive(Debug)]
+enum AttrSpec {
+    Text(Template),
+    Entity(EntityTypeName, Template),
+}
+
+impl ResourceSpec {
+    /// Compiles a resource section; `params` are the path parameters available (`None`:
+    /// any); errors are messages for the config.
+    pub fn compile(
+        cfg: &crate::config::file::ResourceConfig,
+        params: Option<&[&str]>,
+        authz: &Authorizer,
+    ) -> Result<ResourceSpec, String> {
+        let ty = EntityTypeName::from_str(cfg.entity_type.trim())
+            .map_err(|e| format!("resource type {:?}: {e}", cfg.entity_type))?;
+        if !authz.type_declared(&ty.to_string()) {
+            return Err(format!(
+                "resource type {:?} is not an entity type of the Cedar schema",
+                cfg.entity_type
+            ));
+        }
+        let check = |t: &Template| -> Result<(), String> {
+            if let Some(ps) = params {
+                if let Some(v) = t.vars().find(|v| !ps.contains(v)) {
+                    return Err(format!(
+                        "`{{{v}}}` is not a parameter of the path template (it has: {})",
+                        ps.join(", ")
+                    ));
+                }
+            }
+            Ok(())
+        };
+        let id = cfg.id.as_deref().map(Template::parse).transpose()?;
+        if let Some(t) = &id {
+            check(t)?;
+        }
+        let mut attrs = Vec::new();
+        for (name, a) in &cfg.attributes {
+            let spec = match a {
+                crate::config::file::ResourceAttributeConfig::Text(t) => {
+                    AttrSpec::Text(Template::parse(t)?)
+                }
+                crate::config::file::ResourceAttributeConfig::Entity { entity_type, id } => {
+                    let ty = EntityTypeName::from_str(entity_type.trim())
+                        .map_err(|e| format!("attribute {name:?}: type {entity_type:?}: {e}"))?;
+                    AttrSpec::Entity(ty, Template::parse(id)?)
+                }
+            };
+            match &spec {
+                AttrSpec::Text(t) | AttrSpec::Entity(_, t) => check(t)?,
+            }
+            attrs.push((name.clone(), spec));
+        }
+        Ok(ResourceSpec { ty, id, attrs })
+    }
+
+    /// A fixed resource (`App::Route::"name"`).
+    pub fn fixed(ty: &str, id: &str) -> Result<ResourceSpec, String> {
+        Ok(ResourceSpec {
+            ty: EntityTypeName::from_str(ty).map_err(|e| format!("type {ty:?}: {e}"))?,
+            id: Some(Template {
+                pieces: vec![Piece::Text(id.to_string())],
+            }),
+            attrs: Vec::new(),
+        })
+    }
+
+    /// The resource of a request with these path parameters.
+    pub fn instance(
+        &self,
+        path: &str,
+        params: &[(&str, Cow<'_, str>)],
+    ) -> Option<ResourceInstance> {
+        let get = |n: &str| {
+            params
+                .iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| Cow::Owned(v.to_string()))
+        };
+        let id = match &self.id {
+            Some(t) => t.render(get)?,
+            None => path.to_string(),
+        };
+        let mut attrs = HashMap::with_capacity(self.attrs.len());
+        for (name, a) in &self.attrs {
+            let v = match a {
+                AttrSpec::Text(t) => RestrictedExpression::new_string(t.render(get)?),
+                AttrSpec::Entity(ty, t) => RestrictedExpression::new_entity_uid(
+                    EntityUid::from_type_name_and_id(ty.clone(), EntityId::new(t.render(get)?)),
+                ),
+            };
+            attrs.insert(name.clone(), v);
+        }
+        Some(ResourceInstance {
+            uid: EntityUid::from_type_name_and_id(self.ty.clone(), EntityId::new(id)),
+            attrs,
+        })
+    }
+}
+
+/// An operation of `policy.authorize`.
+#[derive(Debug)]
+pub struct AuthzOperation {
+    template: PathTemplate,
+    /// The template as written (`/users/{user}/activities`).
+    path: String,
+    methods: Vec<Method>,
+    /// A fixed action id (`action:` or the OpenAPI `operationId`); else `METHOD path`.
+    action: Option<String>,
+    resource: Option<ResourceSpec>,
+}
+
+impl AuthzOperation {
+    /// Compiles one operation.
+    pub fn new(
+        path: &str,
+        methods: Vec<Method>,
+        action: Option<String>,
+        resource: Option<&crate::config::file::ResourceConfig>,
+        authz: &Authorizer,
+    ) -> Result<AuthzOperation, String> {
+        let template = PathTemplate::parse(path)?;
+        let resource = resource
+            .map(|r| ResourceSpec::compile(r, Some(&template.params()), authz))
+            .transpose()?;
+        let op = AuthzOperation {
+            template,
+            path: path.to_string(),
+            methods,
+            action,
+            resource,
+        };
+        for id in op.action_ids() {
+            if !authz.action_declared(&id) {
+                return Err(format!(
+                    "action {id:?} is not declared in the Cedar schema (declare it with \
+                     `action \"{id}\" appliesTo {{ … }};`)"
+                ));
+            }
+        }
+        Ok(op)
+    }
+
+    /// The action ids it can produce (for checking against the schema); an any-method
+    /// operation without a fixed action produces the common methods' ids.
+    fn action_ids(&self) -> Vec<String> {
+        match &self.action {
+            Some(a) => vec![a.clone()],
+            None if self.methods.is_empty() => Vec::new(),
+            None => self
+                .methods
+                .iter()
+                .map(|m| format!("{m} {}", self.path))
+                .collect(),
+        }
+    }
+
+    /// Whether it names its own resource.
+    pub fn has_resource(&self) -> bool {
+        self.resource.is_some()
+    }
+
+    fn action(&self, method: &str) -> Cow<'_, str> {
+        match &self.action {
+            Some(a) => Cow::Borrowed(a),
+            None => Cow::Owned(format!("{method} {}", self.path)),
+        }
+    }
+}
+
+/// A route's Cedar authorization, compiled.
+#[derive(Debug)]
+pub struct RouteAuthz {
+    authorizer: Arc<Authorizer>,
+    /// Most specific template first.
+    ops: Vec<AuthzOperation>,
+    default_resource: ResourceSpec,
+    query: Vec<String>,
+    body: Vec<(String, String)>,
+}
+
+impl RouteAuthz {
+    /// Assembles a route's authorization.
+    pub fn new(
+        authorizer: Arc<Authorizer>,
+        mut ops: Vec<AuthzOperation>,
+        default_resource: ResourceSpec,
+        query: Vec<String>,
+        body: Vec<(String, String)>,
+    ) -> RouteAuthz {
+        ops.sort_by_key(|o| std::cmp::Reverse(o.template.rank()));
+        RouteAuthz {
+            authorizer,
+            ops,
+            default_resource,
+            query,
+            body,
+        }
+    }
+
+    /// The policies and principal mapping.
+    pub fn authorizer(&self) -> &Authorizer {
+        &self.authorizer
+    }
+
+    /// Whether the context takes body values.
+    pub fn needs_body(&self) -> bool {
+        !self.body.is_empty()
+    }
+
+    /// The context members from the request (query and body values).
+    pub fn request_context(&self, req: &Request<'_>) -> Vec<(String, RestrictedExpression)> {
+        let mut ctx = Vec::with_capacity(3);
+        if !self.query.is_empty() {
+            let q: Vec<(String, RestrictedExpression)> = self
+                .query
+                .iter()
+                .filter_map(|n| {
+                    Some((
+                        n.clone(),
+                        RestrictedExpression::new_string(req.query_arg(n)?.to_string()),
+                    ))
+                })
+                .collect();
+            if let Ok(r) = RestrictedExpression::new_record(q) {
+                ctx.push(("query".into(), r));
+            }
+        }
+        if !self.body.is_empty() {
+            if let Ok(doc) = req.json_document() {
+                let b: Vec<(String, RestrictedExpression)> = self
+                    .body
+                    .iter()
+                    .filter_map(|(n, ptr)| Some((n.clone(), to_cedar(doc.pointer(ptr)?)?)))
+                    .collect();
+                if let Ok(r) = RestrictedExpression::new_record(b) {
+                    ctx.push(("body".into(), r));
+                }
+            }
+        }
+        ctx
+    }
+
+    /// Decides an HTTP request: its operation, action and resource.
+    pub fn decide_http(&self, req: &Request<'_>, claims: &Map<String, Value>) -> Verdict {
+        let path = req.raw_path;
+        let method = req.method;
+        for op in &self.ops {
+            if !op.methods.is_empty() && !op.methods.iter().any(|m| m.as_str() == method) {
+                continue;
+            }
+            let Some(params) = op.template.matches(path) else {
+                continue;
+            };
+            let spec = op.resource.as_ref().unwrap_or(&self.default_resource);
+            let Some(resource) = spec.instance(path, &params) else {
+                return Verdict::Error("the resource id needs a missing path parameter".into());
+            };
+            return self.authorizer.decide(
+                claims,
+                &op.action(method),
+                &resource,
+                self.request_context(req),
+            );
+        }
+        Verdict::Error(format!(
+            "no operation of policy.authorize matches {method} {path}"
+        ))
+    }
+
+    /// Decides an action on the route's default resource (MCP messages), with extra context.
+    pub fn decide_action(
+        &self,
+        claims: &Map<String, Value>,
+        action: &str,
+        mut context: Vec<(String, RestrictedExpression)>,
+        req: &Request<'_>,
+    ) -> Verdict {
+        let Some(resource) = self.default_resource.instance(req.raw_path, &[]) else {
+            return Verdict::Error("the resource id needs a path parameter".into());
+        };
+        context.extend(self.request_context(req));
+        self.authorizer.decide(claims, action, &resource, context)
+    }
+}
+
+/// The refusal of a request Cedar did not permit (403), with the policies that decided it
+/// (or the error) for the logs, never for the client.
+pub fn refusal(verdict: &Verdict) -> Option<Block> {
+    let (reason, fields) = match verdict {
+        Verdict::Allow { .. } => return None,
+        Verdict::Deny { policies } => {
+            let mut f = Map::new();
+            f.insert(
+                "policies".into(),
+                Value::Array(policies.iter().cloned().map(Value::String).collect()),
+            );
+            ("forbidden", f)
+        }
+        Verdict::Error(e) => {
+            let mut f = Map::new();
+            f.insert("authorization_error".into(), Value::String(e.clone()));
+            ("authorization_error", f)
+        }
+    };
+    let mut b = Block::new(403, reason);
+    b.details = Some(Arc::new(BlockDetails {
+        fields,
+        expose: false,
+        body: None,
+    }));
+    Some(b)
+}
+
+/// The pipeline stage of `policy.authorize` (HTTP routes; MCP routes decide per message).
+#[derive(Debug)]
+pub struct AuthorizeStage {
+    authz: Arc<RouteAuthz>,
+}
+
+impl AuthorizeStage {
+    /// The stage.
+    pub fn new(authz: Arc<RouteAuthz>) -> AuthorizeStage {
+        AuthorizeStage { authz }
+    }
+}
+
+impl Stage for AuthorizeStage {
+    fn kind(&self) -> StageKind {
+        StageKind::Authorize
+    }
+
+    fn needs(&self) -> Needs {
+        Needs {
+            body: self.authz.needs_body(),
+            geo: false,
+        }
+    }
+
+    fn evaluate<'s>(&'s self, req: &Request<'_>, _notes: &mut Notes) -> Eval<'s> {
+        let Some(claims) = req.claims() else {
+            // The auth stage runs first on every route with `authorize`: no claims is a bug
+            // or a token-less path; either way, no.
+            return Eval::Done(Decision::Block(
+                refusal(&Verdict::Error("no verified token".into()))
+                    .unwrap_or_else(|| Block::new(403, "authorization_error")),
+            ));
+        };
+        let verdict = self.authz.decide_http(req, claims);
+        Eval::Done(match refusal(&verdict) {
+            Some(b) => Decision::Block(b),
+            None => Decision::Continue,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        reason = "tests"
+    )]
+    use super::*;
+
+    #[test]
+    fn templates_render_and_report_missing_values() {
+        let t = Template::parse("{iss}|{sub}").unwrap();
+        let v = |n: &str| match n {
+            "iss" => Some(Cow::Borrowed("https://id")),
+            "sub" => Some(Cow::Borrowed("alice")),
+            _ => None,
+        };
+        assert_eq!(t.render(v).as_deref(), Some("https://id|alice"));
+        let t = Template::parse("u-{nope}").unwrap();
+        assert_eq!(t.render(v), None);
+        assert!(Template::parse("{open").is_err());
+        assert!(Template::parse("{}").is_err());
+    }
+
+    #[test]
+    fn request_data_cannot_forge_an_entity_reference() {
+        let v: Value = serde_json::json!({"__entity": {"type": "App::User", "id": "admin"}});
+        let policies: PolicySet = r#"permit (principal, action, resource)
+            when { context.body has __entity };
+            forbid (principal, action, resource)
+            when { context.body == App::User::"admin" };"#
+            .parse()
+            .unwrap();
+        let uid = |s: &str| EntityUid::from_str(s).unwrap();
+        let decide = |ctx: Context| {
+            let req = cedar_policy::Request::new(
+                uid(r#"App::User::"alice""#),
+                uid(r#"App::Action::"x""#),
+                uid(r#"App::R::"r""#),
+                ctx,
+                None,
+            )
+            .unwrap();
+            let r =
+                cedar_policy::Authorizer::new().is_authorized(&req, &policies, &Entities::empty());
+            assert_eq!(r.diagnostics().errors().count(), 0);
+            r.decision()
+        };
+        // Ours: a record with a member named `__entity`.
+        let ours = Context::from_pairs([("body".to_string(), to_cedar(&v).unwrap())]).unwrap();
+        assert_eq!(decide(ours), CedarDecision::Allow);
+        // Cedar's JSON reading makes it the entity `App::User::"admin"`.
+        let theirs = Context::from_json_value(serde_json::json!({ "body": v }), None).unwrap();
+        assert_eq!(decide(theirs), CedarDecision::Deny);
+    }
+}
