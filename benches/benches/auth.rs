@@ -4,6 +4,11 @@
 //! verified-token cache (256 slots) misses and each request pays the signature; `*_repeat`:
 //! one client's token again and again (the common case: a token lives an hour). Keys are made
 //! by openssl at setup; tokens by jsonwebtoken.
+//!
+//! `cedar`: one Cedar decision of the worked example (`examples/fitness`, compiled as the
+//! proxy compiles it: strict schema, 11 policies) — operation lookup, principal with groups
+//! and attributes from claims, resource from path parameters, context, entities checked
+//! against the schema, and the decision: a permit, a forbid, and an MCP tool call.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark setup")]
 
 use std::hint::black_box;
@@ -14,6 +19,10 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use palisade::auth::{AuthStage, Issuer, IssuerSpec, TokenSource};
 use palisade::pipeline::{Notes, Stage};
 use palisade::request::Request;
+
+/// The proxy's allocator, so allocation costs match production.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const ISS: &str = "https://issuer.bench";
 
@@ -138,5 +147,69 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+fn cedar(c: &mut Criterion) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let cfg = palisade::config::load_file(
+        &root.join("examples/fitness/palisade.yaml"),
+        &palisade::config::Overrides::default(),
+    )
+    .unwrap();
+    let metrics = Arc::new(palisade::metrics::Metrics::new().unwrap());
+    let snapshot = palisade::compile::compile(
+        cfg,
+        &palisade::compile::CompileContext::first(&metrics, Some(([127, 0, 0, 1], 9).into())),
+    )
+    .unwrap();
+    let authz = |name: &str| {
+        snapshot
+            .routes
+            .iter()
+            .find(|r| r.name == name)
+            .and_then(|r| r.authz.clone())
+            .unwrap()
+    };
+    let (api, mcp) = (authz("fitness"), authz("mcp"));
+    let claims = |v: serde_json::Value| v.as_object().unwrap().clone();
+    let alice = claims(serde_json::json!({"sub": "alice", "cognito:groups": ["athletes"],
+                                          "scope": "activities socials mcp"}));
+    let bob = claims(serde_json::json!({"sub": "bob", "cognito:groups": ["athletes"],
+                                        "scope": "activities socials"}));
+    let h = http::HeaderMap::new();
+    let mut g = c.benchmark_group("cedar");
+    let get = Request::new("GET", "/users/alice/activities", "", &h, b"", None, None, None);
+    assert!(matches!(
+        api.decide_http(&get, &alice),
+        palisade::authz::Verdict::Allow { .. }
+    ));
+    g.bench_function("permit", |b| {
+        b.iter(|| black_box(api.decide_http(black_box(&get), &alice)))
+    });
+    let del = Request::new("DELETE", "/users/alice/routes/r1", "", &h, b"", None, None, None);
+    assert!(matches!(
+        api.decide_http(&del, &bob),
+        palisade::authz::Verdict::Deny { .. }
+    ));
+    g.bench_function("forbid", |b| {
+        b.iter(|| black_box(api.decide_http(black_box(&del), &bob)))
+    });
+    let post = Request::new("POST", "/mcp", "", &h, b"", None, None, None);
+    let input = || {
+        vec![(
+            "input".to_string(),
+            palisade::authz::to_cedar(&serde_json::json!({"user": "alice", "limit": 5})).unwrap(),
+        )]
+    };
+    assert!(matches!(
+        mcp.decide_action(&alice, "tools/call:get_activities", input(), &post),
+        palisade::authz::Verdict::Allow { .. }
+    ));
+    g.bench_function("mcp_tool_call", |b| {
+        b.iter(|| {
+            black_box(mcp.decide_action(&alice, "tools/call:get_activities", input(), &post))
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, cedar);
 criterion_main!(benches);

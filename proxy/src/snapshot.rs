@@ -41,6 +41,8 @@ pub struct CompiledRoute {
     pub validation: Option<Arc<RouteValidation>>,
     /// The route's MCP settings (JSON-RPC bodies, `tools/list` filtering, metadata).
     pub mcp: Option<Arc<crate::mcp::McpRoute>>,
+    /// The route's Cedar authorization (`palisade explain`, benchmarks).
+    pub authz: Option<Arc<crate::authz::RouteAuthz>>,
 }
 
 impl CompiledRoute {
@@ -52,6 +54,7 @@ impl CompiledRoute {
         rulesets: Vec<AttachedRuleSet>,
         validation: Option<Arc<RouteValidation>>,
         mcp: Option<Arc<crate::mcp::McpRoute>>,
+        authz: Option<Arc<crate::authz::RouteAuthz>>,
     ) -> CompiledRoute {
         CompiledRoute {
             name: route.name.clone(),
@@ -64,6 +67,7 @@ impl CompiledRoute {
             rulesets,
             validation,
             mcp,
+            authz,
         }
     }
 

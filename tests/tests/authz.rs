@@ -283,6 +283,15 @@ async fn mcp_tools_are_authorized_validated_filtered_and_rate_limited() {
         }
     }
 
+    // Tools without a schema in the config are checked against the inputSchema the server
+    // advertised in its tools/list answer (seen above, though filtered out for this caller).
+    let bad = r#"{"jsonrpc":"2.0","id":"w","method":"tools/call","params":{"name":"log_workout","arguments":{"minutes":"ten"}}}"#;
+    let r = call(&p, "POST", "/mcp", &agent, bad).await;
+    assert_eq!(r.status, 400, "{}", r.body_string());
+    assert_eq!(r.json()["error"]["code"], -32602);
+    let good = bad.replace("\"ten\"", "10");
+    assert_eq!(call(&p, "POST", "/mcp", &agent, &good).await.status, 403);
+
     // An allowed call reaches the server unchanged, without the client's token.
     let before = mcp.seen().len();
     let ok = r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"get_activities","arguments":{"user":"alice","limit":5}}}"#;
@@ -342,6 +351,78 @@ async fn mcp_tools_are_authorized_validated_filtered_and_rate_limited() {
     assert_eq!(call(&p, "POST", "/mcp", &bob, &bobs).await.status, 200);
     let list = r#"{"jsonrpc":"2.0","id":9,"method":"tools/list"}"#;
     assert_eq!(call(&p, "POST", "/mcp", &agent, list).await.status, 200);
+}
+
+#[tokio::test]
+async fn openapi_operation_ids_are_actions_and_policies_reload() {
+    let api = Backend::start("api").await;
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["jwks.json"] {
+        std::fs::copy(
+            repo_path(&format!("examples/fitness/{f}")),
+            dir.path().join(f),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        dir.path().join("things.yaml"),
+        r#"openapi: 3.1.0
+info: {title: things, version: "1"}
+paths:
+  /things/{id}:
+    parameters: [{name: id, in: path, required: true, schema: {type: string}}]
+    get: {operationId: getThing, responses: {"200": {description: ok}}}
+    delete: {operationId: deleteThing, responses: {"204": {description: gone}}}
+"#,
+    )
+    .unwrap();
+    let policies = dir.path().join("p.cedar");
+    std::fs::write(
+        &policies,
+        r#"permit (principal, action == App::Action::"getThing", resource == App::Route::"things");"#,
+    )
+    .unwrap();
+    let config = format!(
+        r#"upstreams:
+  api: {{targets: ["{}"]}}
+auth:
+  issuers:
+    local: {{issuer: "https://id.fitness.test", jwks_file: jwks.json, algorithms: [ES256], audiences: [fitness-api]}}
+authorization:
+  policies: [p.cedar]
+  principal: {{type: App::User}}
+routes:
+  - name: things
+    upstream: api
+    policy:
+      auth: {{}}
+      validate: {{openapi: things.yaml}}
+      authorize: {{}}
+"#,
+        api.addr
+    );
+    let p = Palisade::start_in(dir, &config, false).await;
+    let t = mint("alice", &[], "", "fitness-api", &[]);
+    assert_eq!(call(&p, "GET", "/things/1", &t, "").await.status, 200);
+    assert_eq!(call(&p, "DELETE", "/things/1", &t, "").await.status, 403);
+    // A policy change reloads with the config (file watch).
+    std::fs::write(
+        &policies,
+        r#"permit (principal, action in [App::Action::"getThing", App::Action::"deleteThing"], resource);"#,
+    )
+    .unwrap();
+    assert!(
+        eventually(std::time::Duration::from_secs(10), || async {
+            call(&p, "DELETE", "/things/1", &t, "").await.status == 200
+        })
+        .await,
+        "the new policy applies after the reload"
+    );
+    // A broken policy file keeps the running policies.
+    std::fs::write(&policies, "permit (principal, action, resource").unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(call(&p, "DELETE", "/things/1", &t, "").await.status, 200);
+    assert!(p.log().contains("p.cedar"), "the failed reload names the file");
 }
 
 #[tokio::test]
@@ -443,6 +524,9 @@ impl McpServer {
                                      "inputSchema": {"type": "object", "properties": {"user": {"type": "string"}}}},
                                     {"name": "delete_route", "description": "Deletes a route",
                                      "inputSchema": {"type": "object"}},
+                                    {"name": "log_workout", "description": "Logs a workout",
+                                     "inputSchema": {"type": "object", "required": ["minutes"],
+                                                     "properties": {"minutes": {"type": "integer"}}}},
                                 ]}),
                                 Some("tools/call") => {
                                     json!({"content": [{"type": "text", "text": msg["params"]["arguments"].to_string()}]})

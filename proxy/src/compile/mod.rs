@@ -277,6 +277,7 @@ pub fn compile_with(
             attached,
             validation,
             mcp,
+            route_authz,
         ));
     }
     for f in store.files() {
