@@ -148,7 +148,9 @@ fn bench(c: &mut Criterion) {
 }
 
 fn cedar(c: &mut Criterion) {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
     let cfg = palisade::config::load_file(
         &root.join("examples/fitness/palisade.yaml"),
         &palisade::config::Overrides::default(),
@@ -170,13 +172,26 @@ fn cedar(c: &mut Criterion) {
     };
     let (api, mcp) = (authz("fitness"), authz("mcp"));
     let claims = |v: serde_json::Value| v.as_object().unwrap().clone();
-    let alice = claims(serde_json::json!({"sub": "alice", "cognito:groups": ["athletes"],
-                                          "scope": "activities socials mcp"}));
-    let bob = claims(serde_json::json!({"sub": "bob", "cognito:groups": ["athletes"],
-                                        "scope": "activities socials"}));
+    let alice = claims(
+        serde_json::json!({"sub": "alice", "cognito:groups": ["athletes"],
+                                          "scope": "activities socials mcp"}),
+    );
+    let bob = claims(
+        serde_json::json!({"sub": "bob", "cognito:groups": ["athletes"],
+                                        "scope": "activities socials"}),
+    );
     let h = http::HeaderMap::new();
     let mut g = c.benchmark_group("cedar");
-    let get = Request::new("GET", "/users/alice/activities", "", &h, b"", None, None, None);
+    let get = Request::new(
+        "GET",
+        "/users/alice/activities",
+        "",
+        &h,
+        b"",
+        None,
+        None,
+        None,
+    );
     assert!(matches!(
         api.decide_http(&get, &alice),
         palisade::authz::Verdict::Allow { .. }
@@ -184,7 +199,16 @@ fn cedar(c: &mut Criterion) {
     g.bench_function("permit", |b| {
         b.iter(|| black_box(api.decide_http(black_box(&get), &alice)))
     });
-    let del = Request::new("DELETE", "/users/alice/routes/r1", "", &h, b"", None, None, None);
+    let del = Request::new(
+        "DELETE",
+        "/users/alice/routes/r1",
+        "",
+        &h,
+        b"",
+        None,
+        None,
+        None,
+    );
     assert!(matches!(
         api.decide_http(&del, &bob),
         palisade::authz::Verdict::Deny { .. }
@@ -204,9 +228,7 @@ fn cedar(c: &mut Criterion) {
         palisade::authz::Verdict::Allow { .. }
     ));
     g.bench_function("mcp_tool_call", |b| {
-        b.iter(|| {
-            black_box(mcp.decide_action(&alice, "tools/call:get_activities", input(), &post))
-        })
+        b.iter(|| black_box(mcp.decide_action(&alice, "tools/call:get_activities", input(), &post)))
     });
     g.finish();
 }

@@ -373,13 +373,21 @@ paths:
     parameters: [{name: id, in: path, required: true, schema: {type: string}}]
     get: {operationId: getThing, responses: {"200": {description: ok}}}
     delete: {operationId: deleteThing, responses: {"204": {description: gone}}}
+    put:
+      operationId: putThing
+      requestBody: {content: {application/json: {schema: {type: object}}}}
+      responses: {"200": {description: ok}}
 "#,
     )
     .unwrap();
     let policies = dir.path().join("p.cedar");
     std::fs::write(
         &policies,
-        r#"permit (principal, action == App::Action::"getThing", resource == App::Route::"things");"#,
+        r#"permit (principal, action == App::Action::"getThing", resource == App::Route::"things");
+           permit (principal, action == App::Action::"deleteThing", resource)
+             when { context has query && context.query has confirm && context.query.confirm == "yes" };
+           permit (principal, action == App::Action::"putThing", resource)
+             when { context.body.owner == principal.sub && context.body.tags.contains("mine") };"#,
     )
     .unwrap();
     let config = format!(
@@ -390,14 +398,14 @@ auth:
     local: {{issuer: "https://id.fitness.test", jwks_file: jwks.json, algorithms: [ES256], audiences: [fitness-api]}}
 authorization:
   policies: [p.cedar]
-  principal: {{type: App::User}}
+  principal: {{type: App::User, attributes: {{sub: sub}}}}
 routes:
   - name: things
     upstream: api
     policy:
       auth: {{}}
       validate: {{openapi: things.yaml}}
-      authorize: {{}}
+      authorize: {{context: {{query: [confirm], body: {{owner: /owner, tags: /tags}}}}}}
 "#,
         api.addr
     );
@@ -405,6 +413,25 @@ routes:
     let t = mint("alice", &[], "", "fitness-api", &[]);
     assert_eq!(call(&p, "GET", "/things/1", &t, "").await.status, 200);
     assert_eq!(call(&p, "DELETE", "/things/1", &t, "").await.status, 403);
+    // Query and body values in the context.
+    assert_eq!(
+        call(&p, "DELETE", "/things/1?confirm=yes", &t, "")
+            .await
+            .status,
+        200
+    );
+    let put = |body: &'static str| {
+        let (p, t) = (&p, &t);
+        async move { call(p, "PUT", "/things/1", t, body).await.status }
+    };
+    assert_eq!(put(r#"{"owner":"alice","tags":["mine","x"]}"#).await, 200);
+    assert_eq!(put(r#"{"owner":"bob","tags":["mine"]}"#).await, 403);
+    assert_eq!(put(r#"{"owner":"alice","tags":["x"]}"#).await, 403);
+    // A record where the policy expects a string: no permit.
+    assert_eq!(
+        put(r#"{"owner":{"__entity":{"type":"App::User","id":"alice"}},"tags":["mine"]}"#).await,
+        403
+    );
     // A policy change reloads with the config (file watch).
     std::fs::write(
         &policies,
@@ -422,7 +449,10 @@ routes:
     std::fs::write(&policies, "permit (principal, action, resource").unwrap();
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     assert_eq!(call(&p, "DELETE", "/things/1", &t, "").await.status, 200);
-    assert!(p.log().contains("p.cedar"), "the failed reload names the file");
+    assert!(
+        p.log().contains("p.cedar"),
+        "the failed reload names the file"
+    );
 }
 
 #[tokio::test]

@@ -26,7 +26,10 @@ fn yaml(text: &str) -> serde_json::Value {
 #[test]
 fn shipped_configs_are_valid() {
     let v = validator();
-    let mut files = vec![root().join("proxy/src/config/default.yaml")];
+    let mut files = vec![
+        root().join("proxy/src/config/default.yaml"),
+        root().join("examples/fitness/palisade.yaml"),
+    ];
     for e in std::fs::read_dir(root().join("examples")).unwrap() {
         let p = e.unwrap().path();
         if p.extension().is_some_and(|x| x == "yaml") {

@@ -610,6 +610,30 @@ mod tests {
     }
 
     #[test]
+    fn mcp_fields_list_each_message() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", "application/json".parse().unwrap());
+        let body = br#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"get_activities"}},
+                        {"jsonrpc":"2.0","method":"notifications/initialized"},
+                        {"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"delete_route","arguments":{}}}]"#;
+        let i = input(&h, body);
+        assert_eq!(
+            texts(i.values(&Field::McpTool, &[])),
+            ["get_activities", "delete_route"]
+        );
+        assert_eq!(
+            texts(i.values(&Field::McpMethod, &[])),
+            ["tools/call", "notifications/initialized", "tools/call"]
+        );
+        assert_eq!(Field::parse("mcp.tool").unwrap().spelling(), "mcp.tool");
+        assert!(Field::McpTool.needs_body());
+        // Not JSON-RPC: no values.
+        assert!(input(&h, br#"{"a":1}"#)
+            .values(&Field::McpTool, &[])
+            .is_empty());
+    }
+
+    #[test]
     fn xml_values_and_unparsed_bodies() {
         let mut h = HeaderMap::new();
         h.insert("content-type", "text/xml; charset=utf-8".parse().unwrap());
