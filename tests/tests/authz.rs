@@ -357,13 +357,11 @@ async fn mcp_tools_are_authorized_validated_filtered_and_rate_limited() {
 async fn openapi_operation_ids_are_actions_and_policies_reload() {
     let api = Backend::start("api").await;
     let dir = tempfile::tempdir().unwrap();
-    for f in ["jwks.json"] {
-        std::fs::copy(
-            repo_path(&format!("examples/fitness/{f}")),
-            dir.path().join(f),
-        )
-        .unwrap();
-    }
+    std::fs::copy(
+        repo_path("examples/fitness/jwks.json"),
+        dir.path().join("jwks.json"),
+    )
+    .unwrap();
     std::fs::write(
         dir.path().join("things.yaml"),
         r#"openapi: 3.1.0
