@@ -5,7 +5,9 @@
 #   [· nginx+ModSecurity+CRS with MODSEC=1]
 # Workloads: get (typical API GET), post1k and post32k (JSON bodies; the managed target's
 # route allows 32 KB bodies so they are inspected whole, not refused by the 8 KiB size rule),
-# attack10 (the GET with one request in ten an attack: 403 from a WAF, counted in non2xx).
+# attack10 (the GET with one request in ten an attack: 403 from a WAF, counted in non2xx),
+# getauth (the GET with a bearer token, on nginx, Palisade passthrough and Palisade with
+# identity: JWT verification, Cedar authorization and a per-subject rate limit).
 # Every proxy runs one worker pinned to CPU ${PROXY_CPU:-1}; the backend and wrk share CPU 0
 # (../shared/peer conventions). Runs are interleaved (A B C A B C …) so drift on this shared,
 # noisy machine hits all targets alike; the report gives per-target medians and ratios to nginx.
@@ -15,7 +17,7 @@
 #   PALISADE_BIN=/path/to/other/palisade benches/load.sh     (e.g. a build of an older commit)
 set -euo pipefail
 rounds=${1:-5} secs=${2:-8} conns=${3:-50}
-workloads=${WORKLOADS:-get post1k post32k attack10}
+workloads=${WORKLOADS:-get post1k post32k attack10 getauth}
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 peer=${PEER_SCRIPTS:-$root/../shared/peer}
@@ -62,21 +64,35 @@ start_palisade managed "$out/managed.yaml"
 # JSON Schema request validation (query parameters, 1 KB JSON body), no rule sets.
 start_palisade validate "$root/examples/validation-bench.yaml"
 
-for port in 18100 18102 18104 18106; do
+# Identity at the edge: bearer token (ES256) + Cedar (examples/fitness) + claim:sub limit.
+start_palisade identity "$root/examples/identity-bench.yaml"
+# The same without Cedar: what the bearer token alone costs.
+sed -e 's/18108/18110/; s/18109/18111/' -e '/^      authorize:/,/^            resource:/d' \
+  -e "s#fitness/#$root/examples/fitness/#g" "$root/examples/identity-bench.yaml" >"$out/jwt.yaml"
+start_palisade jwt "$out/jwt.yaml"
+TOKEN=$("$bin" token --key "$root/examples/fitness/dev-signing-key.pem" --kid fitness-dev-1 \
+  --iss https://id.fitness.test --aud fitness-api --sub alice --group athletes \
+  --scope activities --ttl 2h)
+export TOKEN
+
+for port in 18100 18102 18104 18106 18108 18110; do
   for _ in $(seq 100); do curl -fsS -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
 done
 
 targets=("nginx=http://127.0.0.1:18081" "palisade-passthrough=http://127.0.0.1:18100" "palisade-policy=http://127.0.0.1:18102" "palisade-managed=http://127.0.0.1:18104" "palisade-validate=http://127.0.0.1:18106")
 [ "${MODSEC:-0}" = 1 ] && targets+=("nginx-modsec=http://127.0.0.1:18080")
+# The token workload runs on the targets that accept it.
+auth_targets=("nginx=http://127.0.0.1:18081" "palisade-passthrough=http://127.0.0.1:18100" "palisade-jwt=http://127.0.0.1:18110" "palisade-identity=http://127.0.0.1:18108")
 
 results=$out/results.txt
 : >"$results"
 # One wrk run: the peer's bench.sh for its workloads, ours for the attack mix (same output).
 bench() { # url workload secs conns
-  if [ "$2" = attack10 ]; then
-    local o
-    o=$(taskset -c "${BENCH_CPU:-0}" wrk -t1 -c"$4" -d"${3}s" --latency -s "$here/attack-mix.lua" "$1")
-    python3 - "$1" "$o" <<'PY'
+  if [ "$2" = attack10 ] || [ "$2" = getauth ]; then
+    local o script=$here/attack-mix.lua
+    [ "$2" = getauth ] && script=$here/auth-get.lua
+    o=$(taskset -c "${BENCH_CPU:-0}" wrk -t1 -c"$4" -d"${3}s" --latency -s "$script" "$1")
+    python3 - "$1" "$o" "$2" <<'PY'
 import re, sys
 url, o = sys.argv[1], sys.argv[2]
 def ms(v):
@@ -85,7 +101,7 @@ def ms(v):
 rps = re.search(r"Requests/sec:\s+([\d.]+)", o).group(1)
 lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", o, re.M))
 non = re.search(r"Non-2xx or 3xx responses: (\d+)", o)
-print(f"url={url} workload=attack10 rps={rps} p50_ms={ms(lat['50'])} p99_ms={ms(lat['99'])} non2xx={non.group(1) if non else 0}")
+print(f"url={url} workload={sys.argv[3]} rps={rps} p50_ms={ms(lat['50'])} p99_ms={ms(lat['99'])} non2xx={non.group(1) if non else 0}")
 PY
   else
     "$peer/bench.sh" "$1" "$2" "$3" "$4"
@@ -93,9 +109,11 @@ PY
 }
 
 for w in $workloads; do
-  for t in "${targets[@]}"; do bench "${t#*=}/" "$w" 2 "$conns" >/dev/null; done # warm-up
+  ts=("${targets[@]}")
+  [ "$w" = getauth ] && ts=("${auth_targets[@]}")
+  for t in "${ts[@]}"; do bench "${t#*=}/" "$w" 2 "$conns" >/dev/null; done # warm-up
   for r in $(seq "$rounds"); do
-    for t in "${targets[@]}"; do
+    for t in "${ts[@]}"; do
       line=$(bench "${t#*=}/" "$w" "$secs" "$conns")
       echo "round=$r target=${t%%=*} $line" | tee -a "$results"
     done
@@ -109,7 +127,7 @@ print("\nmedians over rounds (ratio = rps / nginx rps, same workload, same run)"
 print(f"{'workload':8} {'target':22} {'rps':>10} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6} {'non2xx':>7}")
 for w in dict.fromkeys(r["workload"] for r in rows):
     med = {}
-    for t in dict.fromkeys(r["target"] for r in rows):
+    for t in dict.fromkeys(r["target"] for r in rows if r["workload"] == w):
         rs = [r for r in rows if r["workload"] == w and r["target"] == t]
         med[t] = {k: statistics.median(float(r[k]) for r in rs) for k in ("rps", "p50_ms", "p99_ms")}
         med[t]["non2xx"] = sum(int(r["non2xx"]) for r in rs)

@@ -1,0 +1,9 @@
+-- wrk script: the typical API GET of ../shared/peer/get.lua on an operation of the fitness
+-- example, with a bearer token (env TOKEN, minted by benches/load.sh). The token is the same
+-- on every request, as a real client's is for its lifetime.
+wrk.method = "GET"
+wrk.path = "/users/alice/activities?since=2026-10-01&limit=25&sort=-started_at&fields=type,distance_m,duration_s"
+wrk.headers["User-Agent"] = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0 Safari/537.36"
+wrk.headers["Accept"] = "application/json"
+wrk.headers["Accept-Language"] = "en-GB,en;q=0.9"
+wrk.headers["Authorization"] = "Bearer " .. os.getenv("TOKEN")
