@@ -8,7 +8,8 @@
 //! `cedar`: one Cedar decision of the worked example (`examples/fitness`, compiled as the
 //! proxy compiles it: strict schema, 11 policies) — operation lookup, principal with groups
 //! and attributes from claims, resource from path parameters, context, entities checked
-//! against the schema, and the decision: a permit, a forbid, and an MCP tool call.
+//! against the schema, and the decision: a permit, a forbid, and an MCP tool call, each over
+//! distinct requests (the decision cache misses); `permit_repeat` is a cache hit.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark setup")]
 
 use std::hint::black_box;
@@ -182,53 +183,60 @@ fn cedar(c: &mut Criterion) {
     );
     let h = http::HeaderMap::new();
     let mut g = c.benchmark_group("cedar");
-    let get = Request::new(
-        "GET",
-        "/users/alice/activities",
-        "",
-        &h,
-        b"",
-        None,
-        None,
-        None,
-    );
+    // Distinct requests (4,096 activities, more than the 512-slot decision cache holds), so
+    // each decision is Cedar's; `*_repeat`: one request again and again (a cache hit).
+    let paths: Vec<String> = (0..4096)
+        .map(|i| format!("/users/alice/activities/a{i}"))
+        .collect();
+    let reqs: Vec<Request<'_>> = paths
+        .iter()
+        .map(|p| Request::new("GET", p, "", &h, b"", None, None, None))
+        .collect();
     assert!(matches!(
-        api.decide_http(&get, &alice),
+        api.decide_http(&reqs[0], &alice),
         palisade::authz::Verdict::Allow { .. }
     ));
+    let mut i = 0;
     g.bench_function("permit", |b| {
-        b.iter(|| black_box(api.decide_http(black_box(&get), &alice)))
+        b.iter(|| {
+            i = (i + 1) % reqs.len();
+            black_box(api.decide_http(black_box(&reqs[i]), &alice))
+        })
     });
-    let del = Request::new(
-        "DELETE",
-        "/users/alice/routes/r1",
-        "",
-        &h,
-        b"",
-        None,
-        None,
-        None,
-    );
+    g.bench_function("permit_repeat", |b| {
+        b.iter(|| black_box(api.decide_http(black_box(&reqs[0]), &alice)))
+    });
+    let routes: Vec<String> = (0..4096)
+        .map(|i| format!("/users/alice/routes/r{i}"))
+        .collect();
+    let dels: Vec<Request<'_>> = routes
+        .iter()
+        .map(|p| Request::new("DELETE", p, "", &h, b"", None, None, None))
+        .collect();
     assert!(matches!(
-        api.decide_http(&del, &bob),
+        api.decide_http(&dels[0], &bob),
         palisade::authz::Verdict::Deny { .. }
     ));
     g.bench_function("forbid", |b| {
-        b.iter(|| black_box(api.decide_http(black_box(&del), &bob)))
+        b.iter(|| {
+            i = (i + 1) % dels.len();
+            black_box(api.decide_http(black_box(&dels[i]), &bob))
+        })
     });
     let post = Request::new("POST", "/mcp", "", &h, b"", None, None, None);
-    let input = || {
-        vec![(
-            "input".to_string(),
-            palisade::authz::to_cedar(&serde_json::json!({"user": "alice", "limit": 5})).unwrap(),
-        )]
-    };
+    // Distinct arguments (4,096 limits) for distinct decisions.
+    let args: Vec<serde_json::Value> = (0..4096)
+        .map(|n| serde_json::json!({"user": "alice", "limit": n + 1}))
+        .collect();
     assert!(matches!(
-        mcp.decide_action(&alice, "tools/call:get_activities", input(), &post),
+        mcp.decide_action(&alice, "tools/call:get_activities", Some(&args[0]), &post),
         palisade::authz::Verdict::Allow { .. }
     ));
     g.bench_function("mcp_tool_call", |b| {
-        b.iter(|| black_box(mcp.decide_action(&alice, "tools/call:get_activities", input(), &post)))
+        b.iter(|| {
+            i = (i + 1) % args.len();
+            black_box(mcp.decide_action(&alice, "tools/call:get_activities", Some(&args[i]), &post))
+        })
     });
     g.finish();
 }

@@ -223,6 +223,8 @@ pub struct Authorizer {
     /// Action ids the schema declares (`None`: no schema).
     declared_actions: Option<HashSet<String>>,
     declared_types: Option<HashSet<String>>,
+    /// Unique per load: cached decisions of an older load never match.
+    id: u64,
 }
 
 impl std::fmt::Debug for Authorizer {
@@ -444,6 +446,10 @@ impl Authorizer {
             namespace,
             declared_actions,
             declared_types,
+            id: {
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            },
         };
         let mut type_errors = Vec::new();
         me.check_type(
@@ -505,12 +511,16 @@ impl Authorizer {
 
     /// Decides one request. `resource` is the resource entity; `context` the record's
     /// members besides `scopes`.
+    ///
+    /// `context_key` is the text of every context value (see [`RouteAuthz::request_context`]);
+    /// with it, the decision is looked up in and stored to the per-thread decision cache.
     pub fn decide(
         &self,
         claims: &Map<String, Value>,
         action: &str,
         resource: &ResourceInstance,
-        mut context: Vec<(String, RestrictedExpression)>,
+        context: Vec<(String, RestrictedExpression)>,
+        context_key: Option<&str>,
     ) -> Verdict {
         let claim = |name: &str| claim_text(claims, name);
         let Some(pid) = self.principal_id.render(claim) else {
@@ -519,6 +529,57 @@ impl Authorizer {
                 self.principal_id.vars().collect::<Vec<_>>().join(", ")
             ));
         };
+        let Some(context_key) = context_key else {
+            return self.evaluate(claims, pid, action, resource, context);
+        };
+        // Everything the decision depends on, each part length-prefixed (no two inputs
+        // make the same key): the principal (id, groups, attribute claims, scopes), the
+        // action, the resource (uid and attributes) and the context values.
+        let mut key = String::with_capacity(256);
+        let mut part = |s: &str| {
+            key.push_str(&s.len().to_string());
+            key.push(':');
+            key.push_str(s);
+        };
+        part(&pid);
+        if let Some((claim, _)) = &self.groups {
+            for g in claim_list(claims, claim) {
+                part(&g);
+            }
+        }
+        part("\u{1}");
+        for (_, c) in &self.attributes {
+            match claims.get(c) {
+                Some(v) => part(&v.to_string()),
+                None => part(""),
+            }
+        }
+        for s in crate::auth::scopes_of(claims) {
+            part(s);
+        }
+        part("\u{1}");
+        part(action);
+        part(&resource.key);
+        part(context_key);
+        if let Some(v) = decisions::lookup(self.id, &key) {
+            return v;
+        }
+        let v = self.evaluate(claims, pid, action, resource, context);
+        if !matches!(v, Verdict::Error(_)) {
+            decisions::insert(self.id, key, &v);
+        }
+        v
+    }
+
+    /// The Cedar decision, uncached.
+    fn evaluate(
+        &self,
+        claims: &Map<String, Value>,
+        pid: String,
+        action: &str,
+        resource: &ResourceInstance,
+        mut context: Vec<(String, RestrictedExpression)>,
+    ) -> Verdict {
         let principal =
             EntityUid::from_type_name_and_id(self.principal_type.clone(), EntityId::new(pid));
         let mut parents = HashSet::new();
@@ -654,6 +715,53 @@ fn slice(
     Ok((slices, unnamed))
 }
 
+/// Recent decisions, per thread (no lock): a client repeating a request (the same token,
+/// operation, resource and context values) gets the decision Cedar made the first time, as
+/// API Gateway caches an authorizer's answer per token. A decision is a pure function of
+/// the key (the policies are those of one load, named by its id; no entity comes from
+/// outside the request), so the cache is never stale; errors are not cached. Direct-mapped,
+/// 512 slots per thread; the whole key is compared.
+mod decisions {
+    use std::cell::RefCell;
+    use std::hash::{Hash, Hasher};
+
+    use super::Verdict;
+
+    const SLOTS: usize = 512;
+
+    type Slot = Option<(u64, String, Verdict)>;
+
+    thread_local! {
+        static CACHE: RefCell<Vec<Slot>> = RefCell::new(vec![None; SLOTS]);
+    }
+
+    fn slot(authz: u64, key: &str) -> usize {
+        let mut h = std::hash::DefaultHasher::new();
+        authz.hash(&mut h);
+        key.hash(&mut h);
+        (h.finish() as usize) % SLOTS
+    }
+
+    pub(super) fn lookup(authz: u64, key: &str) -> Option<Verdict> {
+        CACHE.with(|c| {
+            let c = c.borrow();
+            match c.get(slot(authz, key))? {
+                Some((a, k, v)) if *a == authz && k == key => Some(v.clone()),
+                _ => None,
+            }
+        })
+    }
+
+    pub(super) fn insert(authz: u64, key: String, verdict: &Verdict) {
+        let i = slot(authz, &key);
+        CACHE.with(|c| {
+            if let Some(s) = c.borrow_mut().get_mut(i) {
+                *s = Some((authz, key, verdict.clone()));
+            }
+        });
+    }
+}
+
 /// A claim as text (strings as they are, numbers and booleans as written).
 fn claim_text<'c>(claims: &'c Map<String, Value>, name: &str) -> Option<Cow<'c, str>> {
     match claims.get(name)? {
@@ -699,6 +807,8 @@ pub enum Verdict {
 pub struct ResourceInstance {
     uid: EntityUid,
     attrs: HashMap<String, RestrictedExpression>,
+    /// Its uid and attributes as text (decision cache key).
+    key: String,
 }
 
 /// How a resource is made from path parameters.
@@ -794,20 +904,26 @@ impl ResourceSpec {
             Some(t) => t.render(get)?,
             None => path.to_string(),
         };
+        let uid = EntityUid::from_type_name_and_id(self.ty.clone(), EntityId::new(id));
+        let mut key = uid.to_string();
         let mut attrs = HashMap::with_capacity(self.attrs.len());
         for (name, a) in &self.attrs {
             let v = match a {
-                AttrSpec::Text(t) => RestrictedExpression::new_string(t.render(get)?),
-                AttrSpec::Entity(ty, t) => RestrictedExpression::new_entity_uid(
-                    EntityUid::from_type_name_and_id(ty.clone(), EntityId::new(t.render(get)?)),
-                ),
+                AttrSpec::Text(t) => {
+                    let text = t.render(get)?;
+                    key.push_str(&format!("\u{1}{}:{text}", text.len()));
+                    RestrictedExpression::new_string(text)
+                }
+                AttrSpec::Entity(ty, t) => {
+                    let e =
+                        EntityUid::from_type_name_and_id(ty.clone(), EntityId::new(t.render(get)?));
+                    key.push_str(&format!("\u{2}{e}"));
+                    RestrictedExpression::new_entity_uid(e)
+                }
             };
             attrs.insert(name.clone(), v);
         }
-        Some(ResourceInstance {
-            uid: EntityUid::from_type_name_and_id(self.ty.clone(), EntityId::new(id)),
-            attrs,
-        })
+        Some(ResourceInstance { uid, attrs, key })
     }
 }
 
@@ -922,36 +1038,49 @@ impl RouteAuthz {
     }
 
     /// The context members from the request (query and body values).
-    pub fn request_context(&self, req: &Request<'_>) -> Vec<(String, RestrictedExpression)> {
+    /// The context members from the request (query and body values), and their text for
+    /// the decision cache key (each value length-prefixed, absent ones marked).
+    pub fn request_context(
+        &self,
+        req: &Request<'_>,
+    ) -> (Vec<(String, RestrictedExpression)>, String) {
         let mut ctx = Vec::with_capacity(3);
+        let mut key = String::new();
+        let mut part = |v: Option<&str>| match v {
+            Some(v) => key.push_str(&format!("{}:{v}", v.len())),
+            None => key.push('-'),
+        };
         if !self.query.is_empty() {
-            let q: Vec<(String, RestrictedExpression)> = self
-                .query
-                .iter()
-                .filter_map(|n| {
-                    Some((
-                        n.clone(),
-                        RestrictedExpression::new_string(req.query_arg(n)?.to_string()),
-                    ))
-                })
-                .collect();
+            let mut q = Vec::with_capacity(self.query.len());
+            for n in &self.query {
+                let v = req.query_arg(n);
+                part(v);
+                if let Some(v) = v {
+                    q.push((n.clone(), RestrictedExpression::new_string(v.to_string())));
+                }
+            }
             if let Ok(r) = RestrictedExpression::new_record(q) {
                 ctx.push(("query".into(), r));
             }
         }
         if !self.body.is_empty() {
             if let Ok(doc) = req.json_document() {
-                let b: Vec<(String, RestrictedExpression)> = self
-                    .body
-                    .iter()
-                    .filter_map(|(n, ptr)| Some((n.clone(), to_cedar(doc.pointer(ptr)?)?)))
-                    .collect();
+                let mut b = Vec::with_capacity(self.body.len());
+                for (n, ptr) in &self.body {
+                    let v = doc.pointer(ptr);
+                    part(v.map(Value::to_string).as_deref());
+                    if let Some(c) = v.and_then(to_cedar) {
+                        b.push((n.clone(), c));
+                    }
+                }
                 if let Ok(r) = RestrictedExpression::new_record(b) {
                     ctx.push(("body".into(), r));
                 }
+            } else {
+                part(None);
             }
         }
-        ctx
+        (ctx, key)
     }
 
     /// Decides an HTTP request: its operation, action and resource.
@@ -969,11 +1098,13 @@ impl RouteAuthz {
             let Some(resource) = spec.instance(path, &params) else {
                 return Verdict::Error("the resource id needs a missing path parameter".into());
             };
+            let (context, key) = self.request_context(req);
             return self.authorizer.decide(
                 claims,
                 &op.action(method),
                 &resource,
-                self.request_context(req),
+                context,
+                Some(&key),
             );
         }
         Verdict::Error(format!(
@@ -981,19 +1112,29 @@ impl RouteAuthz {
         ))
     }
 
-    /// Decides an action on the route's default resource (MCP messages), with extra context.
+    /// Decides an action on the route's default resource (MCP messages); `input` (a tool's
+    /// arguments) goes to `context.input`.
     pub fn decide_action(
         &self,
         claims: &Map<String, Value>,
         action: &str,
-        mut context: Vec<(String, RestrictedExpression)>,
+        input: Option<&Value>,
         req: &Request<'_>,
     ) -> Verdict {
         let Some(resource) = self.default_resource.instance(req.raw_path, &[]) else {
             return Verdict::Error("the resource id needs a path parameter".into());
         };
-        context.extend(self.request_context(req));
-        self.authorizer.decide(claims, action, &resource, context)
+        let (mut context, mut key) = self.request_context(req);
+        if let Some(input) = input {
+            let record = to_cedar(input)
+                .or_else(|| RestrictedExpression::new_record([]).ok())
+                .unwrap_or_else(|| RestrictedExpression::new_bool(false));
+            context.push(("input".into(), record));
+            let text = input.to_string();
+            key.push_str(&format!("\u{1}{}:{text}", text.len()));
+        }
+        self.authorizer
+            .decide(claims, action, &resource, context, Some(&key))
     }
 }
 
@@ -1161,21 +1302,73 @@ mod tests {
         let doc = doc.instance("/", &[]).unwrap();
         // `view` is in the group `read`: the forbid applies although it names only the group.
         assert_eq!(
-            z.decide(&claims, "view", &doc, Vec::new()),
+            z.decide(&claims, "view", &doc, Vec::new(), None),
             Verdict::Deny {
                 policies: vec!["no-reading".into()]
             }
         );
         assert_eq!(
-            z.decide(&claims, "edit", &doc, Vec::new()),
+            z.decide(&claims, "edit", &doc, Vec::new(), None),
             Verdict::Allow {
                 policies: vec!["all".into()]
             }
         );
         // An action the schema does not declare: refused as an error, not decided.
         assert!(matches!(
-            z.decide(&claims, "delete", &doc, Vec::new()),
+            z.decide(&claims, "delete", &doc, Vec::new(), None),
             Verdict::Error(_)
+        ));
+    }
+
+    #[test]
+    fn cached_decisions_follow_every_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let policies = dir.path().join("p.cedar");
+        std::fs::write(
+            &policies,
+            r#"@id("mine") permit (principal, action, resource)
+                 when { context has n && context.n == 1 && principal.team == "red" };"#,
+        )
+        .unwrap();
+        let attrs = BTreeMap::from([("team".to_string(), "team".to_string())]);
+        let spec = AuthorizerSpec {
+            policy_files: vec![policies],
+            schema_file: None,
+            principal_type: "App::User",
+            principal_id: None,
+            groups: None,
+            attributes: &attrs,
+            action_type: None,
+        };
+        let z = Authorizer::load(&spec).unwrap();
+        let doc = ResourceSpec::fixed("App::Doc", "d")
+            .unwrap()
+            .instance("/", &[])
+            .unwrap();
+        let red: Map<String, Value> = serde_json::from_str(r#"{"sub":"u","team":"red"}"#).unwrap();
+        let blue: Map<String, Value> =
+            serde_json::from_str(r#"{"sub":"u","team":"blue"}"#).unwrap();
+        let ctx = |n: i64| vec![("n".to_string(), RestrictedExpression::new_long(n))];
+        let allow = Verdict::Allow {
+            policies: vec!["mine".into()],
+        };
+        let deny = Verdict::Deny { policies: vec![] };
+        for _ in 0..2 {
+            assert_eq!(z.decide(&red, "a", &doc, ctx(1), Some("n=1")), allow);
+            // Another context value, another principal attribute: other keys.
+            assert_eq!(z.decide(&red, "a", &doc, ctx(2), Some("n=2")), deny);
+            assert_eq!(z.decide(&blue, "a", &doc, ctx(1), Some("n=1")), deny);
+        }
+        // A reload's authorizer does not see the old one's decisions.
+        std::fs::write(
+            &spec.policy_files[0],
+            r#"forbid (principal, action, resource);"#,
+        )
+        .unwrap();
+        let reloaded = Authorizer::load(&spec).unwrap();
+        assert!(matches!(
+            reloaded.decide(&red, "a", &doc, ctx(1), Some("n=1")),
+            Verdict::Deny { .. }
         ));
     }
 }

@@ -207,23 +207,15 @@ impl McpRoute {
     ) -> Option<Verdict> {
         let authz = self.authz.as_ref()?;
         let method = m.method.as_deref()?;
-        let mut context = Vec::new();
-        let action = match &m.tool {
-            Some(t) => {
-                let input = m
-                    .arguments
-                    .as_ref()
-                    .and_then(crate::authz::to_cedar)
-                    .unwrap_or_else(|| {
-                        cedar_policy::RestrictedExpression::new_record([])
-                            .unwrap_or_else(|_| cedar_policy::RestrictedExpression::new_bool(false))
-                    });
-                context.push(("input".to_string(), input));
-                format!("tools/call:{t}")
-            }
-            None => method.to_string(),
+        let empty = Value::Object(Map::new());
+        let (action, input) = match &m.tool {
+            Some(t) => (
+                format!("tools/call:{t}"),
+                Some(m.arguments.as_ref().unwrap_or(&empty)),
+            ),
+            None => (method.to_string(), None),
         };
-        Some(authz.decide_action(claims, &action, context, req))
+        Some(authz.decide_action(claims, &action, input, req))
     }
 
     /// Whether Cedar lets the caller call `tool` (for `tools/list` filtering): the decision
