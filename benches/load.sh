@@ -6,8 +6,10 @@
 # Workloads: get (typical API GET), post1k and post32k (JSON bodies; the managed target's
 # route allows 32 KB bodies so they are inspected whole, not refused by the 8 KiB size rule),
 # attack10 (the GET with one request in ten an attack: 403 from a WAF, counted in non2xx),
-# getauth (the GET with a bearer token, on nginx, Palisade passthrough and Palisade with
-# identity: JWT verification, Cedar authorization and a per-subject rate limit).
+# getauth (the GET with a bearer token, on nginx, Palisade passthrough, Palisade with the
+# token alone and Palisade with identity: JWT verification, Cedar authorization and a
+# per-subject rate limit; the same request repeated, so Cedar's decision is cached), and
+# getauthvar (the same with another activity in every request: each decision is Cedar's).
 # Every proxy runs one worker pinned to CPU ${PROXY_CPU:-1}; the backend and wrk share CPU 0
 # (../shared/peer conventions). Runs are interleaved (A B C A B C …) so drift on this shared,
 # noisy machine hits all targets alike; the report gives per-target medians and ratios to nginx.
@@ -17,7 +19,7 @@
 #   PALISADE_BIN=/path/to/other/palisade benches/load.sh     (e.g. a build of an older commit)
 set -euo pipefail
 rounds=${1:-5} secs=${2:-8} conns=${3:-50}
-workloads=${WORKLOADS:-get post1k post32k attack10 getauth}
+workloads=${WORKLOADS:-get post1k post32k attack10 getauth getauthvar}
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 peer=${PEER_SCRIPTS:-$root/../shared/peer}
@@ -67,7 +69,7 @@ start_palisade validate "$root/examples/validation-bench.yaml"
 # Identity at the edge: bearer token (ES256) + Cedar (examples/fitness) + claim:sub limit.
 start_palisade identity "$root/examples/identity-bench.yaml"
 # The same without Cedar: what the bearer token alone costs.
-sed -e 's/18108/18110/; s/18109/18111/' -e '/^      authorize:/,/^            resource:/d' \
+sed -e 's/18108/18110/; s/18109/18111/' -e '/^      authorize:/,/^rate_limits:/{/^rate_limits:/!d}' \
   -e "s#fitness/#$root/examples/fitness/#g" "$root/examples/identity-bench.yaml" >"$out/jwt.yaml"
 start_palisade jwt "$out/jwt.yaml"
 TOKEN=$("$bin" token --key "$root/examples/fitness/dev-signing-key.pem" --kid fitness-dev-1 \
@@ -88,10 +90,11 @@ results=$out/results.txt
 : >"$results"
 # One wrk run: the peer's bench.sh for its workloads, ours for the attack mix (same output).
 bench() { # url workload secs conns
-  if [ "$2" = attack10 ] || [ "$2" = getauth ]; then
-    local o script=$here/attack-mix.lua
-    [ "$2" = getauth ] && script=$here/auth-get.lua
-    o=$(taskset -c "${BENCH_CPU:-0}" wrk -t1 -c"$4" -d"${3}s" --latency -s "$script" "$1")
+  if [ "$2" = attack10 ] || [ "${2#getauth}" != "$2" ]; then
+    local o script=$here/attack-mix.lua vary=0
+    [ "${2#getauth}" != "$2" ] && script=$here/auth-get.lua
+    [ "$2" = getauthvar ] && vary=1
+    o=$(VARY=$vary taskset -c "${BENCH_CPU:-0}" wrk -t1 -c"$4" -d"${3}s" --latency -s "$script" "$1")
     python3 - "$1" "$o" "$2" <<'PY'
 import re, sys
 url, o = sys.argv[1], sys.argv[2]
@@ -110,7 +113,7 @@ PY
 
 for w in $workloads; do
   ts=("${targets[@]}")
-  [ "$w" = getauth ] && ts=("${auth_targets[@]}")
+  [ "${w#getauth}" != "$w" ] && ts=("${auth_targets[@]}")
   for t in "${ts[@]}"; do bench "${t#*=}/" "$w" 2 "$conns" >/dev/null; done # warm-up
   for r in $(seq "$rounds"); do
     for t in "${ts[@]}"; do
