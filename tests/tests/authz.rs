@@ -454,6 +454,56 @@ routes:
 }
 
 #[tokio::test]
+async fn an_mcp_server_never_sees_the_clients_token_in_a_cookie_either() {
+    let mcp = McpServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        repo_path("examples/fitness/jwks.json"),
+        dir.path().join("jwks.json"),
+    )
+    .unwrap();
+    let config = format!(
+        r#"upstreams:
+  mcp: {{targets: ["{}"]}}
+auth:
+  issuers:
+    local: {{issuer: "https://id.fitness.test", jwks_file: jwks.json, algorithms: [ES256], audiences: [fitness-api]}}
+routes:
+  - name: mcp
+    upstream: mcp
+    policy:
+      auth: {{token: "cookie:at"}}
+      mcp: true
+"#,
+        mcp.addr
+    );
+    let p = Palisade::start_in(dir, &config, false).await;
+    let t = mint("alice", &[], "", "fitness-api", &[]);
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+    let req = format!(
+        "POST /mcp HTTP/1.1\r\nHost: x\r\nConnection: close\r\nCookie: theme=dark; at={t}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let r = raw_request(p.addr, req.as_bytes()).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body_string());
+    let seen = mcp.seen();
+    let cookie = seen
+        .last()
+        .unwrap()
+        .header("cookie")
+        .unwrap_or("")
+        .to_string();
+    assert_eq!(cookie, "theme=dark");
+    assert!(!seen
+        .last()
+        .unwrap()
+        .headers
+        .iter()
+        .any(|(_, v)| v.contains(&t)));
+}
+
+#[tokio::test]
 async fn authorization_config_errors_name_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
     for f in ["jwks.json", "fitness.cedarschema", "palisade.yaml"] {

@@ -59,6 +59,23 @@ pub fn parse_cookies(headers: &HeaderMap) -> Vec<(String, String)> {
     out
 }
 
+/// The `Cookie` header without the cookie `name` (every occurrence, as [`parse_cookies`]
+/// splits it): the other cookies joined by `; `, or `None` when none is left.
+pub fn without_cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    let mut kept: Vec<String> = Vec::new();
+    for v in headers.get_all(http::header::COOKIE) {
+        let text = String::from_utf8_lossy(v.as_bytes());
+        for pair in text.split(';') {
+            let k = pair.split_once('=').map_or(pair, |(k, _)| k).trim();
+            if k.is_empty() || k == name {
+                continue;
+            }
+            kept.push(pair.trim().to_string());
+        }
+    }
+    (!kept.is_empty()).then(|| kept.join("; "))
+}
+
 /// Bytes to text: valid UTF-8 as is; otherwise decode overlong 2-byte sequences of ASCII
 /// (`C0 AE` → `.`, the classic traversal evasion) and replace other invalid bytes.
 pub fn bytes_to_text(bytes: Vec<u8>) -> String {
@@ -93,6 +110,23 @@ pub fn bytes_to_text(bytes: Vec<u8>) -> String {
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cookie_is_removed_from_every_cookie_header() {
+        let mut h = HeaderMap::new();
+        h.append(
+            http::header::COOKIE,
+            "theme=dark; at=SECRET".parse().unwrap(),
+        );
+        h.append(http::header::COOKIE, "at=SECRET2;lang=en".parse().unwrap());
+        assert_eq!(
+            without_cookie(&h, "at").as_deref(),
+            Some("theme=dark; lang=en")
+        );
+        let mut only = HeaderMap::new();
+        only.insert(http::header::COOKIE, "at=x".parse().unwrap());
+        assert_eq!(without_cookie(&only, "at"), None);
+    }
 
     #[test]
     fn urlencoded_decodes_once_with_overlong_ascii() {

@@ -21,7 +21,7 @@ use std::sync::OnceLock;
 use http::HeaderMap;
 
 use crate::identity::geo::CountryCode;
-pub use decode::{bytes_to_text, parse_cookies, parse_urlencoded};
+pub use decode::{bytes_to_text, parse_cookies, parse_urlencoded, without_cookie};
 
 /// Parsed parts of one request, filled on first use. Owned by the per-request context, which
 /// pingora requires to be `Sync`: hence `OnceLock` (an uncontended atomic per first use).

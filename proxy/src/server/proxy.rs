@@ -760,7 +760,16 @@ impl ProxyHttp for PalisadeProxy {
                     Ok(crate::auth::TokenSource::Header(h)) => {
                         upstream_request.remove_header(h.as_str());
                     }
-                    Ok(crate::auth::TokenSource::Cookie(_)) => {}
+                    Ok(crate::auth::TokenSource::Cookie(name)) => {
+                        match crate::request::without_cookie(&upstream_request.headers, &name) {
+                            Some(rest) => {
+                                upstream_request.insert_header(http::header::COOKIE, rest)?;
+                            }
+                            None => {
+                                upstream_request.remove_header(&http::header::COOKIE);
+                            }
+                        }
+                    }
                     _ => {
                         upstream_request.remove_header(&http::header::AUTHORIZATION);
                     }
