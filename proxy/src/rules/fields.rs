@@ -121,6 +121,46 @@ pub enum Field {
     McpTool,
 }
 
+/// The fields without a name, as rule files write them: the one table [`Field::parse`] and
+/// [`Field::spelling`] read.
+const NAMED: &[(&str, Field)] = &[
+    ("method", Field::Method),
+    ("path", Field::Path),
+    ("path.raw", Field::PathRaw),
+    ("uri", Field::Uri),
+    ("query_string", Field::QueryString),
+    ("query.names", Field::QueryNames),
+    ("query.values", Field::QueryValues),
+    ("headers.names", Field::HeaderNames),
+    ("headers.values", Field::HeaderValues),
+    ("cookies.names", Field::CookieNames),
+    ("cookies.values", Field::CookieValues),
+    ("body", Field::Body),
+    ("form.names", Field::FormNames),
+    ("form.values", Field::FormValues),
+    ("files.names", Field::FileNames),
+    ("files.contents", Field::FileContents),
+    ("json.keys", Field::JsonKeys),
+    ("json.values", Field::JsonValues),
+    ("args.names", Field::ArgsNames),
+    ("args.values", Field::ArgsValues),
+    ("client_ip", Field::ClientIp),
+    ("country", Field::Country),
+    ("asn", Field::Asn),
+    ("labels", Field::Labels),
+    ("headers.custom", Field::HeadersCustom),
+    ("body.unparsed", Field::BodyUnparsed),
+    ("xml.values", Field::XmlValues),
+    ("body_size", Field::BodySize),
+    ("tls.ja3", Field::TlsJa3),
+    ("tls.ja4", Field::TlsJa4),
+    ("tls.sni", Field::TlsSni),
+    ("tls.client_subject", Field::TlsClientSubject),
+    ("tls.client_sans", Field::TlsClientSans),
+    ("mcp.method", Field::McpMethod),
+    ("mcp.tool", Field::McpTool),
+];
+
 pub use crate::request::grammar::STANDARD_HEADERS;
 
 impl Field {
@@ -142,50 +182,14 @@ impl Field {
                 _ => return Err(format!("unknown field kind {kind:?} in {s:?}: use query:, header:, cookie:, form:, json: or claim:")),
             });
         }
-        Ok(match s {
-            "method" => Field::Method,
-            "path" => Field::Path,
-            "path.raw" => Field::PathRaw,
-            "uri" => Field::Uri,
-            "query_string" => Field::QueryString,
-            "query.names" => Field::QueryNames,
-            "query.values" => Field::QueryValues,
-            "headers.names" => Field::HeaderNames,
-            "headers.values" => Field::HeaderValues,
-            "cookies.names" => Field::CookieNames,
-            "cookies.values" => Field::CookieValues,
-            "body" => Field::Body,
-            "form.names" => Field::FormNames,
-            "form.values" => Field::FormValues,
-            "files.names" => Field::FileNames,
-            "files.contents" => Field::FileContents,
-            "json.keys" => Field::JsonKeys,
-            "json.values" => Field::JsonValues,
-            "args.names" => Field::ArgsNames,
-            "args.values" => Field::ArgsValues,
-            "client_ip" => Field::ClientIp,
-            "country" => Field::Country,
-            "asn" => Field::Asn,
-            "labels" => Field::Labels,
-            "headers.custom" => Field::HeadersCustom,
-            "body.unparsed" => Field::BodyUnparsed,
-            "xml.values" => Field::XmlValues,
-            "body_size" => Field::BodySize,
-            "tls.ja3" => Field::TlsJa3,
-            "tls.ja4" => Field::TlsJa4,
-            "tls.sni" => Field::TlsSni,
-            "tls.client_subject" => Field::TlsClientSubject,
-            "tls.client_sans" => Field::TlsClientSans,
-            "mcp.method" => Field::McpMethod,
-            "mcp.tool" => Field::McpTool,
-            _ => return Err(format!(
-                "unknown field {s:?}; fields are method, path, path.raw, uri, query_string, query.names, query.values, query:NAME, \
-                 header:NAME, headers.names, headers.values, cookie:NAME, cookies.names, cookies.values, body, \
-                 form.names, form.values, form:NAME, files.names, files.contents, json.keys, json.values, json:/POINTER, \
-                 args.names, args.values, headers.custom, body.unparsed, xml.values, body_size, client_ip, country, \
-                 asn, labels, tls.ja3, tls.ja4, tls.sni, tls.client_subject, tls.client_sans, mcp.method, mcp.tool"
+        match NAMED.iter().find(|(n, _)| *n == s) {
+            Some((_, f)) => Ok(f.clone()),
+            None => Err(format!(
+                "unknown field {s:?}; fields are query:NAME, header:NAME, cookie:NAME, form:NAME, \
+                 json:/POINTER, claim:NAME, {}",
+                NAMED.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
             )),
-        })
+        }
     }
 
     /// How logs name a value of this field: its origin and name when it has one
@@ -208,50 +212,18 @@ impl Field {
 
     /// The field as rule files write it.
     pub fn spelling(&self) -> String {
-        let s = match self {
-            Field::Method => "method",
-            Field::Path => "path",
-            Field::PathRaw => "path.raw",
-            Field::Uri => "uri",
-            Field::QueryString => "query_string",
-            Field::QueryNames => "query.names",
-            Field::QueryValues => "query.values",
-            Field::QueryArg(n) => return format!("query:{n}"),
-            Field::Header(n) => return format!("header:{n}"),
-            Field::HeaderNames => "headers.names",
-            Field::HeaderValues => "headers.values",
-            Field::CookieNames => "cookies.names",
-            Field::CookieValues => "cookies.values",
-            Field::Cookie(n) => return format!("cookie:{n}"),
-            Field::Body => "body",
-            Field::FormNames => "form.names",
-            Field::FormValues => "form.values",
-            Field::FormField(n) => return format!("form:{n}"),
-            Field::FileNames => "files.names",
-            Field::FileContents => "files.contents",
-            Field::JsonKeys => "json.keys",
-            Field::JsonValues => "json.values",
-            Field::JsonPointer(p) => return format!("json:{p}"),
-            Field::ArgsNames => "args.names",
-            Field::ArgsValues => "args.values",
-            Field::ClientIp => "client_ip",
-            Field::Country => "country",
-            Field::Asn => "asn",
-            Field::Labels => "labels",
-            Field::HeadersCustom => "headers.custom",
-            Field::BodyUnparsed => "body.unparsed",
-            Field::XmlValues => "xml.values",
-            Field::BodySize => "body_size",
-            Field::TlsJa3 => "tls.ja3",
-            Field::TlsJa4 => "tls.ja4",
-            Field::TlsSni => "tls.sni",
-            Field::TlsClientSubject => "tls.client_subject",
-            Field::TlsClientSans => "tls.client_sans",
-            Field::Claim(c) => return format!("claim:{c}"),
-            Field::McpMethod => "mcp.method",
-            Field::McpTool => "mcp.tool",
-        };
-        s.to_string()
+        match self {
+            Field::QueryArg(n) => format!("query:{n}"),
+            Field::Header(n) => format!("header:{n}"),
+            Field::Cookie(n) => format!("cookie:{n}"),
+            Field::FormField(n) => format!("form:{n}"),
+            Field::JsonPointer(p) => format!("json:{p}"),
+            Field::Claim(c) => format!("claim:{c}"),
+            named => NAMED
+                .iter()
+                .find(|(_, f)| f == named)
+                .map_or_else(|| format!("{named:?}"), |(n, _)| (*n).to_string()),
+        }
     }
 
     /// Whether reading this field needs the request body.
@@ -607,6 +579,19 @@ mod tests {
 
     fn texts(v: Vec<Value<'_>>) -> Vec<String> {
         v.into_iter().map(|v| v.text.into_owned()).collect()
+    }
+
+    #[test]
+    fn named_fields_parse_and_spell_back() {
+        for (name, field) in NAMED {
+            assert_eq!(&Field::parse(name).unwrap(), field);
+            assert_eq!(field.spelling(), *name);
+        }
+        for spec in ["query:q", "header:x-a", "cookie:c", "form:f", "json:/a/0", "claim:sub"] {
+            assert_eq!(Field::parse(spec).unwrap().spelling(), spec);
+        }
+        let e = Field::parse("bogus").unwrap_err();
+        assert!(e.contains("mcp.tool") && e.contains("json:/POINTER"), "{e}");
     }
 
     #[test]
