@@ -587,7 +587,14 @@ mod tests {
             assert_eq!(&Field::parse(name).unwrap(), field);
             assert_eq!(field.spelling(), *name);
         }
-        for spec in ["query:q", "header:x-a", "cookie:c", "form:f", "json:/a/0", "claim:sub"] {
+        for spec in [
+            "query:q",
+            "header:x-a",
+            "cookie:c",
+            "form:f",
+            "json:/a/0",
+            "claim:sub",
+        ] {
             assert_eq!(Field::parse(spec).unwrap().spelling(), spec);
         }
         let e = Field::parse("bogus").unwrap_err();

@@ -43,37 +43,40 @@ pub struct TlsConnection {
     pub client_sans: Vec<String>,
 }
 
+/// The subjectAltName entries of a certificate (empty when it has none).
+fn general_names<'a>(
+    x509: &'a x509_parser::certificate::X509Certificate<'_>,
+) -> Vec<&'a x509_parser::extensions::GeneralName<'a>> {
+    x509.subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| san.value.general_names.iter().collect())
+        .unwrap_or_default()
+}
+
 /// The subject and subjectAltName entries of a (verified) client certificate.
 pub fn client_identity(der: &[u8]) -> Option<(String, Vec<String>)> {
     use x509_parser::extensions::GeneralName;
     let (_, x509) = x509_parser::parse_x509_certificate(der).ok()?;
     let subject = x509.subject().to_string();
-    let sans = x509
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|san| {
-            san.value
-                .general_names
-                .iter()
-                .filter_map(|g| match g {
-                    GeneralName::DNSName(n) => Some(format!("DNS:{n}")),
-                    GeneralName::RFC822Name(n) => Some(format!("email:{n}")),
-                    GeneralName::URI(n) => Some(format!("URI:{n}")),
-                    GeneralName::IPAddress(b) => match b.len() {
-                        4 => <[u8; 4]>::try_from(*b)
-                            .ok()
-                            .map(|a| format!("IP:{}", std::net::Ipv4Addr::from(a))),
-                        16 => <[u8; 16]>::try_from(*b)
-                            .ok()
-                            .map(|a| format!("IP:{}", std::net::Ipv6Addr::from(a))),
-                        _ => None,
-                    },
-                    _ => None,
-                })
-                .collect()
+    let sans = general_names(&x509)
+        .into_iter()
+        .filter_map(|g| match g {
+            GeneralName::DNSName(n) => Some(format!("DNS:{n}")),
+            GeneralName::RFC822Name(n) => Some(format!("email:{n}")),
+            GeneralName::URI(n) => Some(format!("URI:{n}")),
+            GeneralName::IPAddress(b) => match b.len() {
+                4 => <[u8; 4]>::try_from(*b)
+                    .ok()
+                    .map(|a| format!("IP:{}", std::net::Ipv4Addr::from(a))),
+                16 => <[u8; 16]>::try_from(*b)
+                    .ok()
+                    .map(|a| format!("IP:{}", std::net::Ipv6Addr::from(a))),
+                _ => None,
+            },
+            _ => None,
         })
-        .unwrap_or_default();
+        .collect();
     Some((subject, sans))
 }
 
@@ -279,23 +282,13 @@ pub fn load_cert(cert: &Path, key: &Path, names: &[String]) -> Result<LoadedCert
 
 /// The DNS names of a certificate's subjectAltName.
 fn san_names(x509: &x509_parser::certificate::X509Certificate<'_>) -> Result<Vec<String>, String> {
-    let names: Vec<String> = x509
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|san| {
-            san.value
-                .general_names
-                .iter()
-                .filter_map(|g| match g {
-                    x509_parser::extensions::GeneralName::DNSName(n) => {
-                        Some(n.to_ascii_lowercase())
-                    }
-                    _ => None,
-                })
-                .collect()
+    let names: Vec<String> = general_names(x509)
+        .into_iter()
+        .filter_map(|g| match g {
+            x509_parser::extensions::GeneralName::DNSName(n) => Some(n.to_ascii_lowercase()),
+            _ => None,
         })
-        .unwrap_or_default();
+        .collect();
     if names.is_empty() {
         return Err(
             "the certificate has no DNS name in subjectAltName: list them in `names`".into(),
