@@ -209,6 +209,12 @@ pub struct Authorizer {
     /// policy it is given, so a decision over the slice (2 of the example's 11 policies for
     /// a typical operation) costs a third of one over the whole set, with the same result.
     slices: HashMap<String, PolicySet>,
+    /// With a schema: for each action id, an entity store holding that action's entity (its
+    /// action groups as ancestors). A request's principal and resource are added to it and
+    /// checked against the schema, instead of building a store with every action of the
+    /// schema and computing the closure over all of them (a third of a decision's time under
+    /// load, by profile).
+    action_entities: HashMap<String, Entities>,
     /// The slice of an action no policy names: the policies with an unconstrained action.
     unnamed: PolicySet,
     schema: Option<Schema>,
@@ -416,6 +422,18 @@ impl Authorizer {
         else {
             return Err(errors);
         };
+        let action_entities = match schema.as_ref().map(Schema::action_entities).transpose() {
+            Ok(all) => all
+                .iter()
+                .flat_map(|a| a.iter())
+                .filter(|e| e.uid().type_name() == &action_type)
+                .filter_map(|e| {
+                    let one = Entities::from_entities([e.clone()], None).ok()?;
+                    Some((e.uid().id().unescaped().to_string(), one))
+                })
+                .collect(),
+            Err(e) => return Err(vec![LoadError::config(format!("schema actions: {e}"))]),
+        };
         let (slices, unnamed) = match slice(&policies, schema.as_ref(), &action_type) {
             Ok(x) => x,
             Err(e) => return Err(vec![LoadError::config(e)]),
@@ -431,6 +449,7 @@ impl Authorizer {
         let me = Authorizer {
             policies,
             slices,
+            action_entities,
             unnamed,
             schema,
             engine: cedar_policy::Authorizer::new(),
@@ -605,10 +624,15 @@ impl Authorizer {
                 Ok(e) => e,
                 Err(e) => return Verdict::Error(format!("resource: {}", full_message(&e, None))),
             };
-        let entities = if principal == resource.uid {
-            Entities::from_entities([principal_entity], self.schema.as_ref())
-        } else {
-            Entities::from_entities([principal_entity, resource_entity], self.schema.as_ref())
+        let mut request_entities = vec![principal_entity];
+        if principal != resource.uid {
+            request_entities.push(resource_entity);
+        }
+        let entities = match (&self.schema, self.action_entities.get(action)) {
+            // Checked against the schema as `from_entities` would, without its other actions.
+            (Some(schema), Some(base)) => base.clone().add_entities(request_entities, Some(schema)),
+            // An action the schema lacks: `Request::new` refuses it below.
+            (schema, _) => Entities::from_entities(request_entities, schema.as_ref()),
         };
         let entities = match entities {
             Ok(e) => e,
@@ -1369,6 +1393,57 @@ mod tests {
         assert!(matches!(
             reloaded.decide(&red, "a", &doc, ctx(1), Some("n=1")),
             Verdict::Deny { .. }
+        ));
+    }
+
+    #[test]
+    fn principals_are_checked_against_the_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = dir.path().join("s.cedarschema");
+        std::fs::write(
+            &schema,
+            r#"namespace App {
+                entity User { level: Long }; entity Doc;
+                action "edit" appliesTo { principal: User, resource: Doc, context: { scopes: Set<String> } };
+            }"#,
+        )
+        .unwrap();
+        let policies = dir.path().join("p.cedar");
+        std::fs::write(
+            &policies,
+            r#"@id("all") permit (principal, action, resource);
+               @id("not-banned") forbid (principal, action, resource) when { principal.level == 0 };"#,
+        )
+        .unwrap();
+        let attrs = BTreeMap::from([("level".to_string(), "level".to_string())]);
+        let z = Authorizer::load(&AuthorizerSpec {
+            policy_files: vec![policies],
+            schema_file: Some(schema),
+            principal_type: "App::User",
+            principal_id: None,
+            groups: None,
+            attributes: &attrs,
+            action_type: None,
+        })
+        .unwrap();
+        let doc = ResourceSpec::fixed("App::Doc", "d")
+            .unwrap()
+            .instance("/", &[])
+            .unwrap();
+        let claims = |j: &str| serde_json::from_str::<Map<String, Value>>(j).unwrap();
+        assert!(matches!(
+            z.decide(&claims(r#"{"sub":"u","level":3}"#), "edit", &doc, Vec::new(), None),
+            Verdict::Allow { .. }
+        ));
+        assert!(matches!(
+            z.decide(&claims(r#"{"sub":"u","level":0}"#), "edit", &doc, Vec::new(), None),
+            Verdict::Deny { .. }
+        ));
+        // A claim of the wrong type would make the forbid's condition silently false: the
+        // schema check refuses the request instead.
+        assert!(matches!(
+            z.decide(&claims(r#"{"sub":"u","level":"0"}"#), "edit", &doc, Vec::new(), None),
+            Verdict::Error(_)
         ));
     }
 }
