@@ -1432,17 +1432,35 @@ mod tests {
             .unwrap();
         let claims = |j: &str| serde_json::from_str::<Map<String, Value>>(j).unwrap();
         assert!(matches!(
-            z.decide(&claims(r#"{"sub":"u","level":3}"#), "edit", &doc, Vec::new(), None),
+            z.decide(
+                &claims(r#"{"sub":"u","level":3}"#),
+                "edit",
+                &doc,
+                Vec::new(),
+                None
+            ),
             Verdict::Allow { .. }
         ));
         assert!(matches!(
-            z.decide(&claims(r#"{"sub":"u","level":0}"#), "edit", &doc, Vec::new(), None),
+            z.decide(
+                &claims(r#"{"sub":"u","level":0}"#),
+                "edit",
+                &doc,
+                Vec::new(),
+                None
+            ),
             Verdict::Deny { .. }
         ));
         // A claim of the wrong type would make the forbid's condition silently false: the
         // schema check refuses the request instead.
         assert!(matches!(
-            z.decide(&claims(r#"{"sub":"u","level":"0"}"#), "edit", &doc, Vec::new(), None),
+            z.decide(
+                &claims(r#"{"sub":"u","level":"0"}"#),
+                "edit",
+                &doc,
+                Vec::new(),
+                None
+            ),
             Verdict::Error(_)
         ));
     }
