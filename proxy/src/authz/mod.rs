@@ -91,21 +91,25 @@ impl Template {
 }
 
 /// A JSON value as a Cedar value: strings, integers, booleans, arrays (sets) and objects
-/// (records). Numbers that are not 64-bit integers become their text; `null` is no value.
-/// Built by hand, not with Cedar's JSON parser, which reads `{"__entity": …}` and
-/// `{"__extn": …}` specially: request data must never name an entity.
-pub fn to_cedar(v: &Value) -> Option<RestrictedExpression> {
+/// (records). Numbers that are not 64-bit integers become their text; `null` is no value
+/// (`Ok(None)`; a null member or element is left out). Built by hand, not with Cedar's JSON
+/// parser, which reads `{"__entity": …}` and `{"__extn": …}` specially: request data must
+/// never name an entity.
+///
+/// A value nested deeper than 32 levels is an error, never truncated: a member a policy
+/// tests must not silently vanish (the caller refuses the request).
+pub fn to_cedar(v: &Value) -> Result<Option<RestrictedExpression>, String> {
     to_cedar_at(v, 0)
 }
 
 const MAX_DEPTH: usize = 32;
 
-fn to_cedar_at(v: &Value, depth: usize) -> Option<RestrictedExpression> {
+fn to_cedar_at(v: &Value, depth: usize) -> Result<Option<RestrictedExpression>, String> {
     if depth > MAX_DEPTH {
-        return None;
+        return Err(format!("a value nested deeper than {MAX_DEPTH} levels"));
     }
-    Some(match v {
-        Value::Null => return None,
+    Ok(Some(match v {
+        Value::Null => return Ok(None),
         Value::Bool(b) => RestrictedExpression::new_bool(*b),
         Value::Number(n) => match n.as_i64() {
             Some(i) => RestrictedExpression::new_long(i),
@@ -113,14 +117,22 @@ fn to_cedar_at(v: &Value, depth: usize) -> Option<RestrictedExpression> {
         },
         Value::String(s) => RestrictedExpression::new_string(s.clone()),
         Value::Array(a) => {
-            RestrictedExpression::new_set(a.iter().filter_map(|x| to_cedar_at(x, depth + 1)))
+            let mut items = Vec::with_capacity(a.len());
+            for x in a {
+                items.extend(to_cedar_at(x, depth + 1)?);
+            }
+            RestrictedExpression::new_set(items)
         }
-        Value::Object(o) => RestrictedExpression::new_record(
-            o.iter()
-                .filter_map(|(k, x)| Some((k.clone(), to_cedar_at(x, depth + 1)?))),
-        )
-        .ok()?,
-    })
+        Value::Object(o) => {
+            let mut members = Vec::with_capacity(o.len());
+            for (k, x) in o {
+                if let Some(e) = to_cedar_at(x, depth + 1)? {
+                    members.push((k.clone(), e));
+                }
+            }
+            RestrictedExpression::new_record(members).map_err(|e| e.to_string())?
+        }
+    }))
 }
 
 /// A problem loading the policies or the schema: in one of their files (with a position when
@@ -610,11 +622,17 @@ impl Authorizer {
                 ));
             }
         }
-        let attrs: HashMap<String, RestrictedExpression> = self
-            .attributes
-            .iter()
-            .filter_map(|(a, c)| Some((a.clone(), to_cedar(claims.get(c)?)?)))
-            .collect();
+        let mut attrs = HashMap::with_capacity(self.attributes.len());
+        for (a, c) in &self.attributes {
+            match claims.get(c).map(to_cedar).transpose() {
+                Ok(v) => {
+                    if let Some(v) = v.flatten() {
+                        attrs.insert(a.clone(), v);
+                    }
+                }
+                Err(e) => return Verdict::Error(format!("claim {c:?}: {e}")),
+            }
+        }
         let principal_entity = match Entity::new(principal.clone(), attrs, parents) {
             Ok(e) => e,
             Err(e) => return Verdict::Error(format!("principal: {}", full_message(&e, None))),
@@ -1063,11 +1081,12 @@ impl RouteAuthz {
 
     /// The context members from the request (query and body values).
     /// The context members from the request (query and body values), and their text for
-    /// the decision cache key (each value length-prefixed, absent ones marked).
+    /// the decision cache key (each value length-prefixed, absent ones marked); an error when
+    /// a body value cannot be made a Cedar value.
     pub fn request_context(
         &self,
         req: &Request<'_>,
-    ) -> (Vec<(String, RestrictedExpression)>, String) {
+    ) -> Result<(Vec<(String, RestrictedExpression)>, String), String> {
         let mut ctx = Vec::with_capacity(3);
         let mut key = String::new();
         let mut part = |v: Option<&str>| match v {
@@ -1083,9 +1102,8 @@ impl RouteAuthz {
                     q.push((n.clone(), RestrictedExpression::new_string(v.to_string())));
                 }
             }
-            if let Ok(r) = RestrictedExpression::new_record(q) {
-                ctx.push(("query".into(), r));
-            }
+            let r = RestrictedExpression::new_record(q).map_err(|e| e.to_string())?;
+            ctx.push(("query".into(), r));
         }
         if !self.body.is_empty() {
             if let Ok(doc) = req.json_document() {
@@ -1093,18 +1111,17 @@ impl RouteAuthz {
                 for (n, ptr) in &self.body {
                     let v = doc.pointer(ptr);
                     part(v.map(Value::to_string).as_deref());
-                    if let Some(c) = v.and_then(to_cedar) {
+                    if let Some(c) = v.map(to_cedar).transpose()?.flatten() {
                         b.push((n.clone(), c));
                     }
                 }
-                if let Ok(r) = RestrictedExpression::new_record(b) {
-                    ctx.push(("body".into(), r));
-                }
+                let r = RestrictedExpression::new_record(b).map_err(|e| e.to_string())?;
+                ctx.push(("body".into(), r));
             } else {
                 part(None);
             }
         }
-        (ctx, key)
+        Ok((ctx, key))
     }
 
     /// Decides an HTTP request: its operation, action and resource.
@@ -1122,7 +1139,10 @@ impl RouteAuthz {
             let Some(resource) = spec.instance(path, &params) else {
                 return Verdict::Error("the resource id needs a missing path parameter".into());
             };
-            let (context, key) = self.request_context(req);
+            let (context, key) = match self.request_context(req) {
+                Ok(c) => c,
+                Err(e) => return Verdict::Error(format!("context: {e}")),
+            };
             return self.authorizer.decide(
                 claims,
                 &op.action(method),
@@ -1148,11 +1168,21 @@ impl RouteAuthz {
         let Some(resource) = self.default_resource.instance(req.raw_path, &[]) else {
             return Verdict::Error("the resource id needs a path parameter".into());
         };
-        let (mut context, mut key) = self.request_context(req);
+        let (mut context, mut key) = match self.request_context(req) {
+            Ok(c) => c,
+            Err(e) => return Verdict::Error(format!("context: {e}")),
+        };
         if let Some(input) = input {
-            let record = to_cedar(input)
-                .or_else(|| RestrictedExpression::new_record([]).ok())
-                .unwrap_or_else(|| RestrictedExpression::new_bool(false));
+            // `null` arguments are no arguments: an empty record.
+            let record = match to_cedar(input) {
+                Ok(Some(r)) => Ok(r),
+                Ok(None) => RestrictedExpression::new_record([]).map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            let record = match record {
+                Ok(r) => r,
+                Err(e) => return Verdict::Error(format!("context.input: {e}")),
+            };
             context.push(("input".into(), record));
             let text = input.to_string();
             key.push_str(&format!("\u{1}{}:{text}", text.len()));
@@ -1282,8 +1312,18 @@ mod tests {
             r.decision()
         };
         // Ours: a record with a member named `__entity`.
-        let ours = Context::from_pairs([("body".to_string(), to_cedar(&v).unwrap())]).unwrap();
+        let ours =
+            Context::from_pairs([("body".to_string(), to_cedar(&v).unwrap().unwrap())]).unwrap();
         assert_eq!(decide(ours), CedarDecision::Allow);
+        // Too deep to convert: an error, not a value with members missing.
+        let mut deep = serde_json::json!("x");
+        for _ in 0..40 {
+            deep = serde_json::json!({ "a": deep });
+        }
+        assert!(to_cedar(&deep).is_err());
+        assert!(to_cedar(&serde_json::json!({"a": [1, null], "b": null}))
+            .unwrap()
+            .is_some());
         // Cedar's JSON reading makes it the entity `App::User::"admin"`.
         let theirs = Context::from_json_value(serde_json::json!({ "body": v }), None).unwrap();
         assert_eq!(decide(theirs), CedarDecision::Deny);
