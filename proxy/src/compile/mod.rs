@@ -538,7 +538,13 @@ fn mcp_route(
     crate::mcp::McpRoute::new(
         &r.name,
         m.max_batch.unwrap_or(20),
-        m.forward_token,
+        (!m.forward_token)
+            .then(|| {
+                let at = r.policy.auth.as_ref().and_then(|a| a.token.as_deref());
+                // Checked when the auth stage was built; the default is `Authorization`.
+                crate::auth::TokenSource::parse(at.unwrap_or("authorization")).ok()
+            })
+            .flatten(),
         m.filter_tools_list.unwrap_or(authz.is_some()),
         m.advertised_schemas.unwrap_or(true),
         configured,

@@ -56,8 +56,9 @@ pub struct McpRoute {
     pub route: String,
     /// Most messages in a batch.
     pub max_batch: usize,
-    /// Send the client's token to the server.
-    pub forward_token: bool,
+    /// Where the client's token is, to remove it before the request goes upstream (`None`:
+    /// `forward_token: true`). Parsed once, at load.
+    pub strip_token: Option<crate::auth::TokenSource>,
     /// Filter `tools/list` answers with Cedar.
     pub filter_tools_list: bool,
     /// Validate against advertised `inputSchema`s.
@@ -152,7 +153,7 @@ impl McpRoute {
     pub fn new(
         route: &str,
         max_batch: usize,
-        forward_token: bool,
+        strip_token: Option<crate::auth::TokenSource>,
         filter_tools_list: bool,
         advertised: bool,
         configured: HashMap<String, jsonschema::Validator>,
@@ -162,7 +163,7 @@ impl McpRoute {
         McpRoute {
             route: route.to_string(),
             max_batch,
-            forward_token,
+            strip_token,
             filter_tools_list,
             advertised,
             configured,
@@ -494,9 +495,10 @@ impl Stage for McpStage {
         let mut log = Map::new();
         let mut policies = Vec::new();
         for m in &messages.items {
-            if let (Some(tool), Some(args)) = (&m.tool, m.arguments.as_ref().or(Some(&Value::Null)))
-            {
-                let args = if args.is_null() { &json!({}) } else { args };
+            if let Some(tool) = &m.tool {
+                // A call without arguments is checked as `{}`.
+                let empty = Value::Object(Map::new());
+                let args = m.arguments.as_ref().unwrap_or(&empty);
                 let v = self.mcp.violations(tool, args);
                 if !v.is_empty() {
                     log.insert("tool".into(), Value::String(tool.clone()));

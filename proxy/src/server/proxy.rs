@@ -748,30 +748,27 @@ impl ProxyHttp for PalisadeProxy {
             .and_then(|r| r.policy.auth.as_ref())
         {
             // An MCP server never sees the client's token unless the route says so.
-            let keep_token = ctx
+            let strip = ctx
                 .route
                 .and_then(|i| ctx.snapshot.routes.get(i))
                 .and_then(|r| r.mcp.as_ref())
-                .is_none_or(|m| m.forward_token);
-            if !keep_token {
-                match crate::auth::TokenSource::parse(
-                    auth.token.as_deref().unwrap_or("authorization"),
-                ) {
-                    Ok(crate::auth::TokenSource::Header(h)) => {
-                        upstream_request.remove_header(h.as_str());
-                    }
-                    Ok(crate::auth::TokenSource::Cookie(name)) => {
-                        match crate::request::without_cookie(&upstream_request.headers, &name) {
-                            Some(rest) => {
-                                upstream_request.insert_header(http::header::COOKIE, rest)?;
-                            }
-                            None => {
-                                upstream_request.remove_header(&http::header::COOKIE);
-                            }
+                .and_then(|m| m.strip_token.as_ref());
+            match strip {
+                None => {}
+                Some(crate::auth::TokenSource::Authorization) => {
+                    upstream_request.remove_header(&http::header::AUTHORIZATION);
+                }
+                Some(crate::auth::TokenSource::Header(h)) => {
+                    upstream_request.remove_header(h.as_str());
+                }
+                Some(crate::auth::TokenSource::Cookie(name)) => {
+                    match crate::request::without_cookie(&upstream_request.headers, name) {
+                        Some(rest) => {
+                            upstream_request.insert_header(http::header::COOKIE, rest)?;
                         }
-                    }
-                    _ => {
-                        upstream_request.remove_header(&http::header::AUTHORIZATION);
+                        None => {
+                            upstream_request.remove_header(&http::header::COOKIE);
+                        }
                     }
                 }
             }
