@@ -328,6 +328,18 @@ async fn mcp_tools_are_authorized_validated_filtered_and_rate_limited() {
     let errors = r.json();
     assert_eq!(errors.as_array().unwrap().len(), 1);
     assert_eq!(errors[0]["id"], "d1");
+    // Read two ways by two parsers: a second `name` (first-wins servers would run
+    // get_activities, last-wins delete_route), a second `method`: refused, never forwarded.
+    let dup_name = r#"{"jsonrpc":"2.0","id":6,"method":"tools/call","params":{"name":"get_activities","name":"delete_route","arguments":{"user":"alice"}}}"#;
+    let dup_method = r#"{"jsonrpc":"2.0","id":7,"method":"ping","method":"tools/call","params":{"name":"delete_route"}}"#;
+    for body in [dup_name, dup_method] {
+        let r = call(&p, "POST", "/mcp", &agent, body).await;
+        assert_eq!(r.status, 400, "{body}: {}", r.body_string());
+        assert_eq!(r.json()["error"]["code"], -32700, "{body}");
+    }
+    // An escaped tool name is the tool it decodes to.
+    let escaped = del.replace("delete_route", "delete\\u005froute");
+    assert_eq!(call(&p, "POST", "/mcp", &agent, &escaped).await.status, 403);
     // Not JSON-RPC at all.
     let r = call(&p, "POST", "/mcp", &agent, r#"{"id":1,"method":"x"}"#).await;
     assert_eq!(r.status, 400);
