@@ -23,8 +23,9 @@ use serde_json::{json, Value};
 const RESOURCE: &str = "http://127.0.0.1:8080/mcp";
 
 /// The example's config with its files copied next to it, `demo` upstreams replaced by
-/// loopback servers, decisions to a file and the per-tool rate lowered to `tool_rate`.
-async fn start_example(api: SocketAddr, mcp: SocketAddr, tool_rate: &str) -> Palisade {
+/// loopback servers, decisions to a file, the per-tool rate lowered to `tool_rate` and `top`
+/// (top-level settings) added.
+async fn start_example(api: SocketAddr, mcp: SocketAddr, tool_rate: &str, top: &str) -> Palisade {
     let dir = tempfile::tempdir().unwrap();
     for f in ["jwks.json", "policies.cedar", "fitness.cedarschema"] {
         std::fs::copy(
@@ -54,7 +55,7 @@ async fn start_example(api: SocketAddr, mcp: SocketAddr, tool_rate: &str) -> Pal
     let body = body
         .replace("stdout: true", "file: decisions.log")
         .replace("rate: 60/minute", &format!("rate: {tool_rate}"));
-    Palisade::start_in(dir, &body, false).await
+    Palisade::start_in(dir, &format!("{top}{body}"), false).await
 }
 
 /// A token from `palisade token` with the example's dev key.
@@ -103,7 +104,7 @@ async fn call(p: &Palisade, method: &str, path: &str, token: &str, body: &str) -
 async fn cedar_permits_and_forbids_exactly_as_the_example_policies_say() {
     let api = Backend::start("api").await;
     let mcp = McpServer::start().await;
-    let p = start_example(api.addr, mcp.addr, "60/minute").await;
+    let p = start_example(api.addr, mcp.addr, "60/minute", "").await;
     let all = "activities socials";
     let alice = mint("alice", &["athletes"], all, "fitness-api", &[]);
     let bob = mint("bob", &["athletes"], all, "fitness-api", &[]);
@@ -218,7 +219,7 @@ async fn cedar_permits_and_forbids_exactly_as_the_example_policies_say() {
 async fn mcp_tools_are_authorized_validated_filtered_and_rate_limited() {
     let api = Backend::start("api").await;
     let mcp = McpServer::start().await;
-    let p = start_example(api.addr, mcp.addr, "4/minute").await;
+    let p = start_example(api.addr, mcp.addr, "4/minute", "").await;
     let agent = mint("alice", &["athletes"], "mcp", RESOURCE, &[]);
 
     // A protected resource (RFC 9728): 401 points to the metadata, which is served.
@@ -363,6 +364,71 @@ async fn mcp_tools_are_authorized_validated_filtered_and_rate_limited() {
     assert_eq!(call(&p, "POST", "/mcp", &bob, &bobs).await.status, 200);
     let list = r#"{"jsonrpc":"2.0","id":9,"method":"tools/list"}"#;
     assert_eq!(call(&p, "POST", "/mcp", &agent, list).await.status, 200);
+}
+
+/// HTTP/2 clients (h2c here) get the same MCP checks, and `tools/list` answers rewritten
+/// without HTTP/1.1's framing: a wrong `content-length` or a cut stream would fail the client.
+#[tokio::test]
+async fn http2_clients_get_filtered_tool_lists_and_refusals_too() {
+    let api = Backend::start("api").await;
+    let mcp = McpServer::start().await;
+    let p = start_example(api.addr, mcp.addr, "60/minute", "h2c: true\n").await;
+    let agent = mint("alice", &["athletes"], "mcp", RESOURCE, &[]);
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let post = |body: String| {
+        client
+            .post(p.url("/mcp"))
+            .bearer_auth(&agent)
+            .header("content-type", "application/json")
+            .body(body)
+    };
+    for id in ["2", "\"sse\""] {
+        let r = post(format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/list"}}"#
+        ))
+        .send()
+        .await
+        .unwrap();
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+        assert_eq!(r.status(), 200);
+        let text = r.text().await.unwrap();
+        assert!(text.contains("get_activities"), "{text}");
+        assert!(!text.contains("delete_route"), "{text}");
+        if id == "2" {
+            let doc: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(
+                doc["result"]["tools"].as_array().unwrap().len(),
+                1,
+                "{text}"
+            );
+        } else {
+            assert!(text.starts_with("event: message\ndata: {"), "{text}");
+            assert!(text.ends_with("\n\n"), "{text:?}");
+        }
+    }
+    let before = mcp.seen().len();
+    let del = r#"{"jsonrpc":"2.0","id":"d","method":"tools/call","params":{"name":"delete_route","arguments":{"user":"alice"}}}"#;
+    let r = post(del.to_string()).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(
+        (e["id"].as_str(), e["error"]["code"].as_i64()),
+        (Some("d"), Some(-32001))
+    );
+    let ok = r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"get_activities","arguments":{"user":"alice"}}}"#;
+    let r = post(ok.to_string()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = mcp.seen();
+    assert_eq!(
+        seen.len(),
+        before + 1,
+        "only the allowed call reached the server"
+    );
+    assert_eq!(seen.last().unwrap().body, Bytes::from(ok));
+    assert!(seen.last().unwrap().header("authorization").is_none());
 }
 
 #[tokio::test]
