@@ -1329,41 +1329,67 @@ mod tests {
         assert_eq!(decide(theirs), CedarDecision::Deny);
     }
 
-    #[test]
-    fn policy_slices_keep_policies_of_action_groups() {
-        let dir = tempfile::tempdir().unwrap();
-        let schema = dir.path().join("s.cedarschema");
-        std::fs::write(
-            &schema,
-            r#"namespace App {
-                entity User; entity Doc;
-                action "read";
-                action "view" in ["read"] appliesTo { principal: User, resource: Doc, context: { scopes: Set<String> } };
-                action "edit" appliesTo { principal: User, resource: Doc, context: { scopes: Set<String> } };
-            }"#,
-        )
-        .unwrap();
-        let policies = dir.path().join("p.cedar");
-        std::fs::write(
-            &policies,
-            r#"@id("all") permit (principal, action, resource);
-               @id("no-reading") forbid (principal, action in App::Action::"read", resource);"#,
-        )
-        .unwrap();
-        let attrs = BTreeMap::new();
-        let z = Authorizer::load(&AuthorizerSpec {
-            policy_files: vec![policies],
-            schema_file: Some(schema),
+    /// An authorizer over `policies` and an optional `schema`, written to `dir` (again on each
+    /// call: a second call is a reload), with principal attributes from the claims `attrs`.
+    fn authorizer(
+        dir: &tempfile::TempDir,
+        schema: Option<&str>,
+        policies: &str,
+        attrs: &[&str],
+    ) -> Authorizer {
+        let policy_file = dir.path().join("p.cedar");
+        std::fs::write(&policy_file, policies).unwrap();
+        let schema_file = schema.map(|text| {
+            let f = dir.path().join("s.cedarschema");
+            std::fs::write(&f, text).unwrap();
+            f
+        });
+        let attrs: BTreeMap<String, String> = attrs
+            .iter()
+            .map(|a| (a.to_string(), a.to_string()))
+            .collect();
+        Authorizer::load(&AuthorizerSpec {
+            policy_files: vec![policy_file],
+            schema_file,
             principal_type: "App::User",
             principal_id: None,
             groups: None,
             attributes: &attrs,
             action_type: None,
         })
-        .unwrap();
-        let claims: Map<String, Value> = serde_json::from_str(r#"{"sub":"u"}"#).unwrap();
-        let doc = ResourceSpec::fixed("App::Doc", "d").unwrap();
-        let doc = doc.instance("/", &[]).unwrap();
+        .unwrap()
+    }
+
+    fn claims(json: &str) -> Map<String, Value> {
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn doc() -> ResourceInstance {
+        ResourceSpec::fixed("App::Doc", "d")
+            .unwrap()
+            .instance("/", &[])
+            .unwrap()
+    }
+
+    #[test]
+    fn policy_slices_keep_policies_of_action_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let z = authorizer(
+            &dir,
+            Some(
+                r#"namespace App {
+                entity User; entity Doc;
+                action "read";
+                action "view" in ["read"] appliesTo { principal: User, resource: Doc, context: { scopes: Set<String> } };
+                action "edit" appliesTo { principal: User, resource: Doc, context: { scopes: Set<String> } };
+            }"#,
+            ),
+            r#"@id("all") permit (principal, action, resource);
+               @id("no-reading") forbid (principal, action in App::Action::"read", resource);"#,
+            &[],
+        );
+        let claims = claims(r#"{"sub":"u"}"#);
+        let doc = doc();
         // `view` is in the group `read`: the forbid applies although it names only the group.
         assert_eq!(
             z.decide(&claims, "view", &doc, Vec::new(), None),
@@ -1387,31 +1413,16 @@ mod tests {
     #[test]
     fn cached_decisions_follow_every_input() {
         let dir = tempfile::tempdir().unwrap();
-        let policies = dir.path().join("p.cedar");
-        std::fs::write(
-            &policies,
+        let z = authorizer(
+            &dir,
+            None,
             r#"@id("mine") permit (principal, action, resource)
                  when { context has n && context.n == 1 && principal.team == "red" };"#,
-        )
-        .unwrap();
-        let attrs = BTreeMap::from([("team".to_string(), "team".to_string())]);
-        let spec = AuthorizerSpec {
-            policy_files: vec![policies],
-            schema_file: None,
-            principal_type: "App::User",
-            principal_id: None,
-            groups: None,
-            attributes: &attrs,
-            action_type: None,
-        };
-        let z = Authorizer::load(&spec).unwrap();
-        let doc = ResourceSpec::fixed("App::Doc", "d")
-            .unwrap()
-            .instance("/", &[])
-            .unwrap();
-        let red: Map<String, Value> = serde_json::from_str(r#"{"sub":"u","team":"red"}"#).unwrap();
-        let blue: Map<String, Value> =
-            serde_json::from_str(r#"{"sub":"u","team":"blue"}"#).unwrap();
+            &["team"],
+        );
+        let doc = doc();
+        let red = claims(r#"{"sub":"u","team":"red"}"#);
+        let blue = claims(r#"{"sub":"u","team":"blue"}"#);
         let ctx = |n: i64| vec![("n".to_string(), RestrictedExpression::new_long(n))];
         let allow = Verdict::Allow {
             policies: vec!["mine".into()],
@@ -1424,12 +1435,12 @@ mod tests {
             assert_eq!(z.decide(&blue, "a", &doc, ctx(1), Some("n=1")), deny);
         }
         // A reload's authorizer does not see the old one's decisions.
-        std::fs::write(
-            &spec.policy_files[0],
-            r#"forbid (principal, action, resource);"#,
-        )
-        .unwrap();
-        let reloaded = Authorizer::load(&spec).unwrap();
+        let reloaded = authorizer(
+            &dir,
+            None,
+            "forbid (principal, action, resource);",
+            &["team"],
+        );
         assert!(matches!(
             reloaded.decide(&red, "a", &doc, ctx(1), Some("n=1")),
             Verdict::Deny { .. }
@@ -1439,68 +1450,32 @@ mod tests {
     #[test]
     fn principals_are_checked_against_the_schema() {
         let dir = tempfile::tempdir().unwrap();
-        let schema = dir.path().join("s.cedarschema");
-        std::fs::write(
-            &schema,
-            r#"namespace App {
+        let z = authorizer(
+            &dir,
+            Some(
+                r#"namespace App {
                 entity User { level: Long }; entity Doc;
                 action "edit" appliesTo { principal: User, resource: Doc, context: { scopes: Set<String> } };
             }"#,
-        )
-        .unwrap();
-        let policies = dir.path().join("p.cedar");
-        std::fs::write(
-            &policies,
+            ),
             r#"@id("all") permit (principal, action, resource);
                @id("not-banned") forbid (principal, action, resource) when { principal.level == 0 };"#,
-        )
-        .unwrap();
-        let attrs = BTreeMap::from([("level".to_string(), "level".to_string())]);
-        let z = Authorizer::load(&AuthorizerSpec {
-            policy_files: vec![policies],
-            schema_file: Some(schema),
-            principal_type: "App::User",
-            principal_id: None,
-            groups: None,
-            attributes: &attrs,
-            action_type: None,
-        })
-        .unwrap();
-        let doc = ResourceSpec::fixed("App::Doc", "d")
-            .unwrap()
-            .instance("/", &[])
-            .unwrap();
-        let claims = |j: &str| serde_json::from_str::<Map<String, Value>>(j).unwrap();
+            &["level"],
+        );
+        let doc = doc();
+        let edit = |c: &str| z.decide(&claims(c), "edit", &doc, Vec::new(), None);
         assert!(matches!(
-            z.decide(
-                &claims(r#"{"sub":"u","level":3}"#),
-                "edit",
-                &doc,
-                Vec::new(),
-                None
-            ),
+            edit(r#"{"sub":"u","level":3}"#),
             Verdict::Allow { .. }
         ));
         assert!(matches!(
-            z.decide(
-                &claims(r#"{"sub":"u","level":0}"#),
-                "edit",
-                &doc,
-                Vec::new(),
-                None
-            ),
+            edit(r#"{"sub":"u","level":0}"#),
             Verdict::Deny { .. }
         ));
         // A claim of the wrong type would make the forbid's condition silently false: the
         // schema check refuses the request instead.
         assert!(matches!(
-            z.decide(
-                &claims(r#"{"sub":"u","level":"0"}"#),
-                "edit",
-                &doc,
-                Vec::new(),
-                None
-            ),
+            edit(r#"{"sub":"u","level":"0"}"#),
             Verdict::Error(_)
         ));
     }
