@@ -17,30 +17,13 @@
 set -euo pipefail
 rounds=${1:-5} secs=${2:-8} conns=${3:-50}
 workloads=${WORKLOADS:-handshake post1k}
-here=$(cd "$(dirname "$0")" && pwd)
-root=$(cd "$here/.." && pwd)
-peer=${PEER_SCRIPTS:-$root/../shared/peer}
-proxy_cpu=${PROXY_CPU:-1}
-bin=${PALISADE_BIN:-$root/target/release/palisade}
 out=${OUT_DIR:-$(mktemp -d /tmp/palisade-tls-load.XXXXXX)}
 mkdir -p "$out"/{logs,tmp}
-
-[ -x "$bin" ] || (cd "$root" && cargo build --release --bin palisade)
-[ -x "$peer/start.sh" ] || { echo "peer scripts not found at $peer (set PEER_SCRIPTS)" >&2; exit 2; }
-peer_dir=${PEER_DIR:-/tmp/palisade-peer}
-started_peers=1
-if [ -s "$peer_dir/proxy.pid" ] && kill -0 "$(cat "$peer_dir/proxy.pid")" 2>/dev/null; then
-  started_peers=0
-fi
-"$peer/start.sh" >/dev/null
-
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+extra_cleanup() {
   if [ -s "$out/nginx-tls.pid" ]; then kill "$(cat "$out/nginx-tls.pid")" 2>/dev/null || true; fi
-  if [ "$started_peers" = 1 ]; then "$peer/stop.sh" >/dev/null 2>&1 || true; fi
 }
-trap cleanup EXIT
+# shellcheck source=benches/common.sh
+. "$(dirname "$0")/common.sh"
 
 # One certificate for both.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
@@ -98,17 +81,11 @@ routes:
   - name: all
     upstream: backend
 EOF
-taskset -c "$proxy_cpu" "$bin" run --config "$out/palisade-tls.yaml" --threads 1 >"$out/palisade.log" 2>&1 &
-pids+=($!)
+start_palisade palisade-tls "$out/palisade-tls.yaml"
 # The cleartext baseline: Palisade passthrough.
 sed -e 's/18100/18446/; s/18101/18447/' "$root/examples/passthrough.yaml" >"$out/passthrough.yaml"
-taskset -c "$proxy_cpu" "$bin" run --config "$out/passthrough.yaml" --threads 1 >"$out/passthrough.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do curl -fsS -o /dev/null "http://127.0.0.1:18446/" && break; sleep 0.1; done
-
-for port in 18443 18444; do
-  for _ in $(seq 100); do curl -fsSk -o /dev/null "https://127.0.0.1:$port/" && break; sleep 0.1; done
-done
+start_palisade passthrough "$out/passthrough.yaml"
+wait_ready http://127.0.0.1:18446/ https://127.0.0.1:18443/ https://127.0.0.1:18444/
 
 cat >"$out/close.lua" <<'EOF'
 -- A GET on a new connection each time: every request is a full TLS handshake.
@@ -121,26 +98,11 @@ EOF
 results=$out/results.txt
 : >"$results"
 bench() { # url workload secs
-  local script
   case "$2" in
-    handshake) script=$out/close.lua ;;
-    post1k) script=$peer/post-json.lua; export BODY_BYTES=1024 ;;
+    handshake) wrk_run "$1/" "$2" "$3" "$conns" "$out/close.lua" ;;
+    post1k) wrk_run "$1/" "$2" "$3" "$conns" "$peer/post-json.lua" BODY_BYTES=1024 ;;
     *) echo "unknown workload $2" >&2; exit 2 ;;
   esac
-  local o
-  o=$(taskset -c "${BENCH_CPU:-0}" wrk -t1 -c"$conns" -d"${3}s" --latency -s "$script" "$1/")
-  python3 - "$1" "$2" "$o" <<'PY'
-import re, sys
-url, w, o = sys.argv[1], sys.argv[2], sys.argv[3]
-def ms(v):
-    n = float(re.sub(r"[a-z]+$", "", v))
-    return n / 1000 if v.endswith("us") else n * 1000 if v.endswith("s") and not v.endswith("ms") else n
-rps = re.search(r"Requests/sec:\s+([\d.]+)", o).group(1)
-lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", o, re.M))
-non = re.search(r"Non-2xx or 3xx responses: (\d+)", o)
-err = re.search(r"Socket errors: (.*)", o)
-print(f"url={url} workload={w} rps={rps} p50_ms={ms(lat['50'])} p99_ms={ms(lat['99'])} non2xx={non.group(1) if non else 0} errors={(err.group(1).replace(' ', '') if err else 'none')}")
-PY
 }
 
 for w in $workloads; do
@@ -158,19 +120,6 @@ for w in $workloads; do
 done
 curl -s http://127.0.0.1:18445/metrics | grep -E '^palisade_tls_handshakes_total' >"$out/handshakes.txt" || true
 
-python3 - "$results" <<'PY'
-import statistics, sys
-rows = [dict(kv.split("=", 1) for kv in l.split()) for l in open(sys.argv[1]) if l.strip()]
-print("\nmedians over rounds (ratio = rps / nginx rps over the same transport, same workload, same run)")
-print(f"{'workload':10} {'target':14} {'rps':>10} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6}")
-for w in dict.fromkeys(r["workload"] for r in rows):
-    med = {}
-    for t in dict.fromkeys(r["target"] for r in rows if r["workload"] == w):
-        rs = [r for r in rows if r["workload"] == w and r["target"] == t]
-        med[t] = {k: statistics.median(float(r[k]) for r in rs) for k in ("rps", "p50_ms", "p99_ms")}
-    for t, m in med.items():
-        base = med.get("nginx-tls" if t.endswith("-tls") else "nginx", {}).get("rps") or 1
-        print(f"{w:10} {t:14} {m['rps']:10.0f} {m['p50_ms']:8.2f} {m['p99_ms']:8.2f} {m['rps']/base:6.2f}")
-PY
+report "$results"
 echo "Palisade handshakes by version/ALPN: $(tr '\n' ' ' <"$out/handshakes.txt")"
 echo "raw results: $results"
