@@ -1,6 +1,6 @@
 //! Fuzz targets: the config and rule-set loaders, every transform, the request model's parsers
 //! (canonical head, JSON, urlencoded, multipart, XML, cookies) and a whole-request inspection
-//! through the managed rule sets.
+//! through the managed rule sets, and MCP bodies through the worked example's MCP route.
 //!
 //! Each target is a `bolero` harness. `cargo test -p palisade-fuzz` runs every target for a
 //! few seconds of random inputs (`PALISADE_FUZZ_SECS`, default 3) on the stable toolchain;
@@ -358,4 +358,206 @@ fn whole_request_inspection() {
         let mut notes = palisade::pipeline::Notes::default();
         let _ = route.pipeline.run_blocking(&req, &mut notes);
     });
+}
+
+/// JSON-RPC bodies of an MCP client, as the worked example's agent sends them.
+const MCP_BODIES: &[&[u8]] = &[
+    br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"get_activities","arguments":{"user":"alice","limit":5}}}"#,
+    br#"{"jsonrpc":"2.0","id":"d","method":"tools/call","params":{"name":"delete_route","arguments":{"user":"alice","route":"r1"}}}"#,
+    br#"[{"jsonrpc":"2.0","id":2,"method":"tools/list"},{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"get_activities","arguments":{"user":"bob"}}}]"#,
+    br#"{"jsonrpc":"2.0","id":4,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"agent","version":"1"}}}"#,
+    br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+    br#"{"jsonrpc":"2.0","id":5,"method":"resources/read","params":{"uri":"file:///etc/passwd"}}"#,
+];
+
+/// Members an attacker adds to an MCP message, to be read one way by Palisade and another by
+/// the server: a second tool name, method or user, and members the policies do not look at.
+const MCP_MEMBERS: &[&[u8]] = &[
+    br#""name":"delete_route","#,
+    br#""method":"tools/call","#,
+    br#""method":"resources/read","#,
+    br#""params":{"name":"delete_route","arguments":{}},"#,
+    br#""arguments":{"user":"bob"},"#,
+    br#""user":"bob","#,
+    br#""user":"alice","#,
+    br#""id":7,"#,
+    br#""jsonrpc":"2.0","#,
+    br#""__proto__":{"name":"delete_route"},"#,
+    br#""name":null,"#,
+    br#""user":["bob"],"#,
+];
+
+/// An MCP body from a seed and at most four edits that mostly keep it JSON (random bytes
+/// almost never do): members inserted after `{` or `,`, letters replaced by their `\u`
+/// escapes or turned upper case, whitespace, or two messages joined into a batch.
+fn mcp_mutate(data: &[u8]) -> Vec<u8> {
+    let Some((&pick, script)) = data.split_first() else {
+        return MCP_BODIES[0].to_vec();
+    };
+    let mut out = MCP_BODIES[usize::from(pick) % MCP_BODIES.len()].to_vec();
+    for edit in script.chunks_exact(3).take(4) {
+        let (op, a, b) = (edit[0], usize::from(edit[1]), usize::from(edit[2]));
+        let at = |pred: &dyn Fn(u8) -> bool, out: &[u8]| {
+            let spots: Vec<usize> = (0..out.len()).filter(|&i| pred(out[i])).collect();
+            (!spots.is_empty()).then(|| spots[(a * 256 + b) % spots.len()])
+        };
+        match op % 5 {
+            0 => {
+                if let Some(i) = at(&|c| c == b'{' || c == b',', &out) {
+                    let m = MCP_MEMBERS[b % MCP_MEMBERS.len()];
+                    // After `{` the member needs its comma; after `,` it brings its own.
+                    out.splice(i + 1..i + 1, m.iter().copied());
+                }
+            }
+            1 => {
+                if let Some(i) = at(&|c| c.is_ascii_lowercase() || c == b'_' || c == b'/', &out) {
+                    let esc = format!("\\u{:04x}", out[i]);
+                    out.splice(i..=i, esc.bytes());
+                }
+            }
+            2 => {
+                if let Some(i) = at(&|c| c.is_ascii_lowercase(), &out) {
+                    out[i] = out[i].to_ascii_uppercase();
+                }
+            }
+            3 => {
+                if let Some(i) = at(
+                    &|c| matches!(c, b'{' | b'}' | b'[' | b']' | b',' | b':'),
+                    &out,
+                ) {
+                    let ws: &[u8] =
+                        [&b" "[..], b"\n", b"\t", b"\r\n", b"\xef\xbb\xbf", b"\x00"][b % 6];
+                    out.splice(i..i, ws.iter().copied());
+                }
+            }
+            _ => {
+                let other = MCP_BODIES[b % MCP_BODIES.len()];
+                let strip = |m: &[u8]| -> Vec<u8> {
+                    let m = m.strip_prefix(b"[").unwrap_or(m);
+                    m.strip_suffix(b"]").unwrap_or(m).to_vec()
+                };
+                let mut batch = b"[".to_vec();
+                batch.extend(strip(&out));
+                batch.push(b',');
+                batch.extend(strip(other));
+                batch.push(b']');
+                out = batch;
+            }
+        }
+    }
+    out
+}
+
+/// The worked example (`examples/fitness`) compiled as the proxy compiles it, and the headers
+/// of its agent: a token for alice (athletes, scope `mcp`) for the MCP resource.
+fn fitness() -> &'static (palisade::snapshot::Snapshot, http::HeaderMap) {
+    static S: OnceLock<(palisade::snapshot::Snapshot, http::HeaderMap)> = OnceLock::new();
+    S.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let mut config = palisade::config::load_file(
+            &root.join("examples/fitness/palisade.yaml"),
+            &Default::default(),
+        )
+        .unwrap();
+        // Its rate limits would refuse everything after the first minute's calls.
+        config.rate_limits.clear();
+        let metrics = Arc::new(palisade::metrics::Metrics::new().unwrap());
+        // The example's `demo: true` upstreams: an address nothing is sent to.
+        let demo = Some(([127, 0, 0, 1], 9).into());
+        let cx = palisade::compile::CompileContext::first(&metrics, demo);
+        let snapshot = palisade::compile::compile(config, &cx).unwrap();
+        let alg = jsonwebtoken::Algorithm::ES256;
+        let pem = std::fs::read(root.join("examples/fitness/dev-signing-key.pem")).unwrap();
+        let key = palisade::auth::mint::load_key(&pem, alg).unwrap();
+        let spec = palisade::auth::mint::MintSpec {
+            issuer: "https://id.fitness.test".into(),
+            subject: "alice".into(),
+            audiences: vec!["http://127.0.0.1:8080/mcp".into()],
+            scope: Some("mcp".into()),
+            groups: vec!["athletes".into()],
+            groups_claim: "cognito:groups".into(),
+            ttl: Duration::from_secs(3600),
+            kid: Some("fitness-dev-1".into()),
+            ..Default::default()
+        };
+        let token = palisade::auth::mint::mint(&spec, &key, alg).unwrap();
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            http::header::AUTHORIZATION,
+            http::HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+        );
+        h.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        (snapshot, h)
+    })
+}
+
+/// The example's MCP route on `body`.
+fn mcp_verdict(body: &[u8]) -> palisade::pipeline::Verdict {
+    let (snapshot, headers) = fitness();
+    let route = snapshot.routes.iter().find(|r| r.name == "mcp").unwrap();
+    let req = Request::new("POST", "/mcp", "", headers, body, None, None, None);
+    route
+        .pipeline
+        .run_blocking(&req, &mut palisade::pipeline::Notes::default())
+}
+
+/// MCP bodies through the example's MCP route (JWT, JSON-RPC parse, argument schemas, Cedar
+/// per message). Besides not panicking: whatever is forwarded, a common JSON reader
+/// (`serde_json`: the last of duplicate keys wins, as in Python and JavaScript) reads as the
+/// policies allow — never `delete_route`, never another user's activities, no method without
+/// a permit. A body that two parsers read differently must not get through.
+#[test]
+fn mcp_messages_forwarded_are_what_the_policies_allow() {
+    use palisade::pipeline::Verdict;
+    let allowed = |body: &[u8]| matches!(mcp_verdict(body), Verdict::Forward | Verdict::Allow);
+    // The target reaches the decisions: the seeds are decided as the policies say.
+    assert!(allowed(MCP_BODIES[0]));
+    assert!(!allowed(MCP_BODIES[1]));
+    assert!(!allowed(MCP_BODIES[2]), "bob's activities");
+    assert!(allowed(MCP_BODIES[3]) && allowed(MCP_BODIES[4]));
+    assert!(!allowed(MCP_BODIES[5]), "no permit for resources/read");
+    bolero::check!()
+        .with_test_time(budget())
+        .for_each(|data: &[u8]| {
+            let b = &mcp_mutate(data)[..];
+            if !allowed(b) {
+                return;
+            }
+            // A leading byte order mark: RFC 8259 lets readers ignore it (Palisade does) or
+            // refuse the text (serde_json, Python); neither reads it as something else.
+            let json = b.strip_prefix(b"\xef\xbb\xbf").unwrap_or(b);
+            let doc: serde_json::Value = serde_json::from_slice(json).unwrap_or_else(|e| {
+                panic!("forwarded, but not JSON to serde_json ({e}): {:?}", text(b))
+            });
+            let messages = match &doc {
+                serde_json::Value::Array(a) => a.iter().collect(),
+                one => vec![one],
+            };
+            for m in messages {
+                let Some(method) = m.get("method") else {
+                    continue; // a response to the server
+                };
+                let method = method.as_str().unwrap_or_default();
+                assert!(
+                    [
+                        "initialize",
+                        "notifications/initialized",
+                        "ping",
+                        "tools/list",
+                        "tools/call"
+                    ]
+                    .contains(&method),
+                    "forwarded method {method:?}: {:?}",
+                    text(b)
+                );
+                if method == "tools/call" {
+                    assert_eq!(m["params"]["name"], "get_activities", "{:?}", text(b));
+                    let user = &m["params"]["arguments"]["user"];
+                    assert!(user.is_null() || user == "alice", "{:?}", text(b));
+                }
+            }
+        });
 }
