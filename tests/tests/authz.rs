@@ -431,6 +431,52 @@ async fn http2_clients_get_filtered_tool_lists_and_refusals_too() {
     assert!(seen.last().unwrap().header("authorization").is_none());
 }
 
+/// A reload keeps the input schemas the MCP server advertised while the route still talks to
+/// the same server: tool calls stay checked without waiting for a client to list the tools
+/// again. A reload that points the route at another server starts afresh.
+#[tokio::test]
+async fn advertised_tool_schemas_survive_a_reload_to_the_same_server() {
+    let api = Backend::start("api").await;
+    let mcp = McpServer::start().await;
+    let other = McpServer::start().await;
+    let p = start_example(api.addr, mcp.addr, "60/minute", "").await;
+    let agent = mint("alice", &["athletes"], "mcp", RESOURCE, &[]);
+    // log_workout has no schema in the config and no permit: unchecked, Cedar refuses (403);
+    // checked against what the server advertised, its arguments are wrong first (400).
+    let bad = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"log_workout","arguments":{"minutes":"ten"}}}"#;
+    let list = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#;
+    let reload = || async {
+        let r = raw_request(
+            p.admin,
+            b"POST /reload HTTP/1.1\r\nHost: admin\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200, "{}", r.body_string());
+        raw_get(p.admin, "/config").await.unwrap().json()["generation"].clone()
+    };
+    assert_eq!(call(&p, "POST", "/mcp", &agent, bad).await.status, 403);
+    assert_eq!(call(&p, "POST", "/mcp", &agent, list).await.status, 200);
+    assert_eq!(call(&p, "POST", "/mcp", &agent, bad).await.status, 400);
+    assert_eq!(reload().await, 2);
+    let r = call(&p, "POST", "/mcp", &agent, bad).await;
+    assert_eq!(r.status, 400, "still checked after the reload");
+    assert_eq!(r.json()["error"]["code"], -32602);
+    // The route now goes to another server: what the first advertised no longer applies.
+    let path = p.dir.join("palisade.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let tmp = p.dir.join("palisade.yaml.tmp");
+    std::fs::write(
+        &tmp,
+        text.replace(&mcp.addr.to_string(), &other.addr.to_string()),
+    )
+    .unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    // (The file watch may reload it too: one more generation.)
+    assert!(reload().await.as_u64().unwrap() >= 3);
+    assert_eq!(call(&p, "POST", "/mcp", &agent, bad).await.status, 403);
+}
+
 #[tokio::test]
 async fn openapi_operation_ids_are_actions_and_policies_reload() {
     let api = Backend::start("api").await;

@@ -260,6 +260,22 @@ pub fn compile_with(
                 &store,
                 &mut out,
             ));
+            // A reload keeps the input schemas the server advertised while the route still
+            // talks to the same server (the same upstream group, kept as it was): otherwise
+            // tool calls would go unchecked until a client lists the tools again.
+            let same_server = |prev: &CompiledRoute| {
+                let before = cx.previous.and_then(|p| p.upstreams.get(prev.upstream));
+                let now = upstreams.get(r.upstream);
+                matches!((before, now), (Some(a), Some(b)) if Arc::ptr_eq(a, b))
+            };
+            if let Some(prev) = cx.previous.and_then(|p| {
+                p.routes
+                    .iter()
+                    .find(|c| c.name == r.name && same_server(c))
+                    .and_then(|c| c.mcp.as_ref())
+            }) {
+                route.keep_learned(prev);
+            }
             stages.push(Box::new(crate::mcp::McpStage::new(Arc::clone(&route))));
             route
         });

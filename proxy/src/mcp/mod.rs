@@ -173,6 +173,14 @@ impl McpRoute {
         }
     }
 
+    /// Takes over the input schemas `previous` learned (a reload of this route, in front of
+    /// the same server), when both use advertised schemas.
+    pub fn keep_learned(&self, previous: &McpRoute) {
+        if self.advertised && previous.advertised {
+            self.learned.store(previous.learned.load_full());
+        }
+    }
+
     /// The schema violations of a tool's arguments (empty: valid or no schema).
     fn violations(&self, tool: &str, args: &Value) -> Vec<String> {
         let describe = |v: &jsonschema::Validator| -> Vec<String> {
