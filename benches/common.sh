@@ -35,11 +35,11 @@ start_palisade() { # name config
   pids+=($!)
 }
 
-# Wait until each URL answers (at most 10 s each).
+# Wait until each URL answers with any HTTP status (a 401 is an answer; at most 10 s each).
 wait_ready() { # url...
   local u
   for u in "$@"; do
-    for _ in $(seq 100); do curl -fsSk -o /dev/null "$u" && break; sleep 0.1; done
+    for _ in $(seq 100); do curl -sk -o /dev/null "$u" && break; sleep 0.1; done
   done
 }
 
