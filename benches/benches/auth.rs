@@ -204,11 +204,11 @@ fn cedar(c: &mut Criterion) {
             black_box(api.decide_http(black_box(&reqs[i]), &alice))
         })
     });
-    // The same distinct requests with cold data caches: before each decision (untimed), a
-    // line of each 64 bytes of 16 MiB of other memory is read (read, not written: no dirty
-    // lines left to write back during the decision), as the rest of a request's work and the
-    // kernel's push Cedar's data out of L1/L2 between two decisions under load. Instructions
-    // stay warm: the loop runs nothing else.
+    // The same distinct requests with cold data caches: before each decision (untimed), one
+    // byte of every 64-byte line of 16 MiB of other memory is read (read, not written: no
+    // dirty lines left to write back during the decision), as the rest of a request's work
+    // and the kernel's push Cedar's data out of L1/L2 between two decisions under load.
+    // Instructions stay warm: the loop runs nothing else.
     let scratch: Vec<u8> = (0..16usize << 20).map(|n| n as u8).collect();
     g.bench_function("permit_cold_data", |b| {
         b.iter_batched(
