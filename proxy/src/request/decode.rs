@@ -34,28 +34,36 @@ pub fn parse_urlencoded(input: &[u8]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Each cookie of every `Cookie` header, in order, as `(name, value, pair)`: pairs split on
+/// `;` and trimmed, the name before the first `=` (the whole pair when there is none) and the
+/// value after it, both trimmed; empty names are skipped. The one reading of cookie names, so
+/// the cookie the auth stage reads is the cookie [`without_cookie`] removes.
+fn each_cookie(headers: &HeaderMap, mut f: impl FnMut(&str, &str, &str)) {
+    for v in headers.get_all(http::header::COOKIE) {
+        let text = String::from_utf8_lossy(v.as_bytes());
+        for pair in text.split(';') {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let k = k.trim();
+            if !k.is_empty() {
+                f(k, v.trim(), pair.trim());
+            }
+        }
+    }
+}
+
 /// Cookies of every `Cookie` header, in order: `name=value` pairs split on `;`, names and
 /// values trimmed, one pair of surrounding double quotes removed from a value (RFC 6265
 /// `cookie-value`, as backends' cookie parsers unquote it); a pair without `=` is a name with
 /// an empty value; empty names are dropped.
 pub fn parse_cookies(headers: &HeaderMap) -> Vec<(String, String)> {
     let mut out = Vec::new();
-    for v in headers.get_all(http::header::COOKIE) {
-        let text = String::from_utf8_lossy(v.as_bytes());
-        for pair in text.split(';') {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let k = k.trim();
-            if k.is_empty() {
-                continue;
-            }
-            let v = v.trim();
-            let v = v
-                .strip_prefix('"')
-                .and_then(|x| x.strip_suffix('"'))
-                .unwrap_or(v);
-            out.push((k.to_string(), v.to_string()));
-        }
-    }
+    each_cookie(headers, |k, v, _| {
+        let v = v
+            .strip_prefix('"')
+            .and_then(|x| x.strip_suffix('"'))
+            .unwrap_or(v);
+        out.push((k.to_string(), v.to_string()));
+    });
     out
 }
 
@@ -63,16 +71,11 @@ pub fn parse_cookies(headers: &HeaderMap) -> Vec<(String, String)> {
 /// splits it): the other cookies joined by `; `, or `None` when none is left.
 pub fn without_cookie(headers: &HeaderMap, name: &str) -> Option<String> {
     let mut kept: Vec<String> = Vec::new();
-    for v in headers.get_all(http::header::COOKIE) {
-        let text = String::from_utf8_lossy(v.as_bytes());
-        for pair in text.split(';') {
-            let k = pair.split_once('=').map_or(pair, |(k, _)| k).trim();
-            if k.is_empty() || k == name {
-                continue;
-            }
-            kept.push(pair.trim().to_string());
+    each_cookie(headers, |k, _, pair| {
+        if k != name {
+            kept.push(pair.to_string());
         }
-    }
+    });
     (!kept.is_empty()).then(|| kept.join("; "))
 }
 
