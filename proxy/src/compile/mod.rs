@@ -533,14 +533,10 @@ fn mcp_route(
     store: &DocumentStore,
     out: &mut Out,
 ) -> crate::mcp::McpRoute {
-    let base_uri =
-        crate::schema::file_uri(&crate::schema::absolute(&config.base_dir).join("palisade-config"));
+    let base_uri = crate::schema::config_base_uri(&config.base_dir);
     let mut configured = std::collections::HashMap::new();
     for (tool, schema) in &m.tools {
-        let value = match &schema.value {
-            serde_json::Value::String(reference) => serde_json::json!({ "$ref": reference }),
-            v => v.clone(),
-        };
+        let value = crate::schema::config_schema(&schema.value);
         match store.build(&value, &base_uri, None) {
             Ok(v) => {
                 configured.insert(tool.clone(), v);

@@ -143,7 +143,7 @@ impl ConfigSite<'_> {
 
 /// A schema written in the config: a string is a reference (`file.json#/$defs/X`), anything
 /// else an inline schema.
-fn config_schema(v: &Value) -> Value {
+pub fn config_schema(v: &Value) -> Value {
     match v {
         Value::String(r) => json!({ "$ref": r }),
         other => other.clone(),
@@ -223,6 +223,12 @@ fn operation_spec(op: &OperationConfig) -> OperationSpec {
     }
 }
 
+/// The base URI of schemas written in the config: inline schemas and references resolve
+/// against the config file's directory.
+pub fn config_base_uri(base_dir: &Path) -> String {
+    file_uri(&absolute(base_dir).join("palisade-config"))
+}
+
 /// Compiles a route's `validate:` section. `base_dir` is the config file's directory (file
 /// references are relative to it); `store` is shared by every route of the config so each
 /// document is read once.
@@ -236,8 +242,7 @@ pub fn compile(
     at: &ConfigSite<'_>,
 ) -> Result<RouteValidation, Vec<Problem>> {
     let base_dir = absolute(base_dir);
-    // Inline schemas and references written in the config resolve against its directory.
-    let base_uri = file_uri(&base_dir.join("palisade-config"));
+    let base_uri = config_base_uri(&base_dir);
     let mut specs: Vec<OperationSpec> = cfg.operations.iter().map(operation_spec).collect();
     let mut locations: Vec<Option<serde_saphyr::Location>> = cfg
         .operations
