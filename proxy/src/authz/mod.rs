@@ -434,19 +434,26 @@ impl Authorizer {
         else {
             return Err(errors);
         };
-        let action_entities = match schema.as_ref().map(Schema::action_entities).transpose() {
-            Ok(all) => all
-                .iter()
-                .flat_map(|a| a.iter())
-                .filter(|e| e.uid().type_name() == &action_type)
-                .filter_map(|e| {
-                    let one = Entities::from_entities([e.clone()], None).ok()?;
-                    Some((e.uid().id().unescaped().to_string(), one))
-                })
-                .collect(),
+        // The schema's actions with their action groups as ancestors (closure computed).
+        let schema_actions = match schema.as_ref().map(Schema::action_entities).transpose() {
+            Ok(all) => all,
             Err(e) => return Err(vec![LoadError::config(format!("schema actions: {e}"))]),
         };
-        let (slices, unnamed) = match slice(&policies, schema.as_ref(), &action_type) {
+        let action_entities = schema_actions
+            .iter()
+            .flat_map(|a| a.iter())
+            .filter(|e| e.uid().type_name() == &action_type)
+            .filter_map(|e| {
+                let one = Entities::from_entities([e.clone()], None).ok()?;
+                Some((e.uid().id().unescaped().to_string(), one))
+            })
+            .collect();
+        let (slices, unnamed) = match slice(
+            &policies,
+            schema.as_ref(),
+            schema_actions.as_ref(),
+            &action_type,
+        ) {
             Ok(x) => x,
             Err(e) => return Err(vec![LoadError::config(e)]),
         };
@@ -699,19 +706,15 @@ impl Authorizer {
 /// action of `action_type` named in a policy's scope or declared in the schema, the policies
 /// whose action constraint is unconstrained, names it, or names one of its action groups
 /// (from the schema); plus the slice of every other action.
+///
+/// `groups` are the schema's action entities (their ancestors are the action groups).
 fn slice(
     policies: &PolicySet,
     schema: Option<&Schema>,
+    groups: Option<&Entities>,
     action_type: &EntityTypeName,
 ) -> Result<(HashMap<String, PolicySet>, PolicySet), String> {
     use cedar_policy::ActionConstraint;
-    let groups = match schema {
-        Some(s) => Some(
-            s.action_entities()
-                .map_err(|e| format!("schema actions: {e}"))?,
-        ),
-        None => None,
-    };
     // Every action a decision may name that some policy or the schema knows.
     let mut actions: HashSet<EntityUid> = HashSet::new();
     for p in policies.policies() {
@@ -732,7 +735,6 @@ fn slice(
             ActionConstraint::In(list) => {
                 list.contains(a)
                     || groups
-                        .as_ref()
                         .and_then(|g| g.ancestors(a))
                         .is_some_and(|mut up| up.any(|x| list.contains(x)))
             }
@@ -1079,7 +1081,6 @@ impl RouteAuthz {
         !self.body.is_empty()
     }
 
-    /// The context members from the request (query and body values).
     /// The context members from the request (query and body values), and their text for
     /// the decision cache key (each value length-prefixed, absent ones marked); an error when
     /// a body value cannot be made a Cedar value.
