@@ -16,6 +16,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -575,8 +576,7 @@ impl Authorizer {
         // action, the resource (uid and attributes) and the context values.
         let mut key = String::with_capacity(256);
         let mut part = |s: &str| {
-            key.push_str(&s.len().to_string());
-            key.push(':');
+            let _ = write!(key, "{}:", s.len());
             key.push_str(s);
         };
         part(&pid);
@@ -942,7 +942,7 @@ impl ResourceSpec {
             params
                 .iter()
                 .find(|(k, _)| *k == n)
-                .map(|(_, v)| Cow::Owned(v.to_string()))
+                .map(|(_, v)| Cow::Borrowed(v.as_ref()))
         };
         let id = match &self.id {
             Some(t) => t.render(get)?,
@@ -955,13 +955,13 @@ impl ResourceSpec {
             let v = match a {
                 AttrSpec::Text(t) => {
                     let text = t.render(get)?;
-                    key.push_str(&format!("\u{1}{}:{text}", text.len()));
+                    let _ = write!(key, "\u{1}{}:{text}", text.len());
                     RestrictedExpression::new_string(text)
                 }
                 AttrSpec::Entity(ty, t) => {
                     let e =
                         EntityUid::from_type_name_and_id(ty.clone(), EntityId::new(t.render(get)?));
-                    key.push_str(&format!("\u{2}{e}"));
+                    let _ = write!(key, "\u{2}{e}");
                     RestrictedExpression::new_entity_uid(e)
                 }
             };
@@ -1091,7 +1091,9 @@ impl RouteAuthz {
         let mut ctx = Vec::with_capacity(3);
         let mut key = String::new();
         let mut part = |v: Option<&str>| match v {
-            Some(v) => key.push_str(&format!("{}:{v}", v.len())),
+            Some(v) => {
+                let _ = write!(key, "{}:{v}", v.len());
+            }
             None => key.push('-'),
         };
         if !self.query.is_empty() {
@@ -1186,7 +1188,7 @@ impl RouteAuthz {
             };
             context.push(("input".into(), record));
             let text = input.to_string();
-            key.push_str(&format!("\u{1}{}:{text}", text.len()));
+            let _ = write!(key, "\u{1}{}:{text}", text.len());
         }
         self.authorizer
             .decide(claims, action, &resource, context, Some(&key))
