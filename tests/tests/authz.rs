@@ -26,14 +26,7 @@ const RESOURCE: &str = "http://127.0.0.1:8080/mcp";
 /// loopback servers, decisions to a file, the per-tool rate lowered to `tool_rate` and `top`
 /// (top-level settings) added.
 async fn start_example(api: SocketAddr, mcp: SocketAddr, tool_rate: &str, top: &str) -> Palisade {
-    let dir = tempfile::tempdir().unwrap();
-    for f in ["jwks.json", "policies.cedar", "fitness.cedarschema"] {
-        std::fs::copy(
-            repo_path(&format!("examples/fitness/{f}")),
-            dir.path().join(f),
-        )
-        .unwrap();
-    }
+    let dir = example_dir(&["jwks.json", "policies.cedar", "fitness.cedarschema"]);
     let text = std::fs::read_to_string(repo_path("examples/fitness/palisade.yaml")).unwrap();
     // Listeners and admin come from the harness.
     let body = &text[text.find("logging:").unwrap()..];
@@ -56,6 +49,19 @@ async fn start_example(api: SocketAddr, mcp: SocketAddr, tool_rate: &str, top: &
         .replace("stdout: true", "file: decisions.log")
         .replace("rate: 60/minute", &format!("rate: {tool_rate}"));
     Palisade::start_in(dir, &format!("{top}{body}"), false).await
+}
+
+/// A temporary directory holding copies of these files of `examples/fitness`.
+fn example_dir(files: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in files {
+        std::fs::copy(
+            repo_path(&format!("examples/fitness/{f}")),
+            dir.path().join(f),
+        )
+        .unwrap();
+    }
+    dir
 }
 
 /// A token from `palisade token` with the example's dev key.
@@ -480,12 +486,7 @@ async fn advertised_tool_schemas_survive_a_reload_to_the_same_server() {
 #[tokio::test]
 async fn openapi_operation_ids_are_actions_and_policies_reload() {
     let api = Backend::start("api").await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        repo_path("examples/fitness/jwks.json"),
-        dir.path().join("jwks.json"),
-    )
-    .unwrap();
+    let dir = example_dir(&["jwks.json"]);
     std::fs::write(
         dir.path().join("things.yaml"),
         r#"openapi: 3.1.0
@@ -580,12 +581,7 @@ routes:
 #[tokio::test]
 async fn an_mcp_server_never_sees_the_clients_token_in_a_cookie_either() {
     let mcp = McpServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        repo_path("examples/fitness/jwks.json"),
-        dir.path().join("jwks.json"),
-    )
-    .unwrap();
+    let dir = example_dir(&["jwks.json"]);
     let config = format!(
         r#"upstreams:
   mcp: {{targets: ["{}"]}}
@@ -629,14 +625,7 @@ routes:
 
 #[tokio::test]
 async fn authorization_config_errors_name_file_and_line() {
-    let dir = tempfile::tempdir().unwrap();
-    for f in ["jwks.json", "fitness.cedarschema", "palisade.yaml"] {
-        std::fs::copy(
-            repo_path(&format!("examples/fitness/{f}")),
-            dir.path().join(f),
-        )
-        .unwrap();
-    }
+    let dir = example_dir(&["jwks.json", "fitness.cedarschema", "palisade.yaml"]);
     let policies = std::fs::read_to_string(repo_path("examples/fitness/policies.cedar")).unwrap();
     // A typo in an attribute: the schema check finds it at its line.
     let broken = policies.replacen("principal.sub };", "principal.sbu };", 1);
